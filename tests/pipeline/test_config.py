@@ -1,0 +1,115 @@
+"""Typed config: defaults, errors that name the key path, overrides."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, PipelineConfig, load_config, save_resolved
+
+REPO = Path(__file__).resolve().parents[2]
+
+MINIMAL = {
+    "run_dir": "runs/x",
+    "data": {"path": "train.jsonl"},
+    "teacher": {"model": "t", "top_k": 8},
+    "students": [
+        {"name": "kd", "model": "s", "loss": {"kind": "kd"}},
+        {"name": "atkd", "init": {"model_type": "llama", "hidden_size": 64}, "optim": {"lr": 1e-3}},
+    ],
+}
+
+
+def write(tmp_path, data) -> Path:
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+def test_minimal_config_loads_with_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.teacher.top_k == 8 and cfg.teacher.backend == "auto"
+    assert cfg.student("atkd").optim.lr == 1e-3
+    assert cfg.student("atkd").loss.kind == "atkd" and cfg.student("atkd").loss.easy_weight == 0.2
+    assert cfg.student("kd").loss.kind == "kd"
+
+
+def test_repo_pipeline_yaml_is_valid():
+    cfg = load_config(REPO / "pipeline.yaml")
+    assert cfg.students, "the embedded default must list students"
+    kinds = {s.loss.kind for s in cfg.students}
+    assert {"sft", "kd", "atkd"} <= kinds
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d["teacher"].update(topk=3), "teacher: unknown key(s) 'topk'"),
+        (lambda d: d["teacher"].update(top_k="many"), "teacher.top_k: expected an integer"),
+        (lambda d: d["teacher"].update(top_k=0), "teacher.top_k: must be > 0"),
+        (lambda d: d["students"][1]["optim"].update(lr="fast"), "students[1].optim.lr: expected a number"),
+        (lambda d: d["students"][0]["loss"].update(kind="magic"), "students[0].loss.kind: 'magic' is not one of"),
+        (lambda d: d["students"][0].pop("model"), "students[0] (kd): set `model`"),
+        (lambda d: d["students"][0].update(name="../evil"), "students[0].name: '../evil' is not a valid name"),
+        (lambda d: d["students"][1].update(name="kd"), "duplicate student name 'kd'"),
+        (lambda d: d.update(extra=1), "top level: unknown key(s) 'extra'"),
+        (lambda d: d["data"].update(max_seq_len=True), "data.max_seq_len: expected an integer"),
+        (lambda d: d.update(students={"kd": {}}), "students: expected a list"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, mutate, expected):
+    import copy
+
+    data = copy.deepcopy(MINIMAL)
+    mutate(data)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, data))
+    assert expected in str(e.value)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    p = write(tmp_path, "teacher:\n  model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"pipeline.yaml line 3, column 1: YAML syntax error: expected ',' or ']'"):
+        load_config(p)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_by_path_name_and_index(tmp_path):
+    p = write(tmp_path, MINIMAL)
+    cfg = load_config(p, ["teacher.top_k=32", "students.atkd.optim.lr=3e-4", "students.0.loss.kind=sft",
+                          "data.limit=10", "teacher.backend=transformers"])
+    assert cfg.teacher.top_k == 32
+    assert cfg.student("atkd").optim.lr == 3e-4
+    assert cfg.students[0].loss.kind == "sft"
+    assert cfg.data.limit == 10 and cfg.teacher.backend == "transformers"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("teacher.top_k", "expected key.path=value"),
+        ("=3", "empty key path"),
+        ("teacher..top_k=3", "empty key path"),
+        ("students.nobody.optim.lr=1", "no list item with index or name 'nobody'"),
+        ("teacher.top_k=[1", "not valid YAML"),
+        ("teacher.top_k=abc", "teacher.top_k: expected an integer"),
+        ("teacher.bogus=1", "teacher: unknown key(s) 'bogus'"),
+    ],
+)
+def test_bad_overrides(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, MINIMAL), [override])
+    assert expected in str(e.value)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["teacher.top_k=16"])
+    out = tmp_path / "run" / "config.yaml"
+    save_resolved(cfg, out)
+    again = load_config(out)
+    assert again == cfg
