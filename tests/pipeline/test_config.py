@@ -113,3 +113,9 @@ def test_resolved_config_round_trips(tmp_path):
     save_resolved(cfg, out)
     again = load_config(out)
     assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.teacher.model and cfg.students
