@@ -1,0 +1,206 @@
+"""Cache size and reader speed on realistic-looking teacher rows (issue 2's "bench/" check).
+
+    python bench/cache_bench.py [--positions 1000000] [--k 64] [--vocab 32000]
+
+Generates a cache of >= --positions trained positions, then prints bytes per
+position and per top-k entry (raw vs stored), write time, a codec comparison
+on one shard, and reader throughput (positions/s, one process, shuffled,
+through CacheDataset + collate_sequences).
+
+How the rows are made (no real teacher on CPU, so a statistical stand-in):
+- top-k ids: Zipf(0.8) over the vocabulary, distinct within a row, ordered by
+  a noisy frequency rank (the top-1 is often but not always a frequent token);
+  ids follow frequency order loosely, as in BPE vocabularies.
+- log-probs: the top-k of V Gumbel logits (exact order statistics via
+  exponential spacings) at a per-row temperature drawn log-uniformly from
+  [0.05, 2], normalised including the mass of the V-k tokens outside the top-k.
+  This gives top-1 probabilities from ~0.01 to ~1 (median ~0.75).
+- the gold token is drawn from the row's distribution (inside the top-k with
+  its probability, else an outside token with a lower log-prob).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from storage.cache import Cache  # noqa: E402
+from storage.dataset import CacheDataset  # noqa: E402
+from storage.schema import SequenceRecord, ShardData  # noqa: E402
+
+
+def teacher_rows(rng: np.random.Generator, P: int, k: int, V: int, rank_to_id: np.ndarray):
+    """P rows of (topk_ids int32, topk_logprobs float16, gold id, gold log-prob float32)."""
+    temps = np.geomspace(0.05, 2.0, 64)
+    tail = np.log(np.arange(k + 1, V + 1, dtype=np.float64))
+    log_resid = np.array([np.log(np.exp((np.log(V) - tail) / T).sum()) for T in temps])
+    cdf = np.cumsum(1.0 / np.arange(1, V + 1) ** 0.8)
+    cdf /= cdf[-1]
+    ranks = np.empty((P, k), np.int64)
+    todo = np.arange(P)
+    while len(todo):  # rows short of k distinct candidates are redrawn
+        cand = np.searchsorted(cdf, rng.random((len(todo), 3 * k))).clip(0, V - 1)
+        cand.sort(axis=1)
+        dup = np.zeros(cand.shape, bool)
+        dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+        ok = (~dup).sum(1) >= k
+        key = np.log1p(cand) + rng.gumbel(size=cand.shape) + dup * 1e9  # duplicates sort last
+        pick = np.take_along_axis(cand, np.argsort(key, axis=1)[:, :k], axis=1)
+        ranks[todo[ok]] = pick[ok]
+        todo = todo[~ok]
+    ids = rank_to_id[ranks]
+    T = np.exp(rng.uniform(np.log(0.05), np.log(2.0), P))
+    g = (np.log(V) - np.log(np.cumsum(rng.exponential(size=(P, k)), axis=1))) / T[:, None]
+    res = np.interp(np.log(T), np.log(temps), log_resid)
+    top = np.maximum(g[:, 0], res)
+    lse = top + np.log(np.exp(g - top[:, None]).sum(1) + np.exp(res - top))
+    lp = (g - lse[:, None]).astype(np.float16)
+    gi = (np.cumsum(np.exp(lp.astype(np.float64)), axis=1) < rng.random(P)[:, None]).sum(1)
+    inside = gi < k
+    rows = np.arange(P)
+    gold_lp = np.where(inside, lp[rows, np.minimum(gi, k - 1)].astype(np.float32),
+                       lp[:, -1].astype(np.float32) - 0.1 - rng.exponential(2.0, P).astype(np.float32))
+    gold = ids[rows, np.minimum(gi, k - 1)].copy()
+    outside = np.flatnonzero(~inside)
+    for i in outside:  # an id not in the row
+        while (gold[i] == ids[i]).any():
+            gold[i] = rng.integers(0, V)
+    return ids.astype(np.int32), lp, gold.astype(np.int32), gold_lp
+
+
+def make_shard(rng, positions: int, k: int, V: int, rank_to_id: np.ndarray, example_start: int) -> ShardData:
+    """Sequences of 128..1024 tokens with a 10-50% prompt until ``positions`` targets."""
+    lengths, prompts, total = [], [], 0
+    while total < positions:
+        L = int(rng.integers(128, 1025))
+        prompt = int(L * rng.uniform(0.1, 0.5))
+        lengths.append(L)
+        prompts.append(prompt)
+        total += L - prompt
+    ids, lp, gold, gold_lp = teacher_rows(rng, total, k, V, rank_to_id)
+    records, row = [], 0
+    for j, (L, prompt) in enumerate(zip(lengths, prompts)):
+        tokens = rank_to_id[np.searchsorted(np.linspace(0, 1, V), rng.random(L) ** 3)].astype(np.int32)
+        t = np.arange(prompt - 1, L - 1, dtype=np.int32)
+        sl = slice(row, row + len(t))
+        tokens[t + 1] = gold[sl]
+        records.append(SequenceRecord(example_start + j, tokens, t, ids[sl], lp[sl], gold_lp[sl]))
+        row += len(t)
+    return ShardData.from_sequences(records)
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def read_throughput(url: str, **kw) -> tuple[float, float, float]:
+    """(positions per wall second, per CPU second of this process, wall seconds).
+
+    CPU seconds (all threads, incl. zarr's decoders) are reported too because
+    wall time on a shared machine measures the neighbours as much as the reader.
+    """
+    ds = CacheDataset(url, batch_size=32, seed=0, epochs=1, drop_last=False, **kw)
+    t0, c0, positions = time.perf_counter(), time.process_time(), 0
+    for batch in ds:
+        positions += batch["target_ids"].shape[0]
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    return positions / dt, positions / dc, dt
+
+
+def print_reader(url: str) -> None:
+    print("\nreader (one process, shuffled, batch 32 sequences, CacheDataset + collate):")
+    print(f"  {'':44s} {'pos/s wall':>12s} {'pos/CPU-s':>12s}")
+    # Global shuffle with fewer cached shards than the cache has re-decodes a
+    # shard for almost every sequence (each batch touches ~every shard): use
+    # shuffle_window <= cached shards for caches bigger than shard_cache_bytes.
+    for label, kw in (("global shuffle, all shards cached (1 GiB)", {}),
+                      ("shuffle_window=1, 1 shard cached", {"shuffle_window": 1, "shard_cache_bytes": 0})):
+        rate, cpu_rate, dt = read_throughput(url, **kw)
+        print(f"  {label:44s} {rate:12,.0f} {cpu_rate:12,.0f}   ({dt:.1f}s)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--positions", type=int, default=1_000_000)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=32_000)
+    ap.add_argument("--shard-positions", type=int, default=131_072)
+    ap.add_argument("--out", default=None, help="cache directory (default: a temp dir)")
+    ap.add_argument("--read-only", action="store_true", help="only the reader figures, on an existing --out")
+    args = ap.parse_args()
+    if args.read_only:
+        print_reader(os.path.join(args.out, "cache"))
+        return
+    rng = np.random.default_rng(0)
+    V, k = args.vocab, args.k
+    rank_to_id = np.argsort(np.arange(V) * np.exp(rng.normal(0, 0.5, V)), kind="stable").astype(np.int32)
+    n_shards = -(-args.positions // args.shard_positions)
+    root = args.out or tempfile.mkdtemp(prefix="atkd-bench-")
+    url = os.path.join(root, "cache")
+
+    t0 = time.perf_counter()
+    shards = [make_shard(rng, args.shard_positions, k, V, rank_to_id, i * 10_000) for i in range(n_shards)]
+    gen_s = time.perf_counter() - t0
+    plan = [{"index": i, "num_sequences": s.num_sequences} for i, s in enumerate(shards)]
+    identity = {"teacher": "bench-synthetic", "top_k": k, "vocab_size": V}
+    cache = Cache.create_or_open(url, identity, plan)
+    t0 = time.perf_counter()
+    for i, s in enumerate(shards):
+        cache.write_shard(i, s)
+    write_s = time.perf_counter() - t0
+
+    P = sum(s.num_positions for s in shards)
+    raw = sum(a.nbytes for s in shards for a in s.arrays().values())
+    raw_topk = sum(s.topk_ids.nbytes + s.topk_logprobs.nbytes for s in shards)
+    stored = dir_bytes(os.path.join(url, "shards"))
+    per_array = {name: sum(dir_bytes(os.path.join(url, cache.shard_rel(i), name)) for i in range(n_shards))
+                 for name in ("topk_ids", "topk_logprobs")}
+    stored_topk = sum(per_array.values())
+    top1 = np.exp(np.concatenate([s.topk_logprobs[:, 0] for s in shards]).astype(np.float32))
+
+    print(f"cache: {P:,} positions, {sum(s.num_sequences for s in shards):,} sequences, {n_shards} shards, "
+          f"k={k}, vocab={V} (generated in {gen_s:.0f}s); top-1 prob p10/p50/p90 = "
+          f"{np.percentile(top1, 10):.2f}/{np.percentile(top1, 50):.2f}/{np.percentile(top1, 90):.2f}")
+    print(f"{'measure':44s} {'raw':>10s} {'stored':>10s} {'ratio':>7s}")
+    print(f"{'bytes per position (all arrays)':44s} {raw / P:10.1f} {stored / P:10.1f} {raw / stored:7.2f}")
+    print(f"{'bytes per top-k entry (ids + logprobs)':44s} {raw_topk / (P * k):10.3f} "
+          f"{stored_topk / (P * k):10.3f} {raw_topk / stored_topk:7.2f}")
+    print(f"{'  of which topk_ids':44s} {4.0:10.3f} {per_array['topk_ids'] / (P * k):10.3f}")
+    print(f"{'  of which topk_logprobs':44s} {2.0:10.3f} {per_array['topk_logprobs'] / (P * k):10.3f}")
+    print(f"write (validate + compress + checksum + commit): {write_s:.1f}s, {P / write_s:,.0f} positions/s")
+
+    print("\ncodec comparison on shard 0 (bytes per top-k entry; write s):")
+    for codec in ("default", "shuffle", "bitshuffle", "lz4", "zstd9"):
+        sub = Cache.create_or_open(os.path.join(root, f"codec-{codec}"), identity, plan[:1])
+        t0 = time.perf_counter()
+        sub.write_shard(0, shards[0], codec=codec)
+        dt = time.perf_counter() - t0
+        b = sum(dir_bytes(os.path.join(sub.fs.path(sub.shard_rel(0)), n)) for n in ("topk_ids", "topk_logprobs"))
+        print(f"  {codec:12s} {b / (shards[0].num_positions * k):6.3f} B/entry   {dt:6.1f}s")
+    print(f"  (outside format v1, for reference) {_delta_bound(shards[0]):.3f} B/entry: ids as-is + "
+          "log-prob bit patterns delta-coded along the row, blosc zstd 9")
+
+    print_reader(url)
+
+
+def _delta_bound(shard: ShardData) -> float:
+    """A lossless transform format v1 does not use: how much a v2 could gain."""
+    import numcodecs
+
+    bits = shard.topk_logprobs.view(np.uint16).astype(np.int32)  # negative f16: bits grow as value falls
+    delta = np.diff(bits, axis=1, prepend=0).astype(np.int16)
+    z = numcodecs.Blosc(cname="zstd", clevel=9, shuffle=numcodecs.Blosc.BITSHUFFLE)
+    ids = numcodecs.Blosc(cname="zstd", clevel=9, shuffle=numcodecs.Blosc.BITSHUFFLE).encode(shard.topk_ids)
+    return (len(z.encode(delta)) + len(ids)) / shard.topk_ids.size
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""manifest.json: what a cache is (identity), how it is split (shard plan), what is done.
+
+The manifest is written once when a cache is created and rewritten (atomically)
+as shards complete. ``shards_done`` is a summary for humans and tools; the
+truth is each shard's own ``complete`` attribute (see storage/shard.py), so a
+summary that lags behind concurrent writers is harmless and is refreshed by
+``Cache.refresh_manifest()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from storage.errors import CacheMismatchError, ManifestError
+from storage.fs import CacheFS
+from storage.schema import ARRAY_DTYPES, FORMAT_VERSION
+
+MANIFEST_NAME = "manifest.json"
+
+
+def normalize_json(value: Any) -> Any:
+    """The value as it will read back from JSON (tuples -> lists, keys -> str)."""
+    try:
+        return json.loads(json.dumps(value, sort_keys=True))
+    except TypeError as e:
+        raise ValueError(f"cache identity and shard plan must be JSON-serialisable: {e}") from e
+
+
+@dataclass
+class Manifest:
+    """identity: teacher, tokenizer fingerprint, top_k, data fingerprint, template,
+    max_seq_len, vocab_size, ... (free-form, compared key by key on reopen).
+    shard_plan: one dict per shard, e.g. {"index", "example_start", "example_end"}."""
+
+    identity: dict[str, Any]
+    shard_plan: list[dict[str, Any]]
+    shards_done: list[int] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+    dtypes: dict[str, str] = field(default_factory=lambda: dict(ARRAY_DTYPES))
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_plan)
+
+    def fingerprint(self) -> str:
+        """Stable hash of what the cache contains: format, dtypes, identity, shard plan.
+
+        The data order of the streaming reader is a function of this, so two
+        caches built the same way train in the same order.
+        """
+        payload = {"format_version": self.format_version, "dtypes": self.dtypes,
+                   "identity": self.identity, "shard_plan": self.shard_plan}
+        text = json.dumps(normalize_json(payload), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str) -> "Manifest":
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise ManifestError(f"{where} is not valid JSON ({e}); the cache metadata is damaged. "
+                                "Restore it from the shards with a new cache, or delete the cache.") from e
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{where} does not hold a JSON object")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(f"{where} has cache format version {version!r}; this code reads version "
+                                f"{FORMAT_VERSION}. Use the matching atkd release, or rebuild the cache.")
+        missing = [k for k in ("identity", "shard_plan") if k not in raw]
+        if missing:
+            raise ManifestError(f"{where} lacks required keys {missing}")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def check_matches(self, identity: dict[str, Any], shard_plan: list[dict[str, Any]], where: str) -> None:
+        """Raise CacheMismatchError naming every identity key / plan entry that differs."""
+        want_id, want_plan = normalize_json(identity), normalize_json(shard_plan)
+        diffs = [f"identity.{k}: cache has {self.identity.get(k, '<absent>')!r}, "
+                 f"requested {want_id.get(k, '<absent>')!r}"
+                 for k in sorted(set(self.identity) | set(want_id))
+                 if self.identity.get(k, "<absent>") != want_id.get(k, "<absent>")]
+        if len(self.shard_plan) != len(want_plan):
+            diffs.append(f"shard_plan: cache has {len(self.shard_plan)} shards, requested {len(want_plan)}")
+        else:
+            bad = [i for i, (a, b) in enumerate(zip(self.shard_plan, want_plan)) if a != b]
+            diffs += [f"shard_plan[{i}]: cache has {self.shard_plan[i]!r}, requested {want_plan[i]!r}"
+                      for i in bad[:5]]
+            if len(bad) > 5:
+                diffs.append(f"... and {len(bad) - 5} more shard_plan entries differ")
+        if diffs:
+            raise CacheMismatchError(
+                f"the cache at {where} was built with a different configuration:\n  " + "\n  ".join(diffs)
+                + "\nUse a new cache path for the new configuration, or delete this cache to rebuild it.")
+
+
+def read_manifest(fs: CacheFS) -> Manifest:
+    where = fs.display(MANIFEST_NAME)
+    try:
+        text = fs.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        raise ManifestError(f"no cache at {fs.url}: {where} does not exist. Run the teacher stage "
+                            "(`atkd teacher`) to create it, or check the cache path.") from None
+    return Manifest.from_json(text, where)
+
+
+def write_manifest(fs: CacheFS, manifest: Manifest) -> None:
+    manifest.updated_at = time.time()
+    fs.write_bytes_atomic(MANIFEST_NAME, manifest.to_json().encode())
+
+
+def create_manifest(fs: CacheFS, manifest: Manifest) -> bool:
+    """Write the manifest only if none exists; True if this call created it.
+
+    Many workers may start on an empty cache at once; exactly one creates the
+    manifest and the others then compare against it.
+    """
+    return fs.create_exclusive(MANIFEST_NAME, manifest.to_json().encode())

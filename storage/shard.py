@@ -1,0 +1,231 @@
+"""Write and read one shard: a zarr v3 group with the format v1 arrays.
+
+Commit protocol (a half-written shard is never read):
+- local/NFS: the group is written under ``shard-00000.zarr.partial-<uuid>``
+  and renamed into place; the rename refuses to replace an existing shard, so
+  of two racing writers exactly one commit wins.
+- fsspec object stores (no atomic rename): written in place, with the group
+  attribute ``complete: true`` written last. Readers accept only groups whose
+  attributes say ``complete: true`` (on both backends).
+
+Group attributes: ``format_version``, ``counts`` (sequences, tokens, positions,
+top_k), ``checksums`` (sha256 of each decoded array's C-order bytes, so the
+check is independent of codec and chunking), ``codec``, ``complete``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+import zarr
+import zarr.api.asynchronous as zarr_async
+from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.core.sync import sync
+
+from storage.errors import CorruptShardError, ShardExistsError
+from storage.fs import CacheFS
+from storage.schema import ARRAY_NAMES, ARRAY_SPECS, FORMAT_VERSION, ShardData
+
+SHARDS_DIR = "shards"
+
+# Uncompressed bytes per chunk. A shard is normally read whole, so chunks are
+# large (few objects, little per-chunk overhead on object stores) but not one
+# per array, so zarr can decode several chunks of a big array in parallel.
+CHUNK_BYTES = 8 << 20
+
+# Codec presets; "default" is what write_shard uses. Measured with
+# bench/cache_bench.py (1.05M positions, k=64, Zipf-like ids over a 32k vocab):
+#   default (ids zstd5+bitshuffle, log-probs zstd5+shuffle)  2.43 B per top-k entry
+#     = ids 1.31 B + log-probs 1.13 B (raw: 4 + 2 B)
+#   zstd5 byte-shuffle for both 2.46, bitshuffle for both 2.46, lz4 2.80 (3x faster
+#   to write), zstd9 2.26 but ~25x slower to write (~3k positions/s per core).
+# Shuffling groups the near-constant high bytes/bits (ids < 2^16; sign and
+# exponent of log-probs) so zstd removes them; no shuffle cost ~27% more (200k-row probe).
+CODEC_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"int": ("zstd", 5, "bitshuffle"), "float": ("zstd", 5, "shuffle")},
+    "shuffle": {"int": ("zstd", 5, "shuffle"), "float": ("zstd", 5, "shuffle")},
+    "bitshuffle": {"int": ("zstd", 5, "bitshuffle"), "float": ("zstd", 5, "bitshuffle")},
+    "lz4": {"int": ("lz4", 5, "bitshuffle"), "float": ("lz4", 5, "shuffle")},
+    "zstd9": {"int": ("zstd", 9, "bitshuffle"), "float": ("zstd", 9, "shuffle")},
+}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.zarr"
+
+
+def shard_rel(index: int) -> str:
+    """Path of shard ``index`` relative to the cache root."""
+    return f"{SHARDS_DIR}/{shard_name(index)}"
+
+
+def array_checksum(a: np.ndarray) -> str:
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
+
+
+def _compressor(dtype: np.dtype, preset: str) -> BloscCodec:
+    cname, clevel, shuffle = CODEC_PRESETS[preset]["float" if dtype.kind == "f" else "int"]
+    return BloscCodec(cname=cname, clevel=clevel, shuffle=BloscShuffle(shuffle), typesize=dtype.itemsize)
+
+
+def _chunks(a: np.ndarray) -> tuple[int, ...]:
+    row_bytes = a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
+    rows = max(1, min(a.shape[0], CHUNK_BYTES // max(1, row_bytes)))
+    return (rows, *a.shape[1:])
+
+
+def write_shard(fs: CacheFS, rel: str, data: ShardData, *, codec: str = "default",
+                extra_attrs: dict[str, Any] | None = None,
+                before_commit: Callable[[], None] | None = None) -> None:
+    """Write ``data`` as a complete shard at ``rel`` (see the module docstring).
+
+    ``before_commit`` runs after the arrays are written and before the shard
+    becomes visible (the lease check); if it raises, nothing is committed.
+    Raises ShardExistsError if a complete shard is already there. The caller
+    validates ``data`` first (Cache.write_shard does).
+    """
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "counts": data.counts(),
+        "checksums": {name: array_checksum(a) for name, a in data.arrays().items()},
+        "codec": codec,
+        **(extra_attrs or {}),
+    }
+    if fs.is_local:
+        tmp = f"{rel}.partial-{uuid.uuid4().hex}"
+        try:
+            _write_group(fs.zarr_store(tmp), data, attrs, codec)
+            _mark_complete(fs.zarr_store(tmp))
+            if before_commit is not None:
+                before_commit()
+            try:
+                fs.rename(tmp, rel)
+            except OSError as e:  # ENOTEMPTY/EEXIST: another writer committed first
+                raise ShardExistsError(f"{fs.display(rel)} already exists; not replacing it") from e
+        finally:
+            fs.remove(tmp, recursive=True)
+    else:
+        if is_complete(fs, rel):
+            raise ShardExistsError(f"{fs.display(rel)} is already complete; not replacing it")
+        _write_group(fs.zarr_store(rel), data, attrs, codec)
+        if before_commit is not None:
+            before_commit()
+        _mark_complete(fs.zarr_store(rel))
+
+
+def _write_group(store, data: ShardData, attrs: dict[str, Any], codec: str) -> None:
+    """Create the group and all arrays; the arrays are written concurrently
+    (one round trip of latency instead of eight on object stores)."""
+
+    async def write() -> None:
+        # mode="w" clears leftovers of an interrupted in-place write first.
+        group = await zarr_async.open_group(store=store, mode="w", zarr_format=3,
+                                            attributes={**attrs, "complete": False})
+        await asyncio.gather(*(
+            group.create_array(name, data=np.ascontiguousarray(a), chunks=_chunks(a),
+                               compressors=[_compressor(a.dtype, codec)], fill_value=0)
+            for name, a in data.arrays().items()))
+
+    sync(write())
+
+
+def _mark_complete(store) -> None:
+    """Last write of a shard: only now may readers use the group."""
+    zarr.open_group(store, mode="r+", zarr_format=3).attrs.update({"complete": True})
+
+
+def read_attrs(fs: CacheFS, rel: str) -> dict[str, Any] | None:
+    """The shard group's attributes, or None if there is no group metadata."""
+    try:
+        meta = json.loads(fs.read_bytes(f"{rel}/zarr.json"))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    except ValueError:
+        return {"_unreadable": True}
+    return meta.get("attributes", {}) if isinstance(meta, dict) else {"_unreadable": True}
+
+
+def is_complete(fs: CacheFS, rel: str) -> bool:
+    attrs = read_attrs(fs, rel)
+    return bool(attrs) and attrs.get("complete") is True
+
+
+def read_shard(fs: CacheFS, rel: str, *, verify_checksums: bool = True) -> ShardData:
+    """Read a complete shard; CorruptShardError names the shard and every problem."""
+    arrays, problems = load_arrays(fs, rel, verify_checksums=verify_checksums)
+    if problems:
+        raise CorruptShardError(
+            f"shard {fs.display(rel)} is unusable: " + "; ".join(problems)
+            + ". Run `atkd verify` on the cache, then delete this shard directory and rerun "
+              "the teacher stage to rewrite it.")
+    return ShardData.from_arrays(arrays)
+
+
+def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True
+                ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Decode every array and check it against the group attributes.
+
+    Returns (arrays, problems); shared by read_shard (raises) and verify (reports).
+    """
+    attrs = read_attrs(fs, rel)
+    if attrs is None:
+        return {}, ["no zarr.json: the shard is missing or was never committed"]
+    if attrs.get("_unreadable"):
+        return {}, ["zarr.json is not valid JSON (truncated or overwritten)"]
+    if attrs.get("complete") is not True:
+        return {}, ["group attribute complete is not true (a half-written shard)"]
+    if attrs.get("format_version") != FORMAT_VERSION:
+        return {}, [f"format_version {attrs.get('format_version')!r}, this reader supports {FORMAT_VERSION}"]
+    try:
+        decoded = sync(_read_arrays(fs.zarr_store(rel, read_only=True)))
+    except Exception as e:  # zarr raises various types on broken group metadata
+        return {}, [f"cannot open the zarr group ({type(e).__name__}: {e})"]
+    checksums = attrs.get("checksums", {})
+    arrays: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    for name in ARRAY_NAMES:
+        a = decoded[name]
+        if isinstance(a, KeyError):
+            problems.append(f"array {name!r} is missing")
+            continue
+        if isinstance(a, Exception):
+            problems.append(f"array {name!r} cannot be decoded ({type(a).__name__}: {a})")
+            continue
+        dtype, ndim = ARRAY_SPECS[name]
+        if a.dtype != dtype or a.ndim != ndim:
+            problems.append(f"array {name!r} is {a.dtype} {a.ndim}-d, expected {dtype} {ndim}-d")
+            continue
+        if verify_checksums and checksums.get(name) != array_checksum(a):
+            problems.append(f"array {name!r} fails its checksum (stored {checksums.get(name)!r})")
+            continue
+        arrays[name] = a
+    problems += _check_counts(arrays, attrs.get("counts", {}))
+    return arrays, problems
+
+
+async def _read_arrays(store) -> dict[str, Any]:
+    """name -> decoded array, or the exception reading it raised; all arrays concurrently."""
+    group = await zarr_async.open_group(store=store, mode="r", zarr_format=3)
+
+    async def one(name: str) -> tuple[str, Any]:
+        try:
+            node = await group.getitem(name)
+            return name, np.asarray(await node.getitem(...))
+        except Exception as e:
+            return name, e
+
+    return dict(await asyncio.gather(*(one(name) for name in ARRAY_NAMES)))
+
+
+def _check_counts(arrays: dict[str, np.ndarray], counts: dict[str, int]) -> list[str]:
+    expect = {"example_ids": "num_sequences", "input_ids": "num_tokens", "target_positions": "num_positions"}
+    problems = []
+    for name, key in expect.items():
+        if name in arrays and counts.get(key) != arrays[name].shape[0]:
+            problems.append(f"array {name!r} has {arrays[name].shape[0]} entries, attrs say {key}={counts.get(key)}")
+    return problems

@@ -1,0 +1,127 @@
+"""Real processes on one local cache: a writer killed mid-shard, two writers sharing a plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from storage import lease as leases
+from storage.cache import Cache
+from storage.fs import CacheFS
+from tests.storage.synthetic import build_cache, make_identity, make_plan, shard_for_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Hangs inside write_shard at the chosen point, after signalling the parent.
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time, pathlib
+    from storage import shard as shard_io
+    from storage.cache import Cache
+    from tests.storage.synthetic import shard_for_plan
+    url, ready, where = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
+    def hang(*a, **k):
+        ready.write_text("ready")
+        time.sleep(600)
+    if where == "arrays":  # after some arrays are written (blocks zarr's event loop)
+        from zarr.core.group import AsyncGroup
+        real, calls = AsyncGroup.create_array, []
+        async def create_array(self, *a, **k):
+            result = await real(self, *a, **k)
+            calls.append(1)
+            if len(calls) == 3:
+                hang()
+            return result
+        AsyncGroup.create_array = create_array
+    else:  # everything written, about to commit
+        shard_io._mark_complete = hang
+    cache = Cache.open(url)
+    cache.write_shard(1, shard_for_plan(cache.manifest.shard_plan[1]))
+""")
+
+WORKER = textwrap.dedent("""
+    import sys, time, json
+    from storage.cache import Cache
+    from tests.storage.synthetic import make_identity, make_plan, shard_for_plan
+    url, name, sizes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    cache = Cache.create_or_open(url, make_identity(), make_plan(sizes))
+    while (lease := cache.claim_shard(name, lease_seconds=60)) is not None:
+        time.sleep(0.02)  # "teacher compute": lets the two workers interleave
+        cache.write_shard(lease.shard_index, shard_for_plan(cache.manifest.shard_plan[lease.shard_index]),
+                          lease=lease)
+        print(lease.shard_index, flush=True)
+""")
+
+
+def _python(script: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("where", ["arrays", "commit"])
+def test_writer_killed_mid_shard_leaves_nothing_visible(local_url, tmp_path, where):
+    cache = build_cache(local_url, [3, 5], write=[0])
+    ready = tmp_path / "ready"
+    proc = _python(KILLED_WRITER, local_url, str(ready), where)
+    deadline = time.time() + 60
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "writer never reached the kill point"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert cache.completed_shards() == [0]
+    assert not cache.is_shard_complete(1) and not cache.fs.exists(cache.shard_rel(1))
+    assert any(".partial-" in n for n in cache.fs.list("shards"))  # the debris, under another name
+    data = shard_for_plan(cache.manifest.shard_plan[1])
+    cache.write_shard(1, data)
+    assert Cache.open(local_url).read_shard(1).equals(data)
+
+
+def test_two_writer_processes_write_each_shard_exactly_once(local_url):
+    sizes = [2, 3, 0, 4, 1, 2, 3, 2, 1, 2]
+    procs = [_python(WORKER, local_url, f"worker-{i}", json.dumps(sizes)) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    written = [[int(x) for x in out.split()] for out, _ in outs]
+    assert sorted(written[0] + written[1]) == list(range(len(sizes))), written
+    assert written[0] and written[1], f"one worker did everything: {written}"
+    cache = Cache.open(local_url)
+    assert cache.completed_shards() == list(range(len(sizes)))
+    assert cache.manifest.shards_done == list(range(len(sizes)))
+    for i in range(len(sizes)):
+        attrs = cache.shard_attrs(i)
+        assert i in written[int(attrs["worker_id"].split("-")[1])]
+        assert cache.read_shard(i).equals(shard_for_plan(cache.manifest.shard_plan[i]))
+    assert cache.fs.list("leases") == []  # lease files are removed after each commit
+
+
+def test_racing_takeovers_of_an_expired_lease_have_one_winner(local_url):
+    cache = Cache.create_or_open(local_url, make_identity(), make_plan([1]))
+    assert leases.try_acquire(cache.fs, 0, "dead", lease_seconds=0.01) is not None
+    time.sleep(0.05)
+    won, barrier = [], threading.Barrier(8)
+
+    def take(i):
+        fs = CacheFS(local_url)
+        barrier.wait()
+        if leases.try_acquire(fs, 0, f"t{i}", lease_seconds=60) is not None:
+            won.append(i)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1
+    assert leases.current_lease(cache.fs, 0).worker_id == f"t{won[0]}"
