@@ -1,0 +1,426 @@
+"""Training data: load rows, template them, tokenise, and mark the trained targets.
+
+Both stages and evaluation call this module, so the teacher cache and the
+student see exactly the same tokens (architecture.md, "Conventions").
+
+A sequence's trained targets are `input_ids[t + 1]` for t in
+`target_positions`. Which tokens are trained is decided from how the sequence
+was *built* (which segment each token came from), never from token ids: pad
+may equal EOS, and EOS must stay a target.
+
+Kinds (DataConfig.kind):
+- `prompt_response`: [special prefix, e.g. BOS] + template(prompt) + response + EOS.
+  Template and response are tokenised separately and concatenated, so the
+  boundary is exact; the response tokens and the EOS are the targets.
+- `messages`: a chat (list of {role, content}); rendered with the tokenizer's
+  chat template, or BUILTIN_CHAT_TEMPLATE when it has none; assistant turns
+  (including their end-of-turn tokens) are the targets.
+- `text`: [special prefix] + text + EOS; every token after the first is a target.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+_TOKENIZE_BATCH = 1024
+_MAX_REASONS = 20
+
+# Used for `messages` data when the tokenizer has no chat template. Assistant
+# turns end with EOS (a target); other turns end with a blank line.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for m in messages %}{{ '### ' + (m['role'] | capitalize) + ':\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+)
+
+
+class DataError(ValueError):
+    """The data (file, row or field) is unusable; the message says where and what to do."""
+
+
+@dataclass
+class TokenizedExample:
+    example_id: int  # index of the row in the loaded (limited) dataset
+    input_ids: list[int]
+    target_positions: np.ndarray  # int32, ascending; input_ids[t + 1] is trained
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.target_positions.shape[0])
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    examples: int = 0
+    tokens: int = 0
+    targets: int = 0
+    truncated: int = 0  # kept, cut to max_seq_len
+    skipped_overlong: int = 0  # overlong="skip", or truncation left no target
+    skipped_bad: int = 0  # bad_rows="skip"
+    reasons: list[str] = field(default_factory=list)  # first few skip reasons
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"{self.examples}/{self.rows} rows used, {self.tokens} tokens, {self.targets} targets; "
+            f"truncated {self.truncated}, skipped {self.skipped_overlong} over-long and {self.skipped_bad} bad"
+        )
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_format(path: str, fmt: str = "auto") -> str:
+    """'jsonl' | 'json' | 'parquet' | 'hub' for a path (file, directory or hub name)."""
+    if fmt != "auto":
+        return fmt
+    p = Path(path)
+    if p.is_dir():
+        found = {_EXTENSIONS[f.suffix] for f in p.iterdir() if f.suffix in _EXTENSIONS}
+        if len(found) != 1:
+            raise DataError(
+                f"data.path {path!r}: a directory needs files of exactly one kind "
+                f"(.jsonl, .json or .parquet), found {sorted(found) or 'none'}; or set data.format"
+            )
+        return found.pop()
+    if p.suffix in _EXTENSIONS:
+        if not p.exists():
+            raise DataError(f"data.path {path!r}: file not found")
+        return _EXTENSIONS[p.suffix]
+    if p.exists():
+        raise DataError(f"data.path {path!r}: unknown extension; use .jsonl/.json/.parquet or set data.format")
+    return "hub"
+
+
+def _data_files(path: str, fmt: str) -> list[str]:
+    p = Path(path)
+    if p.is_dir():
+        suffixes = [s for s, f in _EXTENSIONS.items() if f == fmt]
+        return sorted(str(f) for f in p.iterdir() if f.suffix in suffixes)
+    return [str(p)]
+
+
+def _read_json_rows(files: list[str]) -> list[dict]:
+    """Plain-Python reader, used when Arrow cannot hold the rows (mixed types)."""
+    rows: list[Any] = []
+    for name in files:
+        text = Path(name).read_text()
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            rows.extend(json.loads(text))
+            continue
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{name}:{lineno}: not valid JSON ({e})") from None
+    return rows
+
+
+def load_rows(data_cfg, path: str | None = None, split: str | None = None) -> list[dict]:
+    """Rows of a jsonl/json/parquet file (or directory of them) or a hub dataset.
+
+    `path`/`split` override data_cfg.path/split (evaluation loads other files
+    with the same field settings). data_cfg.limit keeps the first N rows.
+    """
+    import datasets
+
+    path = path if path is not None else data_cfg.path
+    split = split if split is not None else data_cfg.split
+    if not path:
+        raise DataError("data.path is empty: set it to a .jsonl/.json/.parquet file, a directory, or a hub name")
+    fmt = resolve_format(path, getattr(data_cfg, "format", "auto"))
+    limit = data_cfg.limit
+    datasets.disable_progress_bars()
+    if fmt == "hub":
+        try:
+            ds = datasets.load_dataset(path, split=split)
+        except Exception as e:  # network, missing split, ...: say what was tried
+            raise DataError(f"data.path {path!r}: could not load hub dataset split {split!r}: {e}") from e
+    else:
+        files = _data_files(path, fmt)
+        builder = "parquet" if fmt == "parquet" else "json"
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train")
+        except Exception as e:
+            if builder != "json":
+                raise DataError(f"data.path {path!r}: could not read parquet: {e}") from e
+            # Arrow needs one type per column; rows with a wrong-typed field
+            # must still reach validation so the error names the row.
+            rows = _read_json_rows(files)
+            return rows[:limit] if limit is not None else rows
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds.to_list()
+
+
+# ---------------------------------------------------------------- tokenizer helpers
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """Ids the tokenizer adds in front of a text (e.g. [BOS]); [] if none."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(plain)
+    for start in range(len(with_special) - n + 1):
+        if with_special[start : start + n] == plain:
+            return list(with_special[:start])
+    return []
+
+
+def _require_eos(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token: responses must be closed by EOS (set eos_token)")
+    return int(tokenizer.eos_token_id)
+
+
+def _encode_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in range(0, len(texts), _TOKENIZE_BATCH):
+        batch = list(texts[i : i + _TOKENIZE_BATCH])
+        out.extend(list(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def _fill_template(template: str, prompt: str) -> str:
+    # str.replace, not str.format: templates may contain other braces (JSON, code).
+    return template.replace("{prompt}", prompt)
+
+
+def _chat_template(tokenizer) -> str:
+    return tokenizer.chat_template if getattr(tokenizer, "chat_template", None) else BUILTIN_CHAT_TEMPLATE
+
+
+def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=_chat_template(tokenizer), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+# ---------------------------------------------------------------- row validation
+
+
+def _field(row: Any, index: int, name: str, kind: str = "string"):
+    if not isinstance(row, dict):
+        raise DataError(f"row {index}: expected a JSON object, got {type(row).__name__}")
+    if name not in row or row[name] is None:
+        raise DataError(f"row {index}: field {name!r} is missing (expected a {kind}); keys: {sorted(row)}")
+    value = row[name]
+    if kind == "string" and not isinstance(value, str):
+        raise DataError(f"row {index}: field {name!r} must be a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _messages(row: Any, index: int, name: str, need_assistant: bool = True) -> list[dict]:
+    msgs = _field(row, index, name, kind="list of {role, content}")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"row {index}: field {name!r} must be a non-empty list of {{role, content}}, got {msgs!r:.60}")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"row {index}: field {name!r}[{j}] must be {{'role': str, 'content': str}}, got {m!r:.80}")
+    if need_assistant and not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"row {index}: field {name!r} has no assistant turn, so nothing would be trained")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+# ---------------------------------------------------------------- segment building
+# Each kind turns a row into segments: (token ids, trained?). Trained segments
+# are predicted from the token before them, so position t is a target when
+# token t+1 belongs to a trained segment.
+
+
+def _segments_prompt_response(rows, tokenizer, data_cfg, indices):
+    prefix, eos = special_prefix(tokenizer), _require_eos(tokenizer)
+    prompts = [_fill_template(data_cfg.template, _field(rows[i], i, data_cfg.prompt_field)) for i in indices]
+    responses = [_field(rows[i], i, data_cfg.response_field) for i in indices]
+    p_ids, r_ids = _encode_many(tokenizer, prompts), _encode_many(tokenizer, responses)
+    out = {}
+    for i, p, r in zip(indices, p_ids, r_ids):
+        if not r:
+            raise DataError(f"row {i}: field {data_cfg.response_field!r} tokenises to nothing (empty response)")
+        out[i] = [(prefix + p, False), (r + [eos], True)]
+    return out
+
+
+def _segments_text(rows, tokenizer, data_cfg, indices):
+    prefix = special_prefix(tokenizer)
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    texts = [_field(rows[i], i, data_cfg.text_field) for i in indices]
+    out = {}
+    for i, ids in zip(indices, _encode_many(tokenizer, texts)):
+        seq = prefix + ids + eos
+        if not ids or len(seq) < 2:
+            raise DataError(f"row {i}: field {data_cfg.text_field!r} tokenises to nothing (empty text)")
+        out[i] = [(seq[:1], False), (seq[1:], True)]
+    return out
+
+
+def _chat_pieces(tokenizer, msgs: list[dict], index: int) -> list[tuple[str, bool]]:
+    """Split the rendered chat into text pieces at assistant-turn boundaries."""
+    full = _render_chat(tokenizer, msgs)
+    pieces, pos = [], 0
+    for j, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = _render_chat(tokenizer, msgs[:j], add_generation_prompt=True)
+        through = _render_chat(tokenizer, msgs[: j + 1])
+        if not (full.startswith(through) and through.startswith(before) and len(before) >= pos):
+            raise DataError(
+                f"row {index}: the chat template does not render turn {j} as a prefix of the whole chat, "
+                "so the assistant tokens cannot be located; use a prefix-stable template"
+            )
+        pieces += [(full[pos : len(before)], False), (full[len(before) : len(through)], True)]
+        pos = len(through)
+    pieces.append((full[pos:], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def _segments_messages(rows, tokenizer, data_cfg, indices):
+    out = {}
+    for i in indices:
+        pieces = _chat_pieces(tokenizer, _messages(rows[i], i, data_cfg.messages_field), i)
+        ids = _encode_many(tokenizer, [text for text, _ in pieces])
+        segs = [(piece_ids, trained) for piece_ids, (_, trained) in zip(ids, pieces)]
+        if not any(trained and s for s, trained in segs):
+            raise DataError(f"row {i}: field {data_cfg.messages_field!r}: assistant turns tokenise to nothing")
+        out[i] = segs
+    return out
+
+
+_BUILDERS = {"prompt_response": _segments_prompt_response, "messages": _segments_messages, "text": _segments_text}
+
+
+def _build_segments(rows, tokenizer, data_cfg, indices):
+    """Segments for every row in `indices`; bad rows raise or are reported per row."""
+    build = _BUILDERS.get(data_cfg.kind)
+    if build is None:
+        raise DataError(f"data.kind {data_cfg.kind!r}: expected one of {sorted(_BUILDERS)}")
+    try:
+        return build(rows, tokenizer, data_cfg, indices), {}
+    except DataError:
+        if data_cfg.bad_rows != "skip":
+            raise
+    # Slow path (only when some row is bad and bad_rows=skip): row by row.
+    good, bad = {}, {}
+    for i in indices:
+        try:
+            good.update(build(rows, tokenizer, data_cfg, [i]))
+        except DataError as e:
+            bad[i] = str(e)
+    return good, bad
+
+
+def _assemble(segments: list[tuple[list[int], bool]]) -> tuple[list[int], np.ndarray]:
+    ids: list[int] = []
+    targets: list[int] = []
+    for seg, trained in segments:
+        if trained:
+            start = max(len(ids), 1)  # token 0 has no predecessor
+            ids.extend(seg)
+            targets.extend(range(start - 1, len(ids) - 1))
+        else:
+            ids.extend(seg)
+    return ids, np.asarray(targets, dtype=np.int32)
+
+
+# ---------------------------------------------------------------- public
+
+
+def tokenize_examples(rows: list[dict], tokenizer, data_cfg) -> tuple[list[TokenizedExample], DataStats]:
+    """Rows -> TokenizedExamples (example_id = row index) and counts of what was dropped."""
+    stats = DataStats(rows=len(rows))
+    if not rows:
+        raise DataError(f"the dataset {getattr(data_cfg, 'path', '')!r} has no rows")
+    max_len = int(data_cfg.max_seq_len)
+    examples: list[TokenizedExample] = []
+    segments, bad = _build_segments(rows, tokenizer, data_cfg, list(range(len(rows))))
+    for i in range(len(rows)):
+        if i in bad:
+            stats.skipped_bad += 1
+            if len(stats.reasons) < _MAX_REASONS:
+                stats.reasons.append(bad[i])
+            continue
+        ids, targets = _assemble(segments[i])
+        if len(ids) > max_len:
+            if data_cfg.overlong == "skip":
+                _skip_overlong(stats, f"row {i}: {len(ids)} tokens > data.max_seq_len={max_len} (overlong=skip)")
+                continue
+            ids = ids[:max_len]
+            targets = targets[targets < max_len - 1]
+            if targets.size == 0:
+                _skip_overlong(stats, f"row {i}: truncated to {max_len} tokens, no trained target is left")
+                continue
+            stats.truncated += 1
+        examples.append(TokenizedExample(example_id=i, input_ids=ids, target_positions=targets))
+        stats.tokens += len(ids)
+        stats.targets += int(targets.size)
+    stats.examples = len(examples)
+    if not examples:
+        why = "; ".join(stats.reasons[:3])
+        raise DataError(f"no usable examples left out of {len(rows)} rows ({stats.summary()}): {why}")
+    return examples, stats
+
+
+def _skip_overlong(stats: DataStats, reason: str) -> None:
+    stats.skipped_overlong += 1
+    if len(stats.reasons) < _MAX_REASONS:
+        stats.reasons.append(reason)
+
+
+def _prompt_pieces(row: dict, tokenizer, data_cfg, index: int) -> list[str]:
+    """Text pieces of the generation prompt, split exactly as training splits them."""
+    if data_cfg.kind == "prompt_response":
+        return [_fill_template(data_cfg.template, _field(row, index, data_cfg.prompt_field))]
+    if data_cfg.kind == "messages":
+        if tokenizer is None:
+            raise ValueError("a prompt for messages data needs the tokenizer (its chat template)")
+        msgs = _messages(row, index, data_cfg.messages_field, need_assistant=False)
+        if not any(m["role"] == "assistant" for m in msgs):
+            return [_render_chat(tokenizer, msgs, add_generation_prompt=True)]
+        pieces = _chat_pieces(tokenizer, msgs, index)
+        last = max(j for j, (_, trained) in enumerate(pieces) if trained)
+        return [text for text, _ in pieces[:last]]
+    raise DataError(f"data.kind {data_cfg.kind!r} has no prompt to generate from (use prompt_response or messages)")
+
+
+def render_prompt(row: dict, data_cfg, tokenizer=None, index: int = 0) -> str:
+    """The text a model is given at generation time (same template as training).
+
+    For messages data: the chat up to its last assistant turn, with the
+    generation prompt (or the whole chat plus the generation prompt when it
+    has no assistant turn).
+    """
+    return "".join(_prompt_pieces(row, tokenizer, data_cfg, index))
+
+
+def prompt_ids(row: dict, tokenizer, data_cfg, index: int = 0) -> list[int]:
+    """Token ids of the generation prompt, identical to the prompt part of the training sequence."""
+    pieces = _prompt_pieces(row, tokenizer, data_cfg, index)
+    prefix = special_prefix(tokenizer) if data_cfg.kind == "prompt_response" else []
+    return prefix + [t for ids in _encode_many(tokenizer, pieces) for t in ids]
+
+
+def reference_response(row: dict, data_cfg, index: int = 0) -> str:
+    """The gold response text (for exact match / ROUGE at evaluation)."""
+    if data_cfg.kind == "prompt_response":
+        return _field(row, index, data_cfg.response_field)
+    if data_cfg.kind == "messages":
+        msgs = _messages(row, index, data_cfg.messages_field)
+        return [m for m in msgs if m["role"] == "assistant"][-1]["content"]
+    raise DataError(f"data.kind {data_cfg.kind!r} has no reference response")
+
+
+def load_examples(data_cfg, tokenizer, path: str | None = None, split: str | None = None):
+    """load_rows + tokenize_examples: what both stages call."""
+    return tokenize_examples(load_rows(data_cfg, path, split), tokenizer, data_cfg)

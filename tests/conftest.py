@@ -1,0 +1,41 @@
+"""Shared pytest fixtures. Builders live in tests/fixtures.py (plain functions)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A saved BPE tokenizer (BOS added, pad == EOS), vocab 512."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    fixtures.make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer):
+    """A random-weight 2-layer Llama (head_dim 64) with its tokenizer, saved with save_pretrained."""
+    return fixtures.make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_llama_dir(tmp_path_factory, tiny_tokenizer):
+    """Same architecture and tokenizer as tiny_llama_dir, other weights (another teacher)."""
+    return fixtures.make_tiny_llama(tmp_path_factory.mktemp("other_llama"), tiny_tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def train_jsonl(tmp_path_factory):
+    """40 prompt/response rows as jsonl."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    return fixtures.write_jsonl(path, fixtures.prompt_response_rows(40))
