@@ -61,7 +61,7 @@ class TeacherConfig:
     enforce_eager: bool = False  # vLLM: skip CUDA graph capture
     trust_remote_code: bool = False
     worker_id: str = ""  # default: host-pid
-    lease_seconds: float = 600.0
+    lease_seconds: float = 120.0  # a dead worker's shard is taken over after this (renewed every 1/4)
 
 
 @dataclass

@@ -24,7 +24,13 @@ from pathlib import Path
 from pipeline.config import ConfigError, PipelineConfig, StudentConfig, check_name, save_resolved
 
 # Errors whose message is written for users: the CLI prints them without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, OSError, RuntimeError)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from storage.errors import StorageError
+
+    return (StorageError, ValueError, OSError, RuntimeError)
+
+
+USER_ERRORS = _user_errors()
 
 
 def _log(msg: str) -> None:
@@ -58,14 +64,20 @@ def prepare(cfg: PipelineConfig) -> None:
         raise ConfigError("teacher.model: set the teacher's path or hub name")
 
 
-def cache_complete(url: str) -> bool:
+def open_cache(url: str):
+    """The cache at `url`, or None when stage one has not created it yet."""
     from storage.cache import Cache
+    from storage.fs import CacheFS
+    from storage.manifest import MANIFEST_NAME
 
-    try:
-        cache = Cache.open(url)
-    except FileNotFoundError:
-        return False
-    return len(cache.completed_shards()) == cache.num_shards
+    if not CacheFS(url).exists(MANIFEST_NAME):
+        return None
+    return Cache.open(url)
+
+
+def cache_complete(url: str) -> bool:
+    cache = open_cache(url)
+    return cache is not None and cache.is_complete()
 
 
 def run_teacher(cfg: PipelineConfig) -> bool:
@@ -171,14 +183,12 @@ def format_results(results: dict) -> str:
 
 def status_text(cfg: PipelineConfig) -> str:
     lines = [f"run dir: {cfg.run_dir}"]
-    try:
-        from storage.cache import Cache
-
-        cache = Cache.open(cfg.cache.path)
-        done = len(cache.completed_shards())
-        lines.append(f"teacher cache {cfg.cache.path}: {done}/{cache.num_shards} shards done")
-    except FileNotFoundError:
+    if open_cache(cfg.cache.path) is None:
         lines.append(f"teacher cache {cfg.cache.path}: not started")
+    else:
+        from storage.verify import status_summary
+
+        lines.append(f"teacher cache: {status_summary(cfg.cache.path)}")
     for s in cfg.students:
         d = student_dir(cfg, s.name)
         if student_done(cfg, s.name):

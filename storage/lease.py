@@ -20,6 +20,8 @@ rename that refuses to replace a committed shard.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,12 +44,33 @@ class LeaseRecord:
     token: str
     expires_at: float
     released: bool = False
+    host: str = ""  # where the holder runs, so a rerun on that host ...
+    pid: int = 0  # ... can see at once that the holder process is dead
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode()
 
     def is_live(self, now: float | None = None) -> bool:
-        return not self.released and (now if now is not None else time.time()) < self.expires_at
+        if self.released or (now if now is not None else time.time()) >= self.expires_at:
+            return False
+        return not self._holder_dead_here()
+
+    def _holder_dead_here(self) -> bool:
+        """True when the holder ran on this host and its process no longer exists.
+
+        A killed worker's lease would otherwise block its shard until expiry;
+        with this, rerunning on the same machine continues at once. Leases of
+        other hosts (or a reused pid) still wait for expiry, which is safe.
+        """
+        if not self.pid or self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # exists, owned by someone else
+            return False
+        return False
 
 
 def _read_record(fs: CacheFS, index: int, generation: int) -> LeaseRecord | None:
@@ -132,7 +155,8 @@ def try_acquire(fs: CacheFS, index: int, worker_id: str, lease_seconds: float) -
     if latest is not None and latest.is_live():
         return None
     generation = 0 if latest is None else latest.generation + 1
-    record = LeaseRecord(index, generation, str(worker_id), uuid.uuid4().hex, time.time() + lease_seconds)
+    record = LeaseRecord(index, generation, str(worker_id), uuid.uuid4().hex, time.time() + lease_seconds,
+                         host=socket.gethostname(), pid=os.getpid())
     if not fs.create_exclusive(lease_rel(index, generation), record.to_bytes()):
         return None  # another worker won this generation
     return Lease(fs, record, lease_seconds)

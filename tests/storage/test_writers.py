@@ -125,3 +125,29 @@ def test_racing_takeovers_of_an_expired_lease_have_one_winner(local_url):
         t.join()
     assert len(won) == 1
     assert leases.current_lease(cache.fs, 0).worker_id == f"t{won[0]}"
+
+
+def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(local_url):
+    """A rerun after `kill -9` must not wait lease_seconds for its own dead lease."""
+    cache = build_cache(local_url, [3, 3], write=[])
+    held = cache.claim_shard("killed", lease_seconds=3600)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)  # that process has exited
+    held.record.pid = dead_pid
+    CacheFS(local_url).write_bytes_atomic(leases.lease_rel(0, 0), held.record.to_bytes())
+    taker = cache.claim_shard("rerun", lease_seconds=60)
+    assert taker.shard_index == 0 and taker.record.generation == 1
+
+
+def test_lease_of_a_live_process_is_respected(local_url):
+    cache = build_cache(local_url, [3, 3], write=[])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        held = cache.claim_shard("alive", lease_seconds=3600)
+        held.record.pid = sleeper.pid
+        CacheFS(local_url).write_bytes_atomic(leases.lease_rel(0, 0), held.record.to_bytes())
+        assert cache.claim_shard("other", lease_seconds=60).shard_index == 1
+    finally:
+        sleeper.kill()
+        sleeper.wait()
