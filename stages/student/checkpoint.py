@@ -1,0 +1,296 @@
+"""Atomic, step-numbered student checkpoints and resuming from them.
+
+    <out>/checkpoints/step_000050/
+        model.safetensors   weights (float32, tied tensors stored once)
+        optim.pt            optimiser state (torch.save; loaded with weights_only=True)
+        meta.json           step, config, loss-curve tail, reader state, RNG states, schedule
+        complete            written last: size and sha256 of every file above
+
+A checkpoint is written into a hidden temporary directory and renamed into
+place, so a reader sees either nothing or the whole thing. A killed writer
+leaves at most a `.step_*.partial-*` directory, which is ignored and cleaned
+up later. `latest_valid_checkpoint` verifies the `complete` checksums and falls
+back to an older checkpoint when the newest is damaged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optim.pt"
+META_FILE = "meta.json"
+COMPLETE_FILE = "complete"
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+# Config keys whose change makes a checkpoint meaningless for the run, and why.
+FATAL_CONFIG_KEYS = {
+    "model": "another student model is a new experiment",
+    "init": "another architecture is a new experiment",
+    "loss.kind": "another objective is a new experiment",
+    "seed": "the data order is a function of the seed, so the run could not continue its epoch",
+    "fsdp": "FSDP and DDP checkpoints store the optimiser state differently",
+}
+# Keys that are fatal only for the loss kind that uses them.
+_FATAL_FOR_KIND = {"loss.divergence": "kd", "loss.base": "atkd"}
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed with the current config; the message says why."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    meta: dict
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # newer (path, reason) passed over
+
+
+def step_dir(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINTS / f"step_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dedup_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that alias an earlier one (tied embeddings): safetensors refuses shared storage."""
+    seen: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for name, t in state.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) \
+            if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        unique[name] = t.detach().to("cpu").contiguous()
+    return unique, aliases
+
+
+def save_checkpoint(out_dir: str | Path, step: int, *, model_state: dict[str, torch.Tensor],
+                    optim_state: dict, meta: dict, keep: int) -> Path:
+    """Write step `step` atomically, then keep only the newest `keep` complete checkpoints."""
+    root = Path(out_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(out_dir, step)
+    tmp = root / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    unique, aliases = _dedup_state(model_state)
+    save_file(unique, str(tmp / MODEL_FILE), metadata={"aliases": json.dumps(aliases), "step": str(step)})
+    torch.save(optim_state, tmp / OPTIM_FILE)
+    (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
+    files = {}
+    for name in (MODEL_FILE, OPTIM_FILE, META_FILE):
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    with open(tmp / COMPLETE_FILE, "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a damaged checkpoint of the same step from a killed run: swap it out
+        trash = root / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
+        final.rename(trash)
+        tmp.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    prune_checkpoints(out_dir, keep)
+    return final
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step directory, complete or not, oldest first."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints carrying a `complete` marker; remove the rest and debris."""
+    root = Path(out_dir) / CHECKPOINTS
+    complete = [(s, p) for s, p in list_checkpoints(out_dir) if (p / COMPLETE_FILE).is_file()]
+    survivors = {p for _, p in complete[-max(keep, 1):]}
+    newest = complete[-1][0] if complete else -1
+    for s, p in list_checkpoints(out_dir):
+        # Incomplete directories newer than the newest good one are left for
+        # latest_valid_checkpoint to report; everything else old goes.
+        if p not in survivors and (s < newest or (p / COMPLETE_FILE).is_file()):
+            shutil.rmtree(p, ignore_errors=True)
+    # Debris of killed writers (one trainer writes an output directory; its own
+    # temporary directory is already renamed when this runs).
+    for p in root.iterdir():
+        if p.name.startswith(".step_") and (".partial-" in p.name or ".trash-" in p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a usable checkpoint, or None when every file matches its marker."""
+    marker = path / COMPLETE_FILE
+    if not marker.is_file():
+        return "no `complete` marker (the writer was interrupted)"
+    try:
+        info = json.loads(marker.read_text())
+        files = info["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable `complete` marker ({e})"
+    for name in (MODEL_FILE, OPTIM_FILE, META_FILE):
+        p = path / name
+        if name not in files:
+            return f"{name} not listed in the `complete` marker"
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != files[name]["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, the marker says {files[name]['bytes']}"
+        if _sha256(p) != files[name]["sha256"]:
+            return f"{name} does not match its sha256 in the marker (corrupted)"
+    return None
+
+
+def latest_valid_checkpoint(out_dir: str | Path) -> Checkpoint | None:
+    """The newest checkpoint whose files verify; damaged newer ones are skipped with a warning."""
+    skipped: list[tuple[str, str]] = []
+    for step, path in reversed(list_checkpoints(out_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            try:
+                meta = json.loads((path / META_FILE).read_text())
+            except ValueError as e:  # pragma: no cover - checksum passed, so only a writer bug
+                problem = f"meta.json is not JSON ({e})"
+            else:
+                if skipped:
+                    log.warning("resuming from %s instead (the newer checkpoint(s) above are unusable)", path)
+                return Checkpoint(path=path, step=step, meta=meta, skipped=skipped)
+        log.warning("checkpoint %s is unusable: %s; falling back to the previous one", path, problem)
+        skipped.append((str(path), problem))
+    return None
+
+
+def load_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The saved weights with tied names restored (ready for load_state_dict)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    state = load_file(str(path / MODEL_FILE))
+    for name, source in aliases.items():
+        state[name] = state[source]
+    return state
+
+
+def load_optim_state(path: Path) -> dict:
+    return torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- config differences
+
+
+def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"loss.kind": "atkd", ...}; dict-valued leaves such as `init` stay whole."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "init":
+            out.update(flatten_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_config(saved: dict, current: dict, *, where: str = "") -> list[str]:
+    """Differences between the checkpoint's config and the current one.
+
+    Returns readable lines for changed keys (the current config wins); raises
+    ResumeError for keys that would make resuming meaningless.
+    """
+    a, b = flatten_config(saved), flatten_config(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    fatal = [k for k in changed if k in FATAL_CONFIG_KEYS
+             or (k in _FATAL_FOR_KIND and b.get("loss.kind") == _FATAL_FOR_KIND[k])]
+    if fatal:
+        detail = "; ".join(f"{k}: checkpoint {a.get(k, '<unset>')!r}, now {b.get(k, '<unset>')!r} "
+                           f"({FATAL_CONFIG_KEYS.get(k, 'another objective is a new experiment')})" for k in fatal)
+        raise ResumeError(
+            f"cannot resume {where or 'this run'} from its checkpoint: {detail}. Train into a new output "
+            "directory (or delete its checkpoints) to start over."
+        )
+    return [f"{k}: checkpoint {a.get(k, '<unset>')!r} -> now {b.get(k, '<unset>')!r}" for k in changed]
+
+
+# ---------------------------------------------------------------- RNG states as JSON
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict:
+    """Every RNG the loop can touch (torch CPU/CUDA, Python, NumPy), JSON-serialisable."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": _b64(torch.get_rng_state()),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])

@@ -1,0 +1,140 @@
+"""Load or initialise a student, and check its vocabulary against the cache.
+
+The cache stores token ids, so a student can only learn from it if it speaks
+the same vocabulary as the teacher that wrote it: the student's tokenizer must
+carry the cache's tokenizer fingerprint. The embedding matrix may be larger
+than the tokenizer (models pad it to a multiple of 8/64, e.g. 50272 rows for
+50265 tokens) but never smaller than the largest id the cache can hold.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class VocabularyMismatchError(ValueError):
+    """The student cannot read the cache's token ids; the message says what differs."""
+
+
+def load_student_tokenizer(student_cfg: Any, tokenizer_path: str | None = None, *,
+                           cache_identity: dict | None = None):
+    """The student's tokenizer: its own `tokenizer` setting, else its `model` path,
+    else `tokenizer_path` (the pipeline passes the teacher's, which wrote the cache).
+
+    Whichever is loaded is then checked against the cache's fingerprint.
+    """
+    from transformers import AutoTokenizer
+
+    source = (getattr(student_cfg, "tokenizer", "") or student_cfg.model or tokenizer_path
+              or (cache_identity or {}).get("tokenizer") or "")
+    if not source:
+        raise ValueError(
+            f"student {student_cfg.name!r}: no tokenizer to load; it is initialised from `init`, so "
+            "pass tokenizer_path (the teacher's tokenizer, which wrote the cache)"
+        )
+    trust = bool(getattr(student_cfg, "trust_remote_code", False))
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+
+
+def build_student(student_cfg: Any, tokenizer=None) -> torch.nn.Module:
+    """A float32 causal LM: pretrained from `model`, or randomly initialised from `init`.
+
+    Weights stay float32 (the optimiser's master copy); bf16 comes from autocast
+    in the trainer. Random initialisation is seeded with the student's seed so
+    every rank and every rerun starts from the same weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    trust = bool(getattr(student_cfg, "trust_remote_code", False))
+    if student_cfg.model:
+        model = AutoModelForCausalLM.from_pretrained(
+            student_cfg.model, dtype=torch.float32, trust_remote_code=trust)
+    elif student_cfg.init is not None:
+        init = dict(student_cfg.init)
+        # Fill what the tokenizer knows and the config dict left out, so the
+        # saved student generates and stops like its tokenizer expects.
+        if tokenizer is not None:
+            init.setdefault("vocab_size", len(tokenizer))
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                value = getattr(tokenizer, key, None)
+                if value is not None:
+                    init.setdefault(key, value)
+        model_type = init.pop("model_type", None)
+        config = AutoConfig.for_model(model_type, **init) if model_type else LlamaConfig(**init)
+        with torch.random.fork_rng(devices=[]):  # initialise without disturbing the caller's RNG
+            torch.manual_seed(student_cfg.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                     trust_remote_code=trust)
+    else:
+        raise ValueError(f"student {student_cfg.name!r}: set `model` (path or hub name) or `init` (a model config)")
+    return model
+
+
+def embedding_rows(model: torch.nn.Module) -> int:
+    """How many token ids the student can embed and predict (the smaller of input and output)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    if head is not None:
+        rows = min(rows, head.weight.shape[0])
+    return int(rows)
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer, identity: dict, *, student_name: str = "") -> None:
+    """Refuse a student that cannot read the cache's ids, naming what differs.
+
+    `identity` is the cache manifest's identity (`tokenizer_fingerprint`,
+    `vocab_size`, optionally `max_token_id`). A padded embedding (more rows
+    than tokens) is fine as long as the tokenizers match.
+    """
+    from stages.fingerprint import describe_tokenizer_difference, tokenizer_fingerprint, tokenizer_info
+
+    who = f"student {student_name!r}" if student_name else "the student"
+    problems = []
+    info = tokenizer_info(tokenizer)
+    cache_fp = identity.get("tokenizer_fingerprint")
+    cache_vocab = identity.get("vocab_size")
+    if cache_fp is not None and cache_fp != tokenizer_fingerprint(info):
+        cache_info = identity.get("tokenizer_info")
+        detail = describe_tokenizer_difference(info, cache_info) if isinstance(cache_info, dict) else ""
+        if not detail:  # only the fingerprint is recorded: name what can still be compared
+            facts = []
+            if cache_vocab is not None and int(cache_vocab) != len(tokenizer):
+                facts.append(f"tokenizer size {len(tokenizer)} vs cache vocab_size {cache_vocab}")
+            cache_special = identity.get("special_ids") or {}
+            for name, value in info["special_ids"].items():
+                if name in cache_special and cache_special[name] != value:
+                    facts.append(f"{name} token id {value} vs cache {cache_special[name]}")
+            detail = "; ".join(facts) or "same size, but token ids or special tokens differ"
+        problems.append(f"tokenizer fingerprint {tokenizer_fingerprint(info)} != cache {cache_fp} ({detail})")
+    elif cache_fp is None and cache_vocab is not None and int(cache_vocab) != len(tokenizer):
+        problems.append(f"tokenizer size {len(tokenizer)} != cache vocab_size {cache_vocab}")
+    # Every id the cache holds needs a row. The tokenizer's ids certainly occur;
+    # `max_token_id`, when recorded, bounds the teacher's top-k ids too (which
+    # range over its possibly padded logits). Batches are checked as they come
+    # (check_batch_ids) for caches that record no bound.
+    needed = max(int(identity.get("max_token_id", -1)) + 1, len(tokenizer))
+    rows = embedding_rows(model)
+    if rows < needed:
+        problems.append(f"embedding has {rows} rows but the cache holds ids up to {needed - 1}")
+    if problems:
+        raise VocabularyMismatchError(
+            f"{who} does not match the cache's vocabulary: " + "; ".join(problems)
+            + ". Use a student with the teacher's tokenizer (pass tokenizer_path for an `init` student)."
+        )
+    if rows > len(tokenizer):
+        log.info("%s: embedding padded to %d rows for %d tokens (ids match: fine)", who, rows, len(tokenizer))
+
+
+def check_batch_ids(batch: dict, rows: int) -> None:
+    """Refuse a batch holding an id the student has no embedding row for."""
+    for key in ("input_ids", "topk_ids", "target_ids"):
+        t = batch[key]
+        if t.numel() and int(t.max()) >= rows:
+            raise VocabularyMismatchError(
+                f"the cache holds token id {int(t.max())} in {key}, but the student's embedding has only "
+                f"{rows} rows; use a student whose vocabulary covers the teacher's")

@@ -1,0 +1,496 @@
+"""Stage two: train one student from the teacher-logit cache, in one explicit loop.
+
+    train_student(student_cfg, cache_url=..., out_dir=...) -> TrainSummary
+
+The loop (nanoGPT style, no Trainer framework): for each optimiser step, take
+`grad_accum` micro-batches from the cache reader, count what the global batch
+holds (all-reduced across ranks), run forward/backward per micro-batch with the
+loss divided by that global count, clip, step AdamW, log, and every
+`checkpoint_every` steps write an atomic checkpoint. The learning rate is a pure
+function of the step (linear warmup, cosine to lr * min_lr_ratio), so resuming
+needs only the step, the optimiser state, the RNG states and the reader
+position; with those restored a killed run continues bit-identically on CPU.
+
+Under `torchrun` (RANK/WORLD_SIZE set) each rank reads its slice of every global
+batch and the model is wrapped in DDP (or FSDP2 with `fsdp: true`). Rank 0
+writes checkpoints, logs and the final model; the others wait at barriers.
+
+Outputs in `out_dir`: `checkpoints/step_NNNNNN/`, `log.jsonl` (one line per
+step), `tb/` (TensorBoard), `final/` (save_pretrained + tokenizer), and
+`done.json`, written last, which marks the student finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stages.student import checkpoint as ckpt
+from stages.student.model import build_student, check_batch_ids, check_vocabulary, embedding_rows, load_student_tokenizer
+from stages.student.objective import StudentObjective
+
+log = logging.getLogger(__name__)
+
+LOSS_TAIL = 200  # per-step losses kept in each checkpoint's meta.json
+
+
+@dataclass
+class TrainSummary:
+    name: str
+    out_dir: str
+    final_dir: str
+    steps: int  # optimiser steps completed (== max_steps when finished)
+    start_step: int  # 0, or the step resumed from
+    final_loss: float | None
+    losses: list[float] = field(default_factory=list)  # per-step losses of this call
+    tokens: int = 0  # input tokens processed in this call (all ranks)
+    seconds: float = 0.0
+    already_done: bool = False  # done.json was there: nothing trained
+
+
+def lr_at(step: int, optim) -> float:
+    """Linear warmup for `warmup_steps`, then cosine from lr to lr * min_lr_ratio at max_steps."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(optim.max_steps - optim.warmup_steps, 1)
+    progress = min((step - optim.warmup_steps) / span, 1.0)
+    floor = optim.lr * optim.min_lr_ratio
+    return floor + 0.5 * (optim.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # we initialised the process group, so we tear it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            values = values.to(self.device)
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values.cpu()
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group when RANK/WORLD_SIZE are set (gloo on CPU, nccl on GPU)."""
+    joined = dist.is_available() and dist.is_initialized()  # the caller set up the group: use it
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world <= 1 and not joined:
+        return Dist(device=device)
+    owns = not joined
+    if owns:
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
+                device=device, owns_group=owns)
+
+
+def wrap_model(objective: StudentObjective, cfg, d: Dist) -> torch.nn.Module:
+    """DDP for students that fit one device, FSDP2 (fully_shard per decoder layer) otherwise."""
+    if d.world_size <= 1:
+        return objective
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        layers = [m for m in objective.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        for layer in layers:
+            fully_shard(layer)
+        return fully_shard(objective)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(objective, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def autocast_for(cfg, device: torch.device):
+    """bf16 autocast on GPU unless dtype: float32; float32 weights stay the optimiser's master copy."""
+    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), foreach=False)
+
+
+# ---------------------------------------------------------------- data
+
+
+class Batches:
+    """Endless micro-batches from the cache reader, remembering the reader state after each.
+
+    Each batch carries the reader state right after its global step
+    (`epoch`, `consumed`), so the state at a step boundary is exact even when
+    DataLoader workers have prefetched further.
+    """
+
+    def __init__(self, dataset, num_workers: int, seed: int) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.seed = seed
+        self.position = (dataset.start_epoch, dataset.start_consumed)
+        self._it = None
+
+    def state_dict(self) -> dict:
+        epoch, consumed = self.position
+        return self.dataset.state_dict(consumed, epoch)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self.position = (int(state["epoch"]), int(state["consumed"]))
+        self._it = None
+
+    def next(self) -> dict:
+        if self._it is None:
+            from torch.utils.data import DataLoader
+
+            # A private generator: creating the iterator must not draw from the
+            # global RNG, or a resumed run would see other random numbers.
+            gen = torch.Generator().manual_seed(self.seed)
+            self._it = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                       generator=gen, pin_memory=torch.cuda.is_available()))
+        batch = next(self._it)  # the reader streams epochs forever
+        self.position = (int(batch["epoch"]), int(batch["consumed"]))
+        return batch
+
+
+# ---------------------------------------------------------------- logging
+
+
+class StepLog:
+    """log.jsonl + TensorBoard on rank 0; a resumed run first drops lines past its checkpoint."""
+
+    def __init__(self, out: Path, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = out / "log.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            # Drop the lines of steps this run redoes; via a temporary file and a
+            # rename, so a kill during the rewrite cannot lose the earlier steps.
+            kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= start_step]
+            tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
+        except ImportError:  # pragma: no cover - tensorboard is a dependency; keep training without it
+            log.warning("tensorboard is not installed: logging to log.jsonl only")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log.jsonl line; a torn last line (killed mid-append) counts as after any step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def step_record(step: int, totals: dict, norm: float, lr: float, tokens: int, seconds: float, kind: str) -> dict:
+    """One log line from the global sums of a step (StudentObjective's stats, summed)."""
+    positions = max(totals["num_positions"], 1)
+    rec = {"step": step, "loss": totals["loss"] / max(totals["normaliser"], 1), "lr": lr, "grad_norm": norm,
+           "ce": totals["nll"] / positions, "positions": int(totals["num_positions"]),
+           "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds}
+    if kind == "atkd":
+        rec.update(tkd=totals["tkd_hard"] / max(totals["num_hard"], 1), dkd=totals["dkd"] / positions,
+                   num_hard=int(totals["num_hard"]), num_easy=int(totals["num_easy"]),
+                   unc=totals["unc"] / positions)
+    return rec
+
+
+# ---------------------------------------------------------------- saving
+
+
+def model_state(wrapped: torch.nn.Module, student: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
+    """The student's full state dict on CPU (gathered on every rank under FSDP)."""
+    if cfg.fsdp and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in student.state_dict().items()}
+
+
+def optim_state(wrapped, optimizer, cfg) -> dict:
+    if cfg.fsdp and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(wrapped, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def save_final(out: Path, student, tokenizer, state: dict[str, torch.Tensor]) -> Path:
+    """save_pretrained (safetensors) + tokenizer into final/, via a temporary directory."""
+    final = out / "final"
+    tmp = out / f".final.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".partial-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_student(student_cfg, *, cache_url: str, out_dir: str | os.PathLike, tokenizer_path: str | None = None,
+                  progress: bool = True) -> TrainSummary:
+    """Train `student_cfg` (a pipeline.config.StudentConfig) from the cache at `cache_url` into `out_dir`.
+
+    Resumes from the newest valid checkpoint in `out_dir`; returns at once when
+    `done.json` says the student already reached `optim.max_steps`.
+    """
+    out = Path(out_dir)
+    name = student_cfg.name or out.name
+    done_path = out / "done.json"
+    if done_path.is_file():
+        done = json.loads(done_path.read_text())
+        if int(done.get("steps", 0)) >= student_cfg.optim.max_steps:
+            log.info("student %s: %s says it is finished; nothing to do", name, done_path)
+            return TrainSummary(name=name, out_dir=str(out), final_dir=str(out / "final"), steps=done["steps"],
+                                start_step=done["steps"], final_loss=done.get("final_loss"), already_done=True)
+    d = init_distributed()
+    try:
+        return _train(student_cfg, name, cache_url, out, tokenizer_path, progress, d)
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: bool, d: Dist) -> TrainSummary:
+    from tqdm.auto import tqdm
+
+    from storage.cache import Cache
+    from storage.dataset import CacheDataset
+
+    optim = cfg.optim
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+
+    # Student, checked against the cache's vocabulary before any work.
+    cache = Cache.open(cache_url)
+    tokenizer = load_student_tokenizer(cfg, tokenizer_path, cache_identity=cache.manifest.identity)
+    student = build_student(cfg, tokenizer)
+    check_vocabulary(student, tokenizer, cache.manifest.identity, student_name=name)
+    rows = embedding_rows(student)
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.to(d.device).train()
+    objective = StudentObjective(student, cfg.loss)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    dataset = CacheDataset(cache_url, optim.batch_size, seed=cfg.seed, rank=d.rank,
+                           world_size=d.world_size, shuffle=True, pad_id=pad_id)
+    batches = Batches(dataset, cfg.num_workers, cfg.seed)
+
+    # Resume: weights, optimiser, RNG, reader position and step from the newest good checkpoint.
+    config_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+    step, loss_tail = 0, []
+    resumed = ckpt.latest_valid_checkpoint(out)
+    if resumed is not None:
+        for line in ckpt.check_resume_config(resumed.meta["config"], config_dict, where=str(out)):
+            if d.is_main:
+                log.warning("student %s: config differs from checkpoint step %d, the current value wins: %s",
+                            name, resumed.step, line)
+        if not cfg.fsdp:
+            student.load_state_dict(ckpt.load_model_state(resumed.path))
+    wrapped = wrap_model(objective, cfg, d)
+    optimizer = build_optimizer(student, optim)
+    if resumed is not None:
+        _load_states(resumed.path, wrapped, student, optimizer, cfg)
+        for group, decay in zip(optimizer.param_groups, (optim.weight_decay, 0.0)):
+            group.update(betas=tuple(optim.betas), weight_decay=decay)  # the current config wins
+        batches.load_state_dict(resumed.meta["reader"])
+        step, loss_tail = resumed.step, list(resumed.meta.get("loss_tail", []))
+        ckpt.set_rng_state(resumed.meta["rng"])
+        d.barrier()  # every rank has read its files before rank 0 removes the unusable ones
+        if d.is_main:
+            log.info("student %s: resumed from %s (step %d)", name, resumed.path, step)
+            for path, problem in resumed.skipped:  # newer, damaged: this run redoes those steps
+                log.warning("student %s: removing unusable checkpoint %s (%s)", name, path, problem)
+                shutil.rmtree(path, ignore_errors=True)
+    else:
+        seed_everything(cfg.seed)
+
+    start_step = step
+    if d.is_main and start_step < optim.max_steps:
+        (out / "done.json").unlink(missing_ok=True)  # training further than a finished run
+    steplog = StepLog(out, start_step, d.is_main)
+    bar = tqdm(total=optim.max_steps, initial=step, disable=not (progress and d.is_main), desc=name, unit="step")
+    amp = autocast_for(cfg, d.device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    clip = optim.clip_grad_norm if optim.clip_grad_norm > 0 else float("inf")
+    losses, tokens_run, t_run = [], 0, time.perf_counter()
+
+    def save(at_step: int) -> None:
+        model_sd = model_state(wrapped, student, cfg)  # a collective under FSDP: every rank calls it
+        optim_sd = optim_state(wrapped, optimizer, cfg)
+        if d.is_main:
+            meta = {"name": name, "config": config_dict, "loss_tail": loss_tail[-LOSS_TAIL:],
+                    "reader": batches.state_dict(), "rng": ckpt.rng_state(), "world_size": d.world_size,
+                    "cache_fingerprint": cache.fingerprint,
+                    "schedule": {"kind": "warmup_cosine", "step": at_step, "lr": lr_at(at_step, optim),
+                                 "warmup_steps": optim.warmup_steps, "max_steps": optim.max_steps,
+                                 "min_lr_ratio": optim.min_lr_ratio}}
+            ckpt.save_checkpoint(out, at_step, model_state=model_sd, optim_state=optim_sd, meta=meta,
+                                 keep=cfg.keep_checkpoints)
+        d.barrier()
+
+    while step < optim.max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [_to_device(batches.next(), d.device) for _ in range(optim.grad_accum)]
+        for batch in micro:
+            check_batch_ids(batch, rows)
+        # Global normaliser first, so every micro-batch on every rank divides by the same count:
+        # the summed gradient then equals the single-process gradient of the whole global batch.
+        normaliser = float(d.all_sum(torch.tensor([float(sum(objective.normaliser(b) for b in micro))],
+                                                  dtype=torch.float64))[0])
+        scale = d.world_size / max(normaliser, 1.0)  # DDP/FSDP average over ranks; undo that
+        sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64, device=d.device)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            with _grad_sync(wrapped, last):
+                with amp:
+                    loss_sum, stats = wrapped(batch)
+                (loss_sum * scale).backward()
+            stats["tokens"] = batch["attention_mask"].sum()
+            sums += torch.stack([torch.as_tensor(stats.get(k, 0.0)).to(d.device, torch.float64)
+                                 for k in _SUM_KEYS])  # stays on the device: no sync per micro-batch
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(norm):
+            optimizer.step()
+        elif d.is_main:
+            log.warning("student %s: step %d has a non-finite gradient norm; update skipped", name, step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        totals = dict(zip(_SUM_KEYS, d.all_sum(sums).tolist()))
+        totals["normaliser"] = normaliser
+        tokens = int(totals["tokens"])
+        rec = step_record(step, totals, norm, lr, tokens, time.perf_counter() - t0, cfg.loss.kind)
+        losses.append(rec["loss"])
+        loss_tail.append([step, rec["loss"]])
+        tokens_run += tokens
+        if step % max(cfg.log_every, 1) == 0 or step == optim.max_steps:
+            steplog.write(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if step % cfg.checkpoint_every == 0 or step == optim.max_steps:
+            save(step)
+    bar.close()
+    steplog.close()
+
+    final_state = model_state(wrapped, student, cfg)
+    summary = TrainSummary(name=name, out_dir=str(out), final_dir=str(out / "final"), steps=step,
+                           start_step=start_step, final_loss=loss_tail[-1][1] if loss_tail else None,
+                           losses=losses, tokens=tokens_run, seconds=time.perf_counter() - t_run)
+    if d.is_main:
+        save_final(out, student, tokenizer, final_state)
+        write_json_atomic(out / "done.json", {"name": name, "steps": step, "final_loss": summary.final_loss,
+                                              "final_dir": summary.final_dir, "finished_at": time.time()})
+    d.barrier()
+    return summary
+
+
+_SUM_KEYS = ("loss", "nll", "tkd_hard", "dkd", "num_positions", "num_hard", "num_easy", "unc", "tokens")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _grad_sync(wrapped, last: bool):
+    """Reduce gradients across ranks only on the last micro-batch of a step."""
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if hasattr(wrapped, "no_sync") and not last:  # DDP
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def _load_states(path: Path, wrapped, student, optimizer, cfg) -> None:
+    if cfg.fsdp and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(student, ckpt.load_model_state(path), options=opts)
+        set_optimizer_state_dict(wrapped, optimizer, ckpt.load_optim_state(path), options=opts)
+        return
+    if cfg.fsdp:  # fsdp asked for, single process: the weights were not loaded before wrapping
+        student.load_state_dict(ckpt.load_model_state(path))
+    optimizer.load_state_dict(ckpt.load_optim_state(path))
