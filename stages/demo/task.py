@@ -1,0 +1,212 @@
+"""The embedded demo task: generated instruction data with a measurable answer.
+
+Every response is one *phrasing* (free choice, picked at random) wrapped around
+one *answer* (a pure function of the prompt):
+
+    prompt:   "Add 37 and 58."
+    response: "Sure! The answer is 95."      answer: "95"
+              "95 is the answer."
+              "Answer: 95"
+
+So a trained teacher is confident on the answer tokens and uncertain on the
+phrasing tokens (several continuations are all correct), as on real
+instruction data, and the answer can be checked exactly (`extract_answer`).
+
+Generation is a pure function of (seed, split, count): `random.Random` seeded
+with a string is stable across Python runs and platforms. Validation and test
+prompts never repeat a training prompt, except for the *fact* tasks (`add` of
+two digits and `lookup` in a fixed table), whose whole input space is small and
+seen in training by design (they test recall); `sort`, `count` and `reverse`
+test computation on unseen inputs. The sizes are chosen so a ~3M-parameter
+teacher learns them in a few CPU minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+# Bump when the generator changes what it writes: cached data made by an older
+# generator is then refused instead of silently mixed.
+GENERATOR_VERSION = 1
+
+TASKS = ("add", "sort", "count", "reverse", "lookup")
+SPLITS = ("train", "validation", "test")
+
+# Free-choice parts. An answer never contains '.', so every phrasing parses back.
+OPENERS = ("", "Sure! ", "OK. ", "Let me see. ")
+PHRASINGS = ("The answer is {answer}.", "Answer: {answer}", "It is {answer}.", "{answer} is the answer.")
+
+# A small fixed table for the lookup task (memorised, not computed).
+LOOKUP_TABLE: dict[tuple[str, str], str] = {
+    **{("color", k): v for k, v in {
+        "banana": "yellow", "grass": "green", "sky": "blue", "snow": "white",
+        "coal": "black", "tomato": "red", "orange": "orange", "plum": "purple",
+    }.items()},
+    **{("capital", k): v for k, v in {
+        "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
+        "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo",
+    }.items()},
+    **{("legs", k): v for k, v in {
+        "a spider": "8", "an ant": "6", "a dog": "4", "a bird": "2",
+        "a snake": "0", "a crab": "10", "a cat": "4", "a fish": "0",
+    }.items()},
+}
+_LOOKUP_QUESTIONS = {
+    "color": "What color is {key}?",
+    "capital": "What is the capital of {key}?",
+    "legs": "How many legs does {key} have?",
+}
+FACT_TASKS = ("add", "lookup")  # small input spaces, fully covered by training
+
+_LETTERS = "abcdefghij"
+_COUNT_LETTERS = "abc"
+
+MAX_ADDEND = 9
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, MAX_ADDEND), rng.randint(0, MAX_ADDEND)
+    return f"Add {a} and {b}.", str(a + b)
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
+    return f"Sort: {' '.join(map(str, digits))}", " ".join(map(str, sorted(digits)))
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    letter = rng.choice(_COUNT_LETTERS)
+    seq = [rng.choice(_COUNT_LETTERS) for _ in range(rng.randint(3, 6))]
+    return f"Count the letter {letter} in: {' '.join(seq)}", str(seq.count(letter))
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    seq = [rng.choice(_LETTERS) for _ in range(rng.randint(3, 5))]
+    return f"Reverse: {' '.join(seq)}", " ".join(reversed(seq))
+
+
+_LOOKUP_KEYS = sorted(LOOKUP_TABLE)
+
+
+def _lookup(rng: random.Random) -> tuple[str, str]:
+    relation, key = rng.choice(_LOOKUP_KEYS)
+    return _LOOKUP_QUESTIONS[relation].format(key=key), LOOKUP_TABLE[(relation, key)]
+
+
+_GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "add": _add, "sort": _sort, "count": _count, "reverse": _reverse, "lookup": _lookup,
+}
+
+
+def make_example(rng: random.Random, task: str) -> dict:
+    """One row: the prompt and answer of `task`, wrapped in a random phrasing."""
+    prompt, answer = _GENERATORS[task](rng)
+    response = rng.choice(OPENERS) + rng.choice(PHRASINGS).format(answer=answer)
+    return {"prompt": prompt, "response": response, "answer": answer, "task": task}
+
+
+def generate_split(seed: int, split: str, count: int, exclude_prompts: Iterable[str] = ()) -> list[dict]:
+    """`count` rows of `split`, tasks in equal shares (round robin, then shuffled).
+
+    Prompts in `exclude_prompts` (the training prompts, for held-out splits) are
+    redrawn, except for FACT_TASKS, whose whole input space training covers.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    rng = random.Random(f"atkd-demo-v{GENERATOR_VERSION}/{seed}/{split}")
+    excluded = set(exclude_prompts)
+    rows = []
+    for i in range(count):
+        task = TASKS[i % len(TASKS)]
+        for _ in range(1000):
+            row = make_example(rng, task)
+            if task in FACT_TASKS or row["prompt"] not in excluded:
+                break
+        else:  # pragma: no cover - the input spaces are far larger than any split
+            raise RuntimeError(f"could not draw a fresh {task!r} prompt for {split}")
+        rows.append(row)
+    rng.shuffle(rows)
+    return rows
+
+
+def generate_splits(seed: int, train: int, validation: int, test: int) -> dict[str, list[dict]]:
+    """All three splits; held-out prompts never repeat a training prompt (FACT_TASKS aside)."""
+    rows = {"train": generate_split(seed, "train", train)}
+    seen = {r["prompt"] for r in rows["train"]}
+    rows["validation"] = generate_split(seed, "validation", validation, seen)
+    seen |= {r["prompt"] for r in rows["validation"]}
+    rows["test"] = generate_split(seed, "test", test, seen)
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> None:
+    """Write rows as JSON lines, atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------ answers
+
+_OPENER_RE = "|".join(re.escape(o) for o in OPENERS if o)
+_PHRASING_RES = [
+    re.compile(rf"^(?:{_OPENER_RE})?" + re.escape(p).replace(re.escape("{answer}"), r"(?P<answer>[^.]+?)") + r"$")
+    for p in PHRASINGS
+]
+
+
+def normalize_answer(answer: str) -> str:
+    """Collapse runs of whitespace; the answers themselves are case-sensitive."""
+    return " ".join(answer.split())
+
+
+def extract_answer(text: str, task: str | None = None) -> str | None:
+    """The answer inside a response in any of the task's phrasings, else None.
+
+    Only the first line counts (a model that goes on after its answer has not
+    given a clean response, but its first line is still judged). `task` is
+    accepted for task-specific rules; every current task shares the phrasings.
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown demo task {task!r}; expected one of {', '.join(TASKS)}")
+    line = text.strip().split("\n", 1)[0].strip()
+    for pattern in _PHRASING_RES:
+        m = pattern.match(line)
+        if m:
+            return normalize_answer(m.group("answer"))
+    return None
+
+
+def compute_answer(prompt: str, task: str) -> str:
+    """Recompute the answer from a prompt alone (a check on the generator)."""
+    if task == "add":
+        a, b = map(int, re.fullmatch(r"Add (\d+) and (\d+)\.", prompt).groups())
+        return str(a + b)
+    if task == "sort":
+        return " ".join(sorted(prompt.removeprefix("Sort: ").split(), key=int))
+    if task == "count":
+        letter, seq = re.fullmatch(r"Count the letter (\w) in: (.*)", prompt).groups()
+        return str(seq.split().count(letter))
+    if task == "reverse":
+        return " ".join(reversed(prompt.removeprefix("Reverse: ").split()))
+    if task == "lookup":
+        for (relation, key), value in LOOKUP_TABLE.items():
+            if _LOOKUP_QUESTIONS[relation].format(key=key) == prompt:
+                return value
+        raise ValueError(f"prompt {prompt!r} is not in the lookup table")
+    raise ValueError(f"unknown demo task {task!r}")

@@ -1,0 +1,395 @@
+"""Prepare the demo: generate the data, train the tokenizer, train the teacher.
+
+    paths = prepare_demo(demo_cfg, run_dir, data_cfg)   # -> DemoPaths
+
+Everything lands in the run directory (next to the pipeline's cache/,
+students/, eval/ and report/):
+
+    data/{train,validation,test}.jsonl + done.json
+    tokenizer/                             save_pretrained + done.json
+    teacher/                               save_pretrained (model + tokenizer),
+                                           demo_teacher.json (metrics), done.json
+    teacher.work/checkpoint.pt             resume point while the teacher trains
+
+Each step is idempotent: a directory is built under a temporary name, its
+`done.json` (the settings it was made with) written last, and then renamed into
+place, so a finished step is reused and a killed one is redone (the teacher
+resumes from its last checkpoint; its data order is a pure function of the
+seed and the step). A finished step made with other settings is an error, not
+silently replaced: the teacher cache and students downstream depend on it.
+
+The teacher is a small LlamaConfig causal LM (head_dim 64, which vLLM's CPU
+attention accepts) trained by one explicit loop: AdamW, linear warmup then
+cosine, cross-entropy on exactly the positions stage one caches (the response
+tokens and EOS, from stages.data.tokenize_examples).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages.demo import task as demo_task
+
+DEFAULT_TEACHER = {  # LlamaConfig fields; DemoConfig.teacher overrides any of them
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+WARMUP_FRACTION = 0.05
+MIN_LR_RATIO = 0.1
+CHECK_EXAMPLES = 150  # validation examples generated after training (exact-match sanity check)
+
+
+class DemoMismatchError(RuntimeError):
+    """A finished demo step exists but was made with other settings."""
+
+
+@dataclass
+class DemoPaths:
+    root: str
+    data_dir: str
+    train_path: str
+    validation_path: str
+    test_path: str
+    tokenizer_dir: str
+    teacher_dir: str
+    teacher_metrics: dict[str, Any] = field(default_factory=dict)  # demo_teacher.json
+
+
+# ---------------------------------------------------------------- step markers
+
+
+def _read_done(path: Path) -> dict | None:
+    marker = path / "done.json"
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def _reuse(path: Path, settings: dict, what: str) -> bool:
+    """True when `path` is finished with these settings; raise when with others."""
+    done = _read_done(path)
+    if done is None:
+        if path.exists():  # not ours to finish (atomic renames never leave this): redo
+            shutil.rmtree(path)
+        return False
+    if done.get("settings") != settings:
+        diff = sorted(k for k in set(settings) | set(done.get("settings", {}))
+                      if settings.get(k) != done.get("settings", {}).get(k))
+        raise DemoMismatchError(
+            f"{path} holds a demo {what} made with other settings (differs in: {', '.join(diff)}). "
+            f"Delete {path} (and what was built from it: the run's data/tokenizer/teacher, cache and "
+            f"students) or use another run_dir."
+        )
+    return True
+
+
+def _finish(tmp: Path, final: Path, settings: dict, extra: dict | None = None) -> None:
+    """Write done.json last, then rename into place. If another process finished
+    the same step meanwhile (same settings), keep its copy and drop ours."""
+    (tmp / "done.json").write_text(json.dumps({"settings": settings, **(extra or {})}, indent=1, sort_keys=True))
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if (_read_done(final) or {}).get("settings") != settings:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fresh_tmp(final: Path) -> Path:
+    """An empty `<final>.tmp-<pid>`; leftovers of dead processes on this host are removed."""
+    for old in final.parent.glob(f"{final.name}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _data_settings(demo_cfg) -> dict:
+    return {
+        "generator_version": demo_task.GENERATOR_VERSION,
+        "seed": demo_cfg.seed,
+        "train_examples": demo_cfg.train_examples,
+        "validation_examples": demo_cfg.validation_examples,
+        "test_examples": demo_cfg.test_examples,
+    }
+
+
+def write_demo_data(demo_cfg, out_dir: str | Path) -> Path:
+    """Generate the three splits into out_dir (idempotent)."""
+    final = Path(out_dir)
+    settings = _data_settings(demo_cfg)
+    if _reuse(final, settings, "data set"):
+        return final
+    tmp = _fresh_tmp(final)
+    splits = demo_task.generate_splits(
+        demo_cfg.seed, demo_cfg.train_examples, demo_cfg.validation_examples, demo_cfg.test_examples
+    )
+    for name, rows in splits.items():
+        demo_task.write_jsonl(rows, tmp / f"{name}.jsonl")
+    _finish(tmp, final, settings, {"counts": {k: len(v) for k, v in splits.items()}})
+    return final
+
+
+def _check_data_cfg(data_cfg) -> None:
+    if data_cfg.kind != "prompt_response" or data_cfg.prompt_field != "prompt" or data_cfg.response_field != "response":
+        raise ValueError(
+            "the demo writes prompt/response rows: set data.kind=prompt_response, data.prompt_field=prompt "
+            f"and data.response_field=response (got kind={data_cfg.kind!r}, prompt_field="
+            f"{data_cfg.prompt_field!r}, response_field={data_cfg.response_field!r})"
+        )
+
+
+def write_demo_tokenizer(demo_cfg, data_cfg, train_path: Path, out_dir: str | Path):
+    """Train the tokenizer on the rendered training examples (idempotent); returns it."""
+    from transformers import AutoTokenizer
+
+    from stages.data import render_prompt
+    from stages.demo.tokenizer import train_tokenizer
+
+    final = Path(out_dir)
+    settings = _tokenizer_settings(demo_cfg, data_cfg)
+    if not _reuse(final, settings, "tokenizer"):
+        tmp = _fresh_tmp(final)
+        rows = demo_task.read_jsonl(train_path)
+        texts = [render_prompt(r, data_cfg) + r["response"] for r in rows]
+        tokenizer = train_tokenizer(texts, demo_cfg.vocab_size)
+        tokenizer.save_pretrained(str(tmp))
+        _finish(tmp, final, settings, {"tokens": len(tokenizer)})
+    return AutoTokenizer.from_pretrained(str(final))
+
+
+def _tokenizer_settings(demo_cfg, data_cfg) -> dict:
+    return {**_data_settings(demo_cfg), "vocab_size": demo_cfg.vocab_size, "template": data_cfg.template}
+
+
+def _max_positions(demo_cfg, max_seq_len: int) -> int:
+    """Room for data.max_seq_len (vLLM refuses a longer max_model_len), at least 512."""
+    return int((demo_cfg.teacher or {}).get("max_position_embeddings", max(512, int(max_seq_len))))
+
+
+def teacher_config(demo_cfg, tokenizer, max_seq_len: int):
+    """The LlamaConfig of the demo teacher (defaults + DemoConfig.teacher overrides)."""
+    from transformers import LlamaConfig
+
+    fields = {**DEFAULT_TEACHER, **dict(demo_cfg.teacher or {})}
+    fields["max_position_embeddings"] = _max_positions(demo_cfg, max_seq_len)
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **fields,
+    )
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warmup over WARMUP_FRACTION of the steps, then cosine to lr * MIN_LR_RATIO."""
+    warmup = max(1, int(WARMUP_FRACTION * steps))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min((step - warmup) / max(steps - warmup, 1), 1.0)
+    return lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
+    """Example indices of one step: a pure function of (seed, step), so a resume
+    sees the same order. Epoch e is a permutation seeded by (seed, e)."""
+    import torch
+
+    perms: dict[int, list[int]] = {}
+    out = []
+    for j in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(j, num_examples)
+        if epoch not in perms:
+            gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+            perms[epoch] = torch.randperm(num_examples, generator=gen).tolist()
+        out.append(perms[epoch][pos])
+    return out
+
+
+def _teacher_settings(demo_cfg, data_cfg) -> dict:
+    return {
+        **_tokenizer_settings(demo_cfg, data_cfg),
+        "teacher": {**DEFAULT_TEACHER, **dict(demo_cfg.teacher or {})},
+        "teacher_steps": demo_cfg.teacher_steps,
+        "teacher_batch_size": demo_cfg.teacher_batch_size,
+        "teacher_lr": demo_cfg.teacher_lr,
+        "max_position_embeddings": _max_positions(demo_cfg, data_cfg.max_seq_len),
+    }
+
+
+def train_demo_teacher(demo_cfg, data_cfg, tokenizer, train_path: Path, validation_path: Path,
+                       out_dir: str | Path, settings: dict, *, progress: bool = True,
+                       stop_after: int | None = None, check_examples: int = CHECK_EXAMPLES) -> dict | None:
+    """Train (or resume) the teacher and save it to out_dir; returns its metrics.
+
+    `stop_after`: checkpoint and return None once that many steps are done (a
+    stand-in for a kill, used by the resume test)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+    from transformers import LlamaForCausalLM
+
+    from stages.data import tokenize_examples
+    from stages.evaluate import collate_for_lm
+
+    final = Path(out_dir)
+    if _reuse(final, settings, "teacher"):
+        return json.loads((final / "demo_teacher.json").read_text())
+
+    examples, _ = tokenize_examples(demo_task.read_jsonl(train_path), tokenizer, data_cfg)
+    steps, batch_size, lr = demo_cfg.teacher_steps, demo_cfg.teacher_batch_size, demo_cfg.teacher_lr
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    torch.manual_seed(demo_cfg.seed)
+    model = LlamaForCausalLM(teacher_config(demo_cfg, tokenizer, data_cfg.max_seq_len)).float()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.95))
+
+    work = final.with_name(final.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt_path = work / "checkpoint.pt"
+    start, losses, seconds = 0, [], 0.0
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state.get("settings") == settings:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, losses, seconds = state["step"], state["losses"], state["seconds"]
+    checkpoint_every = max(50, steps // 5)
+
+    model.train()
+    bar = tqdm(total=steps, initial=start, desc="demo teacher", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in range(start, steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), demo_cfg.seed)]
+        ids, mask, rows, positions = collate_for_lm(batch, pad_id)
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = model.lm_head(hidden[rows, positions]).float()  # only the trained positions
+        loss = F.cross_entropy(logits, ids[rows, positions + 1])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if stop_after is not None and step + 1 >= stop_after and step + 1 < steps:
+            _save_checkpoint(ckpt_path, model, optimizer, step + 1, losses, seconds + time.perf_counter() - t0, settings)
+            bar.close()
+            return None
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(ckpt_path, model, optimizer, step + 1, losses, seconds + time.perf_counter() - t0, settings)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    seconds += elapsed
+
+    model.eval()
+    metrics = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": steps,
+        "train_seconds": round(seconds, 1),
+        "steps_per_second": round((steps - start) / max(elapsed, 1e-9), 3),
+        "final_loss": round(sum(losses[-20:]) / max(len(losses[-20:]), 1), 4),
+        "losses": [round(x, 4) for x in losses],
+    }
+    metrics.update(_validation_check(model, tokenizer, data_cfg, validation_path, check_examples))
+
+    tmp = _fresh_tmp(final)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "demo_teacher.json").write_text(json.dumps(metrics, indent=1))
+    _finish(tmp, final, settings)
+    shutil.rmtree(work, ignore_errors=True)
+    return metrics
+
+
+def _save_checkpoint(path: Path, model, optimizer, step: int, losses: list, seconds: float, settings: dict) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "losses": losses, "seconds": seconds, "settings": settings}, tmp)
+    os.replace(tmp, path)
+
+
+def _validation_check(model, tokenizer, data_cfg, validation_path: Path, limit: int) -> dict:
+    """Greedy exact match on the first `limit` validation rows, per task."""
+    from stages.evaluate import generate_greedy, is_exact_match
+
+    rows = demo_task.read_jsonl(validation_path)[:limit]
+    t0 = time.perf_counter()
+    texts = generate_greedy(model, tokenizer, rows, data_cfg, max_new_tokens=32, batch_size=64)
+    hits: dict[str, list[bool]] = {}
+    for row, text in zip(rows, texts):
+        hits.setdefault(row["task"], []).append(is_exact_match(text, row, data_cfg))
+    total = [h for v in hits.values() for h in v]
+    return {
+        "validation_examples": len(rows),
+        "validation_exact_match": round(sum(total) / max(len(total), 1), 4),
+        "validation_exact_match_by_task": {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())},
+        "validation_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def prepare_demo(demo_cfg, run_dir: str | os.PathLike, data_cfg, *, progress: bool = True) -> DemoPaths:
+    """Make (or reuse) the demo data, tokenizer and teacher in run_dir (see the module doc).
+
+    `data_cfg` supplies the template, fields and max_seq_len the pipeline will
+    use, so the teacher is trained on exactly the tokens stage one caches.
+    """
+    _check_data_cfg(data_cfg)
+    root = Path(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    data_dir = write_demo_data(demo_cfg, root / "data")
+    train_path, validation_path = data_dir / "train.jsonl", data_dir / "validation.jsonl"
+    tokenizer = write_demo_tokenizer(demo_cfg, data_cfg, train_path, root / "tokenizer")
+    teacher_dir = root / "teacher"
+    metrics = train_demo_teacher(
+        demo_cfg, data_cfg, tokenizer, train_path, validation_path, teacher_dir,
+        _teacher_settings(demo_cfg, data_cfg), progress=progress,
+    )
+    return DemoPaths(
+        root=str(root),
+        data_dir=str(data_dir),
+        train_path=str(train_path),
+        validation_path=str(validation_path),
+        test_path=str(data_dir / "test.jsonl"),
+        tokenizer_dir=str(root / "tokenizer"),
+        teacher_dir=str(teacher_dir),
+        teacher_metrics=metrics,
+    )
+

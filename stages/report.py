@@ -1,0 +1,233 @@
+"""The run report: a Markdown table of the evaluation and PNG plots.
+
+    path = write_report(run_dir, results, students_logs, cache_url)  # <run_dir>/report/report.md
+    print(format_table(results))                                     # the same table, for the terminal
+
+Plots (matplotlib, Agg backend, so no display is needed):
+- `loss_curves.png`: training loss per student, from each student's log.jsonl;
+- `teacher_uncertainty.png`: histogram of the teacher's UNC = 1 - p(gold) over
+  the training cache's positions (ATKD splits positions by it: a bimodal
+  histogram means confident answer tokens and uncertain free-choice tokens);
+- `topk_coverage.png`: histogram of the top-k mass sum(exp(topk_logprobs)) per
+  position, i.e. how much of the teacher's distribution the cache keeps (the
+  rest is the residual bucket).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLUMNS = (  # (result key, header, format, better)
+    ("exact_match", "exact match", "{:.3f}", "higher"),
+    ("rouge_l", "ROUGE-L", "{:.3f}", "higher"),
+    ("perplexity", "perplexity", "{:.3f}", "lower"),
+    ("kl_to_teacher", "KL(teacher ‖ model)", "{:.4f}", "lower"),
+    ("top1_agreement", "top-1 agreement", "{:.3f}", "higher"),
+)
+MAX_CACHE_POSITIONS = 500_000  # positions read for the cache histograms
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A Markdown table, one row per model (in the order given), one column per metric."""
+    headers = ["model"] + [f"{h} ({'↑' if b == 'higher' else '↓'})" for _, h, _, b in COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * len(COLUMNS)) + "|"]
+    for name, res in results.items():
+        cells = [name] + [_cell(res.get(key), fmt) for key, _, fmt, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_task_table(results: dict[str, dict]) -> str:
+    """Exact match per demo task (empty string when no result has a per-task breakdown)."""
+    tasks = sorted({t for res in results.values() for t in (res.get("exact_match_by_task") or {})})
+    if not tasks:
+        return ""
+    lines = ["| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for name, res in results.items():
+        by_task = res.get("exact_match_by_task") or {}
+        lines.append(f"| {name} | " + " | ".join(_cell(by_task.get(t), "{:.3f}") for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_log(path: str | os.PathLike, key: str = "loss") -> tuple[list[int], list[float]]:
+    """(steps, values of `key`) from a student's log.jsonl; rows without a finite value are skipped."""
+    steps, losses = [], []
+    p = Path(path)
+    if not p.is_file():
+        return steps, losses
+    for line in p.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        loss = row.get(key)
+        if isinstance(loss, (int, float)) and math.isfinite(loss) and "step" in row:
+            steps.append(int(row["step"]))
+            losses.append(float(loss))
+    return steps, losses
+
+
+def cache_statistics(cache_url: str, max_positions: int = MAX_CACHE_POSITIONS) -> dict[str, np.ndarray]:
+    """Per-position teacher uncertainty (1 - p_gold) and top-k mass from the completed shards."""
+    from storage.cache import Cache
+
+    cache = Cache.open(cache_url)
+    unc, mass, taken = [], [], 0
+    for index in cache.completed_shards():
+        shard = cache.read_shard(index)
+        target = np.asarray(shard.target_logprobs, dtype=np.float64)[: max_positions - taken]
+        topk = np.asarray(shard.topk_logprobs, dtype=np.float64)[: max_positions - taken]
+        unc.append(-np.expm1(np.minimum(target, 0.0)))
+        mass.append(np.exp(topk).sum(axis=1))
+        taken += target.shape[0]
+        if taken >= max_positions:
+            break
+    empty = np.zeros(0)
+    return {
+        "uncertainty": np.concatenate(unc) if unc else empty,
+        "topk_mass": np.concatenate(mass) if mass else empty,
+        "top_k": cache.manifest.identity.get("top_k"),
+    }
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _plot_losses(students_logs: dict[str, str], path: Path) -> bool:
+    """Each student's own objective (left) and, when logged, its cross-entropy on
+    the gold tokens (right: the one curve comparable across losses)."""
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "training loss (own objective)"), ("ce", "cross-entropy on gold tokens")]
+    curves = {key: {n: read_log(p, key) for n, p in students_logs.items()} for key, _ in panels}
+    curves = {key: {n: c for n, c in by.items() if c[0]} for key, by in curves.items()}
+    panels = [(key, label) for key, label in panels if curves[key]]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for name, (steps, values) in curves[key].items():
+            ax.plot(steps, values, label=name, linewidth=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Student training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_histogram(values: np.ndarray, path: Path, *, title: str, xlabel: str, zoom: bool = False) -> bool:
+    """Histogram of values in [0, 1]; `zoom` narrows the x range to [min, 1] (coverage near 1)."""
+    import matplotlib.pyplot as plt
+
+    if values.size == 0:
+        return False
+    values = np.clip(values, 0.0, 1.0)
+    low = min(math.floor(values.min() * 100) / 100, 0.99) if zoom else 0.0
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.hist(values, bins=50, range=(low, 1.0), color="#4477aa")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("positions")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def write_report(run_dir: str | os.PathLike, results: dict[str, dict], students_logs: dict[str, str],
+                 cache_url: str | None) -> str:
+    """Write `<run_dir>/report/report.md` and its PNGs; returns the report's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    out = Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    sections = ["# ATKD run report", "", f"Run directory: `{Path(run_dir)}`", "", "## Evaluation", "",
+                format_table(results), ""]
+    task_table = format_task_table(results)
+    if task_table:
+        sections += ["### Exact match per task", "", task_table, ""]
+    sections += _notes(results)
+    sections += _demo_teacher_section(Path(run_dir) / "teacher" / "demo_teacher.json")
+
+    plots = []
+    if _plot_losses(students_logs, out / "loss_curves.png"):
+        plots.append(("Training loss per student", "loss_curves.png"))
+    stats = cache_statistics(cache_url) if cache_url else None
+    if stats is not None:
+        unc, mass = stats["uncertainty"], stats["topk_mass"]
+        if _plot_histogram(unc, out / "teacher_uncertainty.png", title="Teacher uncertainty on the training cache",
+                           xlabel="UNC = 1 - p_teacher(gold token)"):
+            plots.append(("Teacher uncertainty (ATKD ranks positions by it)", "teacher_uncertainty.png"))
+        k = f"top-{stats['top_k']}" if stats["top_k"] else "top-k"
+        if _plot_histogram(mass, out / "topk_coverage.png", title=f"Teacher {k} mass kept in the cache",
+                           xlabel=f"sum of {k} probabilities per position", zoom=True):
+            plots.append((f"{k} mass coverage of the cache", "topk_coverage.png"))
+        if unc.size:
+            sections += ["## Cache", "",
+                         f"- positions read: {unc.size}",
+                         (f"- mean teacher uncertainty (1 - p_gold): {unc.mean():.3f}; share of positions "
+                          f"with UNC < 0.05: {(unc < 0.05).mean():.3f}, > 0.5: {(unc > 0.5).mean():.3f}"),
+                         f"- mean {k} mass: {mass.mean():.4f}; minimum: {mass.min():.4f}", ""]
+    if plots:
+        sections += ["## Plots", ""]
+        for caption, file in plots:
+            sections += [f"### {caption}", "", f"![{caption}]({file})", ""]
+
+    path = out / "report.md"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(sections))
+    tmp.replace(path)
+    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
+    return str(path)
+
+
+def _demo_teacher_section(path: Path) -> list[str]:
+    """The demo teacher's own training numbers (stages.demo.teacher writes them)."""
+    if not path.is_file():
+        return []
+    m = json.loads(path.read_text())
+    by_task = ", ".join(f"{k} {v:.2f}" for k, v in (m.get("validation_exact_match_by_task") or {}).items())
+    return ["## Demo teacher", "",
+            (f"- {m.get('parameters', 0) / 1e6:.2f}M parameters, {m.get('steps')} steps in "
+             f"{m.get('train_seconds')} s ({m.get('steps_per_second')} steps/s), final loss {m.get('final_loss')}"),
+            (f"- greedy exact match on {m.get('validation_examples')} validation examples: "
+             f"{m.get('validation_exact_match')} ({by_task})"), ""]
+
+
+def _notes(results: dict[str, dict]) -> list[str]:
+    lines = [("Exact match: demo rows compare the extracted answer, other data the whole stripped response. "
+              "Perplexity: reference responses (response tokens + EOS). KL and top-1: on the validation cache's "
+              "sparse teacher (top-k + residual bucket)."), ""]
+    timing = [f"{n}: {r['seconds']} s" for n, r in results.items() if r.get("seconds") is not None]
+    if timing:
+        lines += ["Evaluation time per model: " + ", ".join(timing) + ".", ""]
+    return lines

@@ -1,0 +1,195 @@
+"""The embedded demo: generated task, tokenizer, and a (very short) teacher training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import DataConfig, DemoConfig
+from stages.demo import task as demo_task
+from stages.demo.task import (
+    OPENERS,
+    PHRASINGS,
+    TASKS,
+    compute_answer,
+    extract_answer,
+    generate_splits,
+)
+
+
+def _tiny_demo(**overrides) -> DemoConfig:
+    base = {
+        "enabled": True, "seed": 3, "train_examples": 200, "validation_examples": 20, "test_examples": 20,
+        "vocab_size": 256,
+        "teacher": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                    "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64},
+        "teacher_steps": 4, "teacher_batch_size": 8, "teacher_lr": 1e-3,
+    }
+    base.update(overrides)
+    return DemoConfig(**base)
+
+
+# ---------------------------------------------------------------- task
+
+
+def test_generation_is_deterministic_per_seed():
+    a = generate_splits(0, 100, 20, 20)
+    b = generate_splits(0, 100, 20, 20)
+    c = generate_splits(1, 100, 20, 20)
+    assert a == b
+    assert a["train"] != c["train"]
+    assert a["validation"] != a["test"]
+    assert {len(v) for v in a.values()} == {100, 20} and len(a["test"]) == 20
+
+
+def test_demo_data_files_are_identical_for_the_same_seed(tmp_path):
+    from stages.demo.teacher import write_demo_data
+
+    first = write_demo_data(_tiny_demo(), tmp_path / "a")
+    second = write_demo_data(_tiny_demo(), tmp_path / "b")
+    other = write_demo_data(_tiny_demo(seed=4), tmp_path / "c")
+    for split in ("train", "validation", "test"):
+        assert (first / f"{split}.jsonl").read_bytes() == (second / f"{split}.jsonl").read_bytes()
+        assert (first / f"{split}.jsonl").read_bytes() != (other / f"{split}.jsonl").read_bytes()
+    rows = [json.loads(x) for x in (first / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 200 and set(rows[0]) == {"prompt", "response", "answer", "task"}
+
+
+def test_answers_are_correct_and_extractable():
+    splits = generate_splits(7, 500, 100, 100)
+    for rows in splits.values():
+        for row in rows:
+            assert row["task"] in TASKS
+            assert compute_answer(row["prompt"], row["task"]) == row["answer"]
+            assert extract_answer(row["response"], row["task"]) == row["answer"]
+            assert row["answer"] in row["response"]
+    # every task and several phrasings occur
+    assert {r["task"] for r in splits["train"]} == set(TASKS)
+    assert len({r["response"].replace(r["answer"], "X") for r in splits["train"]}) >= 8
+
+
+def test_held_out_prompts_are_new_except_facts():
+    splits = generate_splits(0, 1000, 200, 200)
+    train = {r["prompt"] for r in splits["train"]}
+    for split in ("validation", "test"):
+        assert all(r["prompt"] not in train for r in splits[split] if r["task"] not in demo_task.FACT_TASKS)
+
+
+def test_addition_answer_is_the_sum():
+    for row in generate_splits(5, 200, 0, 0)["train"]:
+        if row["task"] == "add":
+            a, b = (int(x) for x in row["prompt"].removeprefix("Add ").rstrip(".").split(" and "))
+            assert int(row["answer"]) == a + b
+
+
+@pytest.mark.parametrize("answer", ["42", "1 2 3", "Paris", "z y x"])
+def test_extract_answer_round_trip(answer):
+    for opener in OPENERS:
+        for phrasing in PHRASINGS:
+            text = opener + phrasing.format(answer=answer)
+            assert extract_answer(text) == answer
+            assert extract_answer("  " + text + "\nmore text", "add") == answer  # first line only
+
+
+def test_extract_answer_rejects_other_text():
+    assert extract_answer("") is None
+    assert extract_answer("I do not know") is None
+    assert extract_answer("The answer is") is None
+    assert extract_answer("The answer is 4. It is 5.") is None
+    with pytest.raises(ValueError):
+        extract_answer("Answer: 4", "not-a-task")
+
+
+def test_write_jsonl_round_trip(tmp_path):
+    rows = generate_splits(0, 10, 0, 0)["train"]
+    demo_task.write_jsonl(rows, tmp_path / "x.jsonl")
+    assert demo_task.read_jsonl(tmp_path / "x.jsonl") == rows
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    from stages.data import render_prompt
+    from stages.demo.tokenizer import build_demo_tokenizer
+
+    data_cfg = DataConfig()
+    rows = generate_splits(0, 300, 0, 0)["train"]
+    texts = [render_prompt(r, data_cfg) + r["response"] for r in rows]
+    build_demo_tokenizer(texts, 300, tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tok) <= 300
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}) == 4
+    for text in texts[:50]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+        assert len(ids) < 60
+    with_bos = tok("Add 1 and 2.")["input_ids"]
+    assert with_bos[0] == tok.bos_token_id
+    # digits are single tokens (with or without their leading space)
+    pieces = tok.convert_ids_to_tokens(tok("Add 123 and 45.", add_special_tokens=False)["input_ids"])
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == ["Ġ1", "2", "3", "Ġ4", "5"]
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def test_prepare_demo_trains_a_loadable_teacher_and_reuses_it(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.demo.teacher import DemoMismatchError, prepare_demo
+
+    data_cfg = DataConfig(max_seq_len=96)
+    paths = prepare_demo(_tiny_demo(), tmp_path, data_cfg, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(paths.teacher_dir)
+    tok = AutoTokenizer.from_pretrained(paths.teacher_dir)
+    assert model.config.head_dim == 64 and model.config.vocab_size == len(tok)
+    assert model.config.eos_token_id == tok.eos_token_id
+    with torch.no_grad():
+        out = model(torch.tensor([[tok.bos_token_id, 5, 6]]))
+    assert torch.isfinite(out.logits).all()
+    m = paths.teacher_metrics
+    assert m["steps"] == 4 and len(m["losses"]) == 4 and 0.0 <= m["validation_exact_match"] <= 1.0
+    assert not (tmp_path / "teacher.work").exists()
+
+    # A second call reuses every step (no retraining: the weights file is untouched).
+    weights = next(p for p in (tmp_path / "teacher").iterdir() if p.suffix == ".safetensors")
+    mtime = weights.stat().st_mtime_ns
+    again = prepare_demo(_tiny_demo(), tmp_path, data_cfg, progress=False)
+    assert again == paths and weights.stat().st_mtime_ns == mtime
+
+    # Other settings over a finished demo: refused, naming what differs.
+    with pytest.raises(DemoMismatchError, match="teacher_steps"):
+        prepare_demo(_tiny_demo(teacher_steps=5), tmp_path, data_cfg, progress=False)
+
+
+def test_teacher_training_resumes_from_its_checkpoint(tmp_path):
+    from stages.demo import teacher as demo_teacher
+
+    data_cfg = DataConfig(max_seq_len=96)
+    cfg = _tiny_demo(teacher_steps=4)
+    root = tmp_path / "demo"
+    root.mkdir()
+    data_dir = demo_teacher.write_demo_data(cfg, root / "data")
+    tok = demo_teacher.write_demo_tokenizer(cfg, data_cfg, data_dir / "train.jsonl", root / "tokenizer")
+    settings = demo_teacher._teacher_settings(cfg, data_cfg)
+    args = (cfg, data_cfg, tok, data_dir / "train.jsonl", data_dir / "validation.jsonl")
+    kw = {"progress": False, "check_examples": 2}
+    full = demo_teacher.train_demo_teacher(*args, root / "full", settings, **kw)
+
+    # Simulate a kill after step 2 (checkpoint written), then rerun to the end.
+    half = demo_teacher.train_demo_teacher(*args, root / "resumed", settings, stop_after=2, **kw)
+    assert half is None and (root / "resumed.work" / "checkpoint.pt").is_file()
+    resumed = demo_teacher.train_demo_teacher(*args, root / "resumed", settings, **kw)
+    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-4, abs=1e-5)
+
+
+def test_prepare_demo_refuses_non_prompt_response_data(tmp_path):
+    from stages.demo.teacher import prepare_demo
+
+    with pytest.raises(ValueError, match="prompt_response"):
+        prepare_demo(_tiny_demo(), tmp_path, DataConfig(kind="text"), progress=False)

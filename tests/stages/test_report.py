@@ -1,0 +1,83 @@
+"""The run report: Markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import CacheConfig, DataConfig, TeacherConfig
+from stages.report import format_table, read_log, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+RESULTS = {
+    "teacher": {"exact_match": 0.9, "rouge_l": 0.8, "perplexity": 1.5, "kl_to_teacher": 0.001,
+                "top1_agreement": 0.99, "exact_match_by_task": {"add": 0.8, "sort": 1.0}, "seconds": 3.0},
+    "atkd": {"exact_match": 0.5, "rouge_l": 0.6, "perplexity": 2.5, "kl_to_teacher": 0.3,
+             "top1_agreement": 0.7, "exact_match_by_task": {"add": 0.3, "sort": 0.7}, "seconds": 2.0},
+    "broken": {"exact_match": None, "rouge_l": None, "perplexity": float("nan"), "kl_to_teacher": None,
+               "top1_agreement": None},
+}
+
+
+@pytest.fixture(scope="module")
+def train_cache(tmp_path_factory, tiny_llama_dir, train_jsonl):
+    from stages.teacher.capture import run_capture
+
+    path = tmp_path_factory.mktemp("report") / "cache"
+    run_capture(DataConfig(path=str(train_jsonl), max_seq_len=64),
+                TeacherConfig(model=str(tiny_llama_dir), backend="transformers", top_k=8),
+                CacheConfig(path=str(path), sequences_per_shard=16), progress=False)
+    return str(path)
+
+
+def _write_log(path, losses):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"step": i + 1, "loss": x, "ce": 2 * x, "lr": 1e-3}) for i, x in enumerate(losses)]
+    path.write_text("\n".join(lines) + "\n{\"step\": 99, \"lo")  # last line cut by a kill
+    return str(path)
+
+
+def test_format_table():
+    table = format_table(RESULTS)
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | exact match")
+    assert len(lines) == 2 + len(RESULTS)
+    assert "| teacher | 0.900 | 0.800 | 1.500 | 0.0010 | 0.990 |" in table
+    assert lines[-1] == "| broken | - | - | - | - | - |"
+
+
+def test_read_log_skips_bad_lines(tmp_path):
+    steps, losses = read_log(_write_log(tmp_path / "log.jsonl", [3.0, 2.0, float("nan"), 1.0]))
+    assert steps == [1, 2, 4] and losses == [3.0, 2.0, 1.0]
+    assert read_log(tmp_path / "log.jsonl", "ce")[1] == [6.0, 4.0, 2.0]
+    assert read_log(tmp_path / "missing.jsonl") == ([], [])
+
+
+def test_write_report(tmp_path, train_cache):
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "demo_teacher.json").write_text(json.dumps(
+        {"parameters": 3_000_000, "steps": 600, "train_seconds": 200.0, "steps_per_second": 3.0, "final_loss": 0.3,
+         "validation_examples": 150, "validation_exact_match": 0.9, "validation_exact_match_by_task": {"add": 0.8}}))
+    logs = {"atkd": _write_log(tmp_path / "s" / "atkd" / "log.jsonl", [3.0, 2.0, 1.5]),
+            "kd": _write_log(tmp_path / "s" / "kd" / "log.jsonl", [3.2, 2.1, 1.4]),
+            "missing": str(tmp_path / "nowhere" / "log.jsonl")}
+    path = write_report(tmp_path, RESULTS, logs, train_cache)
+    text = Path(path).read_text()
+    assert path == str(tmp_path / "report" / "report.md")
+    assert format_table(RESULTS) in text
+    assert "| atkd | 0.300 | 0.700 |" in text  # per-task table
+    for png in ("loss_curves.png", "teacher_uncertainty.png", "topk_coverage.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({png})" in text
+    assert "top-8" in text
+    assert "## Demo teacher" in text and "add 0.80" in text
+    assert json.loads((tmp_path / "report" / "results.json").read_text())["atkd"]["exact_match"] == 0.5
+
+
+def test_write_report_without_cache_or_logs(tmp_path):
+    path = write_report(tmp_path, {"teacher": RESULTS["teacher"]}, {}, None)
+    assert "teacher" in Path(path).read_text()
+    assert not any(p.suffix == ".png" for p in (tmp_path / "report").iterdir())
