@@ -30,6 +30,9 @@ def _split_args(items: list[str]) -> tuple[str, list[str]]:
     for item in items:
         if "=" in item:
             overrides.append(item)
+        elif not item.endswith((".yaml", ".yml")) and not os.path.exists(item):
+            raise ConfigError(f"argument {item!r} is neither a config file nor an override: "
+                              "overrides are key.path=value (e.g. teacher.top_k=32)")
         elif config is None:
             config = item
         else:
@@ -125,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _os_error_hint(e: BaseException) -> str:
+    """What to do about a filesystem error (the message itself says what and where)."""
+    import errno
+
+    code = getattr(e, "errno", None) if isinstance(e, OSError) else None
+    keep = "work already completed (committed shards, checkpoints) is kept; rerun the same command to continue"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = getattr(e, "filename", None) or "the output directory"
+        return (f"cannot write {where}: make its directory writable, or point cache.path / run_dir at a "
+                f"writable place; {keep}")
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"the disk (or quota) is full: free space; {keep}"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -138,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ATKD_DEBUG"):
             raise
         print(f"atkd: {type(e).__name__}: {e}", file=sys.stderr)
+        hint = _os_error_hint(e)
+        if hint:
+            print(f"atkd: {hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("atkd: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)

@@ -68,7 +68,7 @@ class TeacherConfig:
 
 @dataclass
 class CacheConfig:
-    path: str = "runs/default/cache"  # local/NFS path or fsspec URL (s3://, memory://)
+    path: str = ""  # local/NFS path or fsspec URL (s3://, memory://); default <run_dir>/cache
     sequences_per_shard: int = 1024
 
 
@@ -108,6 +108,9 @@ class StudentConfig:
     name: str = ""
     model: str = ""  # path/hub name of a pretrained student ...
     init: Optional[dict[str, Any]] = None  # ... or a transformers config dict to initialise from
+    # Start from another student's final model (trained first, same run): the
+    # usual "SFT, then distil" recipe; MiniLLM/DistiLLM-style students start SFT'd.
+    init_from: str = ""
     tokenizer: str = ""  # default: the student's own (model) or the teacher's (init)
     trust_remote_code: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
@@ -146,7 +149,7 @@ class DemoConfig:
     teacher: dict[str, Any] = field(default_factory=dict)  # LlamaConfig overrides
     teacher_steps: int = 600
     teacher_batch_size: int = 32
-    teacher_lr: float = 3e-3
+    teacher_lr: float = 1e-3  # 3e-3 stalled at loss ~1.0 on the demo task
 
 
 @dataclass
@@ -305,12 +308,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for ov in overrides or []:
         _apply_override(raw, ov)
     cfg = _build(PipelineConfig, raw, "")
+    derive_paths(cfg)
     validate(cfg)
     return cfg
 
 
+def derive_paths(cfg: PipelineConfig) -> None:
+    """Fill paths left empty from run_dir, so `atkd run run_dir=X` keeps everything under X.
+
+    With the demo on, the data, teacher and eval paths point at what the demo
+    builds under run_dir (data/, teacher/); set any of them to override.
+    """
+    run = Path(cfg.run_dir)
+    if not cfg.cache.path:
+        cfg.cache.path = str(run / "cache")
+    if cfg.demo.enabled:
+        cfg.data.path = cfg.data.path or str(run / "data" / "train.jsonl")
+        cfg.teacher.model = cfg.teacher.model or str(run / "teacher")
+        cfg.eval.path = cfg.eval.path or str(run / "data" / "test.jsonl")
+        cfg.eval.validation_path = cfg.eval.validation_path or str(run / "data" / "validation.jsonl")
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Cross-field checks that types alone cannot express."""
+    if not cfg.data.path:
+        raise ConfigError("data.path: set the training data (a .jsonl/.json/.parquet file or a hub name)")
+    if not cfg.teacher.model:
+        raise ConfigError("teacher.model: set the teacher's path or hub name")
     if cfg.teacher.top_k <= 0:
         raise ConfigError(f"teacher.top_k: must be > 0, got {cfg.teacher.top_k}")
     if cfg.data.max_seq_len < 2:
@@ -328,8 +352,13 @@ def validate(cfg: PipelineConfig) -> None:
             raise ConfigError(f"{where}.name: duplicate student name {s.name!r}")
         check_name(s.name, f"{where}.name")
         seen.add(s.name)
-        if not s.model and s.init is None:
-            raise ConfigError(f"{where} ({s.name}): set `model` (path or hub name) or `init` (a model config)")
+        sources = [k for k, v in (("model", s.model), ("init", s.init), ("init_from", s.init_from)) if v]
+        if len(sources) != 1:
+            raise ConfigError(f"{where} ({s.name}): set exactly one of `model` (path or hub name), `init` "
+                              f"(a model config) or `init_from` (an earlier student's name); got "
+                              f"{', '.join(sources) or 'none'}")
+        if s.init_from and s.init_from not in seen:
+            raise ConfigError(f"{where}.init_from: {s.init_from!r} is not a student listed before {s.name!r}")
         if not 0.0 <= s.loss.easy_weight <= 1.0:
             raise ConfigError(f"{where}.loss.easy_weight: must be in [0, 1], got {s.loss.easy_weight}")
         if not 0.0 < s.loss.hard_ratio <= 1.0:

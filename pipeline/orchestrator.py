@@ -80,21 +80,65 @@ def cache_complete(url: str) -> bool:
     return cache is not None and cache.is_complete()
 
 
-def run_teacher(cfg: PipelineConfig) -> bool:
-    """Stage one over the training data. Returns True if it did any work."""
+def capture_jobs(cfg: PipelineConfig, *, validation: bool) -> list[tuple[str, object, object]]:
+    """(label, data config, cache config) of each teacher cache this run needs."""
+    jobs = [("training", cfg.data, cfg.cache)]
+    if validation and cfg.eval.validation_path:
+        val_data = copy.deepcopy(cfg.data)
+        val_data.path, val_data.limit = cfg.eval.validation_path, None
+        val_cache = copy.deepcopy(cfg.cache)
+        val_cache.path = val_cache_path(cfg)
+        jobs.append(("validation", val_data, val_cache))
+    return jobs
+
+
+def run_teacher(cfg: PipelineConfig, *, validation: bool = False) -> bool:
+    """Stage one over the training data (and the validation data for `atkd run`).
+
+    Returns True if it did any work. When both caches are to be written, one
+    engine serves both: a vLLM start costs tens of seconds even on a tiny model.
+    """
     from stages.teacher.capture import run_capture
 
-    if cache_complete(cfg.cache.path):
-        _log(f"teacher cache {cfg.cache.path} is complete; skipping stage one")
+    todo = []
+    for label, data_cfg, cache_cfg in capture_jobs(cfg, validation=validation):
+        if cache_complete(cache_cfg.path):
+            # Still compare the cache with the config (teacher, tokenizer, data, top_k, ...): a
+            # complete cache of another teacher must be refused, not silently reused. run_capture
+            # loads the data, checks the identity and returns without starting an engine.
+            _log(f"{label} cache {cache_cfg.path} is complete; checking that it matches the config")
+            run_capture(data_cfg, cfg.teacher, cache_cfg, progress=False)
+        else:
+            todo.append((label, data_cfg, cache_cfg))
+    if not todo:
         return False
-    _log(f"stage one: caching top-{cfg.teacher.top_k} log-probs of {cfg.teacher.model} into {cfg.cache.path}")
-    summary = run_capture(cfg.data, cfg.teacher, cfg.cache)
-    _log(f"stage one done: {summary}")
+    engine = None
+    if len(todo) > 1:
+        from stages.teacher.engines import make_engine
+
+        engine = make_engine(cfg.teacher, max_seq_len=cfg.data.max_seq_len)
+    try:
+        for label, data_cfg, cache_cfg in todo:
+            _log(f"stage one ({label} data): caching top-{cfg.teacher.top_k} log-probs of "
+                 f"{cfg.teacher.model} into {cache_cfg.path}")
+            run_capture(data_cfg, cfg.teacher, cache_cfg, engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
     return True
 
 
 def student_done(cfg: PipelineConfig, name: str) -> bool:
-    return (student_dir(cfg, name) / "done.json").is_file()
+    """done.json is there and reached the configured max_steps (raising max_steps trains further)."""
+    path = student_dir(cfg, name) / "done.json"
+    if not path.is_file():
+        return False
+    try:
+        steps = int(json.loads(path.read_text()).get("steps", 0))
+    except (ValueError, TypeError, AttributeError):
+        return False  # unreadable: let the trainer decide (it resumes from its checkpoints)
+    wanted = next((s.optim.max_steps for s in cfg.students if s.name == name), 0)
+    return steps >= wanted
 
 
 def run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
@@ -108,7 +152,14 @@ def run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
         raise ConfigError(
             f"the teacher cache {cfg.cache.path} is not complete; run `atkd teacher` first (or `atkd run`)"
         )
-    _log(f"stage two: training student {scfg.name!r} with loss {scfg.loss.kind}")
+    if scfg.init_from:
+        if not student_done(cfg, scfg.init_from):
+            raise ConfigError(f"student {scfg.name!r} starts from student {scfg.init_from!r}, which is not "
+                              f"trained yet: run `atkd student --student {scfg.init_from}` first (or `atkd run`)")
+        scfg = copy.deepcopy(scfg)
+        scfg.model = str(student_dir(cfg, scfg.init_from) / "final")
+    _log(f"stage two: training student {scfg.name!r} with loss {scfg.loss.kind}"
+         + (f", starting from student {scfg.init_from!r}" if scfg.init_from else ""))
     train_student(scfg, cache_url=cfg.cache.path, out_dir=str(student_dir(cfg, scfg.name)),
                   tokenizer_path=cfg.teacher.model)
     return True
@@ -134,10 +185,7 @@ def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
 
     val_url = None
     if cfg.eval.validation_path:
-        val_data = copy.deepcopy(cfg.data)
-        val_data.path, val_data.limit = cfg.eval.validation_path, None
-        val_cache = copy.deepcopy(cfg.cache)
-        val_cache.path = val_cache_path(cfg)
+        _, val_data, val_cache = capture_jobs(cfg, validation=True)[-1]
         if not cache_complete(val_cache.path):
             _log(f"caching the teacher on the validation data into {val_cache.path}")
             run_capture(val_data, cfg.teacher, val_cache)
@@ -160,7 +208,7 @@ def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
 def run_all(cfg: PipelineConfig) -> bool:
     """`atkd run`: every stage that is not done yet, in order. Returns True if anything ran."""
     prepare(cfg)
-    did = run_teacher(cfg)
+    did = run_teacher(cfg, validation=True)
     for s in cfg.students:
         did = run_student(cfg, s) or did
     did = (run_eval(cfg) is not None) or did

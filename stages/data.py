@@ -21,6 +21,7 @@ Kinds (DataConfig.kind):
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -95,7 +96,8 @@ def resolve_format(path: str, fmt: str = "auto") -> str:
         return found.pop()
     if p.suffix in _EXTENSIONS:
         if not p.exists():
-            raise DataError(f"data.path {path!r}: file not found")
+            raise DataError(f"data.path {path!r}: file not found; check data.path (a relative path is "
+                            f"taken from the current directory, {os.getcwd()})")
         return _EXTENSIONS[p.suffix]
     if p.exists():
         raise DataError(f"data.path {path!r}: unknown extension; use .jsonl/.json/.parquet or set data.format")
@@ -308,9 +310,12 @@ def _build_segments(rows, tokenizer, data_cfg, indices):
         raise DataError(f"data.kind {data_cfg.kind!r}: expected one of {sorted(_BUILDERS)}")
     try:
         return build(rows, tokenizer, data_cfg, indices), {}
-    except DataError:
+    except DataError as e:
         if data_cfg.bad_rows != "skip":
-            raise
+            raise DataError(
+                f"{getattr(data_cfg, 'path', '') or 'data'}: {e}. Fix that row, point the data.*_field "
+                "settings at the right fields, or set data.bad_rows=skip to skip and count bad rows"
+            ) from None
     # Slow path (only when some row is bad and bad_rows=skip): row by row.
     good, bad = {}, {}
     for i in indices:
@@ -341,7 +346,8 @@ def tokenize_examples(rows: list[dict], tokenizer, data_cfg) -> tuple[list[Token
     """Rows -> TokenizedExamples (example_id = row index) and counts of what was dropped."""
     stats = DataStats(rows=len(rows))
     if not rows:
-        raise DataError(f"the dataset {getattr(data_cfg, 'path', '')!r} has no rows")
+        raise DataError(f"the dataset {getattr(data_cfg, 'path', '')!r} has no rows; check data.path, "
+                        "data.split and data.limit")
     max_len = int(data_cfg.max_seq_len)
     examples: list[TokenizedExample] = []
     segments, bad = _build_segments(rows, tokenizer, data_cfg, list(range(len(rows))))
@@ -368,7 +374,10 @@ def tokenize_examples(rows: list[dict], tokenizer, data_cfg) -> tuple[list[Token
     stats.examples = len(examples)
     if not examples:
         why = "; ".join(stats.reasons[:3])
-        raise DataError(f"no usable examples left out of {len(rows)} rows ({stats.summary()}): {why}")
+        fix = ("raise data.max_seq_len or set data.overlong=truncate" if stats.skipped_overlong
+               else "fix the rows (see above) or point data.path at the right file")
+        raise DataError(f"{getattr(data_cfg, 'path', '')}: no usable examples left out of {len(rows)} rows "
+                        f"({stats.summary()}): {why}. To use them, {fix}")
     return examples, stats
 
 

@@ -17,7 +17,7 @@ from storage import shard as shards
 from storage.errors import CacheMismatchError, CorruptShardError, ShardExistsError  # noqa: F401 (re-export)
 from storage.fs import CacheFS
 from storage.lease import Lease
-from storage.manifest import Manifest, create_manifest, normalize_json, read_manifest, write_manifest
+from storage.manifest import MANIFEST_NAME, Manifest, create_manifest, normalize_json, read_manifest, write_manifest
 from storage.schema import ShardData
 
 _SHARD_NAME = re.compile(r"^shard-(\d{5,})\.zarr$")
@@ -44,7 +44,8 @@ class Cache:
         """
         fs = CacheFS(url, **storage_options)
         wanted = Manifest(identity=normalize_json(identity), shard_plan=normalize_json(shard_plan))
-        if not create_manifest(fs, wanted):
+        # Existing cache: compare only (no write, so a read-only complete cache can be checked).
+        if fs.exists(MANIFEST_NAME) or not create_manifest(fs, wanted):
             existing = read_manifest(fs)
             existing.check_matches(identity, shard_plan, fs.url)
             return cls(fs, existing)
@@ -159,8 +160,13 @@ class Cache:
                              + "\n  ".join(problems) + "\nThis is a bug in the code producing the shard.")
         extra = {"shard_index": index, "written_at": time.time(),
                  "worker_id": lease.worker_id if lease is not None else None}
-        shards.write_shard(self.fs, rel, data, codec=codec, extra_attrs=extra,
-                           before_commit=lease.check if lease is not None else None)
+        try:
+            shards.write_shard(self.fs, rel, data, codec=codec, extra_attrs=extra,
+                               before_commit=lease.check if lease is not None else None)
+        except OSError as e:  # disk full, read-only, ...: say which shard and that nothing was committed
+            raise OSError(e.errno, f"writing shard {index} to {self.fs.display(rel)} failed "
+                                   f"({e.strerror or e}); nothing of this shard was committed and the "
+                                   "completed shards are intact", e.filename) from e
         leases.remove_leases(self.fs, index)
         self.refresh_manifest()
 

@@ -26,6 +26,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.faults import fault_point
+
 log = logging.getLogger(__name__)
 
 
@@ -75,6 +77,7 @@ class CacheFS:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                fault_point(f"fs.replace.{rel}")  # e.g. fs.replace.manifest.json: new copy written, old in place
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):

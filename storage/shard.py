@@ -28,6 +28,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from zarr.core.sync import sync
 
 from storage.errors import CorruptShardError, ShardExistsError
+from storage.faults import fault_point
 from storage.fs import CacheFS
 from storage.schema import ARRAY_NAMES, ARRAY_SPECS, FORMAT_VERSION, ShardData
 
@@ -100,13 +101,16 @@ def write_shard(fs: CacheFS, rel: str, data: ShardData, *, codec: str = "default
         tmp = f"{rel}.partial-{uuid.uuid4().hex}"
         try:
             _write_group(fs.zarr_store(tmp), data, attrs, codec)
+            fault_point("shard.write")  # arrays written, not yet marked complete
             _mark_complete(fs.zarr_store(tmp))
             if before_commit is not None:
                 before_commit()
+            fault_point("shard.commit")  # complete under the temporary name, not renamed
             try:
                 fs.rename(tmp, rel)
             except OSError as e:  # ENOTEMPTY/EEXIST: another writer committed first
                 raise ShardExistsError(f"{fs.display(rel)} already exists; not replacing it") from e
+            fault_point("shard.committed")  # visible; leases and manifest not yet updated
         finally:
             fs.remove(tmp, recursive=True)
     else:

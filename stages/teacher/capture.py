@@ -70,10 +70,26 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def _looks_local(model: str) -> bool:
+    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
+
+
 def load_tokenizer(model: str, trust_remote_code: bool = False):
+    """The teacher's tokenizer; a missing directory or tokenizer is a clear error naming teacher.model."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    if _looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
+        raise ValueError(f"teacher.model {model!r}: no such directory; set teacher.model to the teacher's "
+                         "model directory (saved with save_pretrained) or a hub name")
+    try:
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, ... with long messages
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"teacher.model {model!r}: cannot load its tokenizer ({type(e).__name__}: {first}). The directory "
+            "needs the tokenizer files (tokenizer.json / tokenizer_config.json): save them next to the model "
+            "with tokenizer.save_pretrained(...)"
+        ) from None
 
 
 def model_vocab_size(model: str, trust_remote_code: bool = False) -> int:
@@ -206,7 +222,8 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
             f"only {vocab_size} logits; they do not belong together"
         )
     if teacher_cfg.top_k > vocab_size:
-        raise ValueError(f"teacher.top_k={teacher_cfg.top_k} exceeds the teacher's vocabulary ({vocab_size})")
+        raise ValueError(f"teacher.top_k={teacher_cfg.top_k} exceeds the vocabulary of teacher.model "
+                         f"{teacher_cfg.model!r} ({vocab_size} tokens); set teacher.top_k to at most {vocab_size}")
     examples, stats = data_mod.load_examples(data_cfg, tokenizer)
     _log(f"data: {stats.summary()}")
     identity = cache_identity(data_cfg, teacher_cfg, tokenizer, examples, vocab_size)
@@ -268,6 +285,8 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
             bar.close()
         if own_engine and engine is not None:
             engine.close()
+    if cache.manifest.shards_done != cache.completed_shards():
+        cache.refresh_manifest()  # e.g. a worker was killed between its last commit and the manifest update
     summary.seconds = time.perf_counter() - t_start
     _log(
         f"worker {worker_id}: wrote {summary.shards_written} shard(s) ({summary.tokens:,} tokens, "

@@ -53,6 +53,12 @@ def make_engine(teacher_cfg, max_seq_len: int | None = None):
     if backend == "transformers":
         engine, reason = make_hf_engine(teacher_cfg), "teacher.backend=transformers"
     elif backend == "vllm":
+        from stages.teacher.engine_vllm import unsupported_reason
+
+        why_not = unsupported_reason(teacher_cfg.model)
+        if why_not is not None:
+            raise ValueError(f"teacher.backend=vllm cannot serve teacher.model {teacher_cfg.model!r}: {why_not}. "
+                             "Set teacher.backend=transformers (or auto, which falls back by itself)")
         engine, reason = make_vllm_engine(teacher_cfg, max_seq_len), "teacher.backend=vllm"
     elif backend == "auto":
         engine, reason = _auto(teacher_cfg, max_seq_len)

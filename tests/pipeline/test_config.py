@@ -50,7 +50,9 @@ def test_repo_pipeline_yaml_is_valid():
         (lambda d: d["teacher"].update(top_k=0), "teacher.top_k: must be > 0"),
         (lambda d: d["students"][1]["optim"].update(lr="fast"), "students[1].optim.lr: expected a number"),
         (lambda d: d["students"][0]["loss"].update(kind="magic"), "students[0].loss.kind: 'magic' is not one of"),
-        (lambda d: d["students"][0].pop("model"), "students[0] (kd): set `model`"),
+        (lambda d: d["students"][0].pop("model"), "students[0] (kd): set exactly one of `model`"),
+        (lambda d: d["students"][1].update(init_from="kd"), "students[1] (atkd): set exactly one of"),
+        (lambda d: d["students"][0].update(init_from="atkd", model=""), "students[0].init_from: 'atkd' is not a student listed before"),
         (lambda d: d["students"][0].update(name="../evil"), "students[0].name: '../evil' is not a valid name"),
         (lambda d: d["students"][1].update(name="kd"), "duplicate student name 'kd'"),
         (lambda d: d.update(extra=1), "top level: unknown key(s) 'extra'"),
@@ -119,3 +121,22 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     assert cfg.teacher.model and cfg.students
+
+
+def test_paths_derive_from_run_dir(tmp_path):
+    cfg = load_config(REPO / "pipeline.yaml", ["run_dir=elsewhere/run1"])
+    assert cfg.cache.path == "elsewhere/run1/cache"
+    assert cfg.data.path == "elsewhere/run1/data/train.jsonl"
+    assert cfg.teacher.model == "elsewhere/run1/teacher"
+    assert cfg.eval.validation_path == "elsewhere/run1/data/validation.jsonl"
+    mine = load_config(REPO / "pipeline.yaml", ["data.path=my.jsonl", "cache.path=s3://b/c"])
+    assert mine.data.path == "my.jsonl" and mine.cache.path == "s3://b/c"
+
+
+def test_missing_data_path_and_teacher_are_named(tmp_path):
+    data = {k: v for k, v in MINIMAL.items() if k != "data"}
+    with pytest.raises(ConfigError, match="data.path: set the training data"):
+        load_config(write(tmp_path, data))
+    data = dict(MINIMAL, teacher={"top_k": 8})
+    with pytest.raises(ConfigError, match="teacher.model: set"):
+        load_config(write(tmp_path, data))

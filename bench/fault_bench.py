@@ -1,0 +1,160 @@
+"""Long fault-injection run (issue 6): SIGKILL `atkd teacher` and `atkd student` many times.
+
+    python bench/fault_bench.py [--kills 24] [--seed 0] [--mode fork|subprocess] [--root DIR]
+
+Per stage, campaigns on fresh run directories until at least --kills kills:
+each campaign kills the command at seeded crash points (mid-shard write,
+before/after the commit rename, mid-manifest replace; for students after a
+step, mid-checkpoint write, before/after the checkpoint rename) and after
+seeded random delays, reruns it each time, and compares the finished result
+with an uninterrupted run bit for bit (cache arrays + manifest without
+timestamps; per-step log records + final weights). Then rounds of four
+concurrent teacher workers on one cache, two of them killed: no shard
+committed twice, none missing, `atkd verify` clean, content equal.
+
+Prints counts: kills, resumes, mismatches (must be 0). Exit status 1 on any mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests import fault_harness as fh  # noqa: E402
+
+SHARDS = 8  # 40 rows, 5 per shard
+
+
+def teacher_campaigns(ws, ref, args, rng) -> fh.Counts:
+    total, n = fh.Counts(), 0
+    while total.kills < args.kills:
+        name = f"teacher-{n:02d}"
+        cfg = fh.write_config(ws["root"] / f"{name}.yaml", model=ws["model"], data=ws["data"],
+                              run_dir=str(ws["root"] / name), cache=str(ws["root"] / name / "cache"))
+        plan = fh.random_kill_plan(rng, fh.TEACHER_POINTS, max_hit=2, n_points=4, n_timed=2,
+                                   max_delay=0.7 * ref["teacher_s"])
+        counts = fh.run_campaign(["teacher", str(cfg)], plan, ws["root"] / "logs" / name, mode=args.mode)
+        diffs = fh.compare_caches(fh.cache_snapshot(str(ws["root"] / name / "cache")), ref["cache"])
+        counts.mismatches += bool(diffs)
+        if diffs:
+            counts.notes.append(f"{name}: {diffs[:5]}")
+        print(f"  {name}: plan {plan} -> kills {counts.kills}, mismatches {counts.mismatches}", flush=True)
+        total.add(counts)
+        n += 1
+    return total
+
+
+def student_campaigns(ws, ref, args, rng) -> fh.Counts:
+    total, n = fh.Counts(), 0
+    while total.kills < args.kills:
+        name = f"student-{n:02d}"
+        cfg = fh.write_config(ws["root"] / f"{name}.yaml", model=ws["model"], data=ws["data"],
+                              run_dir=str(ws["root"] / name), cache=str(ws["root"] / "ref" / "cache"))
+        plan = fh.random_kill_plan(rng, fh.STUDENT_POINTS, max_hit=3, n_points=4, n_timed=2,
+                                   max_delay=0.7 * ref["student_s"])
+        counts = fh.run_campaign(["student", str(cfg)], plan, ws["root"] / "logs" / name, mode=args.mode)
+        diffs = fh.compare_students(fh.student_snapshot(ws["root"] / name / "students" / "s1"), ref["student"])
+        counts.mismatches += bool(diffs)
+        if diffs:
+            counts.notes.append(f"{name}: {diffs[:5]}")
+        print(f"  {name}: plan {plan} -> kills {counts.kills}, mismatches {counts.mismatches}", flush=True)
+        total.add(counts)
+        n += 1
+    return total
+
+
+def worker_rounds(ws, ref, args, rng) -> fh.Counts:
+    from pipeline import cli
+
+    total = fh.Counts()
+    for n in range(args.worker_rounds):
+        name = f"workers-{n:02d}"
+        cfg = fh.write_config(ws["root"] / f"{name}.yaml", model=ws["model"], data=ws["data"],
+                              run_dir=str(ws["root"] / name), cache=str(ws["root"] / name / "cache"))
+        logs = ws["root"] / "logs" / name
+        commits = logs / "commits.txt"
+        point = f"{rng.choice(fh.TEACHER_POINTS)}:{rng.randint(1, 2)}"
+        envs = [{}, {"ATKD_FAULT_POINT": point}, {}, {}]
+        procs = [fh.AtkdProcess(["teacher", str(cfg)], logs / f"w{i}.log", mode=args.mode,
+                                env={**e, "ATKD_COMMIT_LOG": str(commits)}) for i, e in enumerate(envs)]
+        time.sleep(rng.uniform(0.3, ref["teacher_s"]))
+        procs[2].kill()
+        rcs = [p.wait(300) for p in procs]
+        killed = sum(rc == -9 for rc in rcs)
+        total.kills += killed
+        total.attempts += len(procs)
+        # Shards a killed worker held are finished by the survivors; a rerun picks up anything left.
+        rc, _ = fh.run_atkd(["teacher", str(cfg)], logs / "rerun.log", mode=args.mode)
+        total.resumes += 1
+        written = [int(line.split()[0]) for line in commits.read_text().split("\n") if line.strip()] \
+            if commits.exists() else []
+        twice = sorted({i for i in written if written.count(i) > 1})
+        diffs = fh.compare_caches(fh.cache_snapshot(str(ws["root"] / name / "cache")), ref["cache"])
+        verify_rc = cli.main(["verify", str(ws["root"] / name / "cache")])
+        bad = bool(diffs or twice or rc != 0 or verify_rc != 0 or any(r not in (0, -9) for r in rcs))
+        total.mismatches += bad
+        if bad:
+            total.notes.append(f"{name}: rcs {rcs} rerun {rc} verify {verify_rc} twice {twice} diffs {diffs[:5]}")
+        print(f"  {name}: point {point}, exit codes {rcs}, killed {killed}, commits {len(written)} "
+              f"(twice: {twice}), verify {'ok' if verify_rc == 0 else 'FAILED'}, mismatch {bad}", flush=True)
+    return total
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=24, help="at least this many kills per stage")
+    p.add_argument("--worker-rounds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=["fork", "subprocess"], default="fork",
+                   help="fork: warm forkserver children (fast); subprocess: `python -m` per attempt")
+    p.add_argument("--root", help="work directory (default: a temporary one)")
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    root = Path(args.root or tempfile.mkdtemp(prefix="fault_bench-"))
+    t0 = time.time()
+    print(f"fault bench in {root} (mode {args.mode}, seed {args.seed})", flush=True)
+    ws = fh.make_workspace(root)
+
+    cfg = fh.write_config(root / "ref.yaml", model=ws["model"], data=ws["data"], run_dir=str(root / "ref"),
+                          cache=str(root / "ref" / "cache"))
+    fh.run_atkd(["status", str(cfg)], root / "logs" / "warmup.log", mode=args.mode)  # start the forkserver
+    t = time.monotonic()
+    rc, out = fh.run_atkd(["teacher", str(cfg)], root / "logs" / "ref-teacher.log", mode=args.mode)
+    assert rc == 0, out
+    teacher_s = time.monotonic() - t
+    t = time.monotonic()
+    rc, out = fh.run_atkd(["student", str(cfg)], root / "logs" / "ref-student.log", mode=args.mode)
+    assert rc == 0, out
+    student_s = time.monotonic() - t
+    ref = {"cache": fh.cache_snapshot(str(root / "ref" / "cache")), "teacher_s": teacher_s,
+           "student": fh.student_snapshot(root / "ref" / "students" / "s1"), "student_s": student_s}
+    assert len(ref["cache"]["shards"]) == SHARDS
+    print(f"reference runs: teacher {teacher_s:.1f} s, student {student_s:.1f} s", flush=True)
+
+    results = {}
+    print("stage one (atkd teacher):", flush=True)
+    results["teacher"] = teacher_campaigns(ws, ref, args, rng)
+    print("stage two (atkd student):", flush=True)
+    results["student"] = student_campaigns(ws, ref, args, rng)
+    print("concurrent teacher workers:", flush=True)
+    results["workers"] = worker_rounds(ws, ref, args, rng)
+
+    print(f"\n{'':10s} {'kills':>6s} {'resumes':>8s} {'attempts':>9s} {'late':>5s} {'mismatches':>11s}")
+    for stage, c in results.items():
+        print(f"{stage:10s} {c.kills:6d} {c.resumes:8d} {c.attempts:9d} {c.missed:5d} {c.mismatches:11d}")
+        for note in c.notes:
+            print(f"    note: {note}")
+    mismatches = sum(c.mismatches for c in results.values())
+    print(f"total kills {sum(c.kills for c in results.values())}, resumes {sum(c.resumes for c in results.values())}, "
+          f"mismatches {mismatches}; {time.time() - t0:.0f} s")
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

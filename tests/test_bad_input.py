@@ -1,0 +1,671 @@
+"""Bad input through the real CLI: a clear message (what, where, what to do), a
+non-zero exit, and nothing completed lost. Plus the security rules of issue 6.
+
+End-to-end cases run `python -m pipeline` as a subprocess; the many cheap
+variations call `pipeline.cli.main` in this process (same code, exit code and
+stderr); student runs use the warm forked processes of tests/fault_harness.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli
+from tests import fault_harness as fh
+from tests import fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def atkd_subprocess(*args: str, timeout: float = 300) -> tuple[int, str]:
+    env = {**os.environ, **fh.BASE_ENV, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    return p.returncode, p.stderr
+
+
+def atkd_here(capsys, *args: str) -> tuple[int, str]:
+    """cli.main in this process: (exit code, stderr + stdout; `verify` reports on stdout)."""
+    capsys.readouterr()
+    rc = cli.main(list(args))
+    captured = capsys.readouterr()
+    return rc, captured.err + captured.out
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_llama_dir, train_jsonl):
+    """A complete reference cache (8 shards) built by `atkd teacher` in this process."""
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bad_input")
+    ws = {"root": root, "model": str(tiny_llama_dir), "data": str(train_jsonl)}
+    cfg = config(ws, "ref")
+    assert cli.main(["teacher", str(cfg)]) == 0
+    ws["ref_cache"] = str(root / "ref" / "cache")
+    ws["ref_snapshot"] = fh.cache_snapshot(ws["ref_cache"])
+    return ws
+
+
+def config(ws, name: str, *, cache: str | None = None, **kw) -> Path:
+    root = ws["root"]
+    return fh.write_config(root / f"{name}.yaml", model=kw.pop("model", ws["model"]), data=kw.pop("data", ws["data"]),
+                           run_dir=str(root / name), cache=cache or str(root / name / "cache"), **kw)
+
+
+def copy_cache(ws, name: str) -> Path:
+    dst = ws["root"] / name / "cache"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(ws["ref_cache"], dst)
+    return dst
+
+
+def chunk_files(shard_dir: Path, array: str) -> list[Path]:
+    return sorted(p for p in (shard_dir / array).rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+# ---------------------------------------------------------------- config
+
+
+# Every case but the one under test is valid (data.path and teacher.model set).
+D = "data: {path: x.jsonl}\n"
+CONFIG_CASES = {
+    "yaml_syntax": ("teacher: {model: x, top_k: [1, 2\n", [], ["line", "YAML syntax error"]),
+    "unknown_key": (D + "teacher: {topk: 4}\n", [], ["teacher: unknown key(s) 'topk'", "allowed:", "top_k"]),
+    "wrong_type": (D + "teacher: {top_k: many}\n", [], ["teacher.top_k: expected an integer, got 'many'"]),
+    "missing_model": ("data: {path: x.jsonl}\n", [], ["teacher.model", "set the teacher's path"]),
+    "top_k_zero": (D + "teacher: {model: m, top_k: 0}\n", [], ["teacher.top_k: must be > 0, got 0"]),
+    "top_k_negative": (D + "teacher: {model: m}\n", ["teacher.top_k=-3"], ["teacher.top_k: must be > 0, got -3"]),
+    "override_without_equals": (D + "teacher: {model: m}\n", ["teacher.top_k"],
+                                ["'teacher.top_k' is neither a config file nor an override", "key.path=value"]),
+    "override_empty_key": (D + "teacher: {model: m}\n", ["teacher..top_k=3"], ["empty key path"]),
+    "override_bad_yaml": (D + "teacher: {model: m}\n", ["teacher.top_k=[1"], ["not valid YAML"]),
+    "override_unknown_student": (D + "students: [{name: a, init: {hidden_size: 8}}]\nteacher: {model: m}\n",
+                                 ["students.nobody.optim.lr=1"], ["no list item with index or name 'nobody'"]),
+    "student_name_escapes": (D + "teacher: {model: m}\nstudents: [{name: ../evil, init: {hidden_size: 8}}]\n", [],
+                             ["students[0].name", "not a valid name"]),
+    "student_name_absolute": (D + "teacher: {model: m}\nstudents: [{name: /tmp/evil, init: {hidden_size: 8}}]\n", [],
+                              ["not a valid name"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_config_errors_in_process(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)  # the default run_dir is relative
+    text, overrides, expected = CONFIG_CASES[case]
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    rc, err = atkd_here(capsys, "teacher", str(path), *overrides)
+    assert rc == 2, err
+    assert err.startswith("atkd: config error:"), err
+    for piece in expected:
+        assert piece in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs" / "default" / "students").exists()  # nothing was started
+
+
+def test_config_errors_end_to_end(tmp_path):
+    """The same through `python -m pipeline`: exit 2, one line on stderr naming file, line and key."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("teacher:\n  model: m\n  top_k: [1, 2\n")
+    rc, err = atkd_subprocess("teacher", str(path))
+    assert rc == 2 and f"{path} line" in err and "YAML syntax error" in err and "Traceback" not in err
+    path.write_text("data: {path: x.jsonl}\nteacher: {model: m, backend: tpu}\n")
+    rc, err = atkd_subprocess("teacher", str(path))
+    assert rc == 2 and "teacher.backend: 'tpu' is not one of 'auto', 'vllm', 'transformers'" in err
+    rc, err = atkd_subprocess("teacher", str(tmp_path / "missing.yaml"))
+    assert rc == 2 and "missing.yaml" in err and "not found" in err
+    path.write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{path: x.jsonl}}\nteacher: {{model: m}}\n"
+                    "students: [{name: a, init: {hidden_size: 8}}]\n")
+    rc, err = atkd_subprocess("student", str(path), "--student", "../escape")
+    assert rc == 2 and "no student named '../escape'" in err
+
+
+def test_top_k_larger_than_vocabulary_is_refused_before_any_shard(ws):
+    cfg = config(ws, "topk")
+    rc, err = atkd_subprocess("teacher", str(cfg), "teacher.top_k=100000")
+    assert rc == 1, err
+    assert "teacher.top_k=100000 exceeds the vocabulary of teacher.model" in err
+    assert "set teacher.top_k to at most 512" in err
+    assert not (ws["root"] / "topk" / "cache").exists()
+
+
+# ---------------------------------------------------------------- data
+
+
+def _write(tmp_path: Path, name: str, rows) -> str:
+    if rows is None:
+        (tmp_path / name).write_text("")
+        return str(tmp_path / name)
+    return str(fixtures.write_jsonl(tmp_path / name, rows))
+
+
+DATA_CASES = {
+    "missing_file": (None, ["data.path=/nonexistent/train.jsonl"], ["/nonexistent/train.jsonl", "file not found",
+                                                                    "check data.path"]),
+    "wrong_field_names": ([{"question": "q", "answer": "a"}], [], ["row 0: field 'prompt' is missing", "keys: ['answer', 'question']",
+                                                                   "data.*_field", "data.bad_rows=skip"]),
+    "non_string_field": ([{"prompt": "q", "response": "a"}, {"prompt": "q", "response": 7}], [],
+                         ["row 1: field 'response' must be a string, got int 7", "data.bad_rows=skip"]),
+    "empty_dataset": ("empty", [], ["has no rows", "check data.path"]),
+    "all_rows_overlong": ("ref", ["data.max_seq_len=4", "data.overlong=skip"],
+                          ["no usable examples left out of 40 rows", "> data.max_seq_len=4", "raise data.max_seq_len or set data.overlong=truncate"]),
+    "response_tokenises_to_nothing": ([{"prompt": "q", "response": ""}], [],
+                                      ["row 0: field 'response' tokenises to nothing", "Fix that row"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_data_errors(ws, tmp_path, capsys, case):
+    rows, overrides, expected = DATA_CASES[case]
+    if rows == "empty":
+        data = _write(tmp_path, "train.jsonl", None)
+    elif rows == "ref" or rows is None:
+        data = ws["data"]
+    else:
+        data = _write(tmp_path, "train.jsonl", rows)
+    cfg = config(ws, f"data-{case}", data=data)
+    rc, err = atkd_here(capsys, "teacher", str(cfg), *overrides)
+    assert rc == 1, err
+    assert "atkd: DataError:" in err
+    for piece in expected:
+        assert piece in err, err
+    if rows not in (None, "ref"):
+        assert data in err  # where: the file
+    assert not (ws["root"] / f"data-{case}" / "cache").exists()  # refused before the cache exists
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_teacher_model_path_missing(ws, capsys):
+    rc, err = atkd_here(capsys, "teacher", str(config(ws, "nomodel", model="/nonexistent/teacher")))
+    assert rc == 1
+    assert "teacher.model '/nonexistent/teacher': no such directory" in err and "set teacher.model" in err
+
+
+def test_teacher_tokenizer_missing(ws, tmp_path, capsys):
+    model = tmp_path / "no-tokenizer"
+    model.mkdir()
+    for f in Path(ws["model"]).iterdir():
+        if f.name in ("config.json", "generation_config.json", "model.safetensors"):
+            shutil.copy(f, model / f.name)
+    rc, err = atkd_here(capsys, "teacher", str(config(ws, "notok", model=str(model))))
+    assert rc == 1
+    assert f"teacher.model '{model}': cannot load its tokenizer" in err
+    assert "tokenizer.save_pretrained" in err
+
+
+def test_student_vocabulary_not_matching_the_cache(ws, tmp_path):
+    tok = fixtures.make_tokenizer(tmp_path / "tok300", vocab_size=300)
+    other = fixtures.make_tiny_llama(tmp_path / "teacher300", tok)
+    cfg = config(ws, "vocab", cache=ws["ref_cache"], model=str(other))
+    rc, out = fh.run_atkd(["student", str(cfg)], ws["root"] / "logs" / "vocab.log")
+    assert rc == 1, out
+    assert "VocabularyMismatchError: student 's1' does not match the cache's vocabulary" in out
+    assert "tokenizer_path" in out  # what to do
+    assert not (ws["root"] / "vocab" / "students" / "s1" / "checkpoints").exists()
+    assert fh.compare_caches(fh.cache_snapshot(ws["ref_cache"]), ws["ref_snapshot"]) == []
+
+
+_VLLM_PROBE = """
+import json, sys
+from pipeline.config import TeacherConfig
+from stages.teacher.engines import make_engine
+model = sys.argv[1]
+engine = make_engine(TeacherConfig(model=model, backend="auto", device="cpu", dtype="float32"))
+out = {"auto": engine.name, "reason": engine.choice_reason}
+try:
+    make_engine(TeacherConfig(model=model, backend="vllm", device="cpu", dtype="float32"))
+    out["vllm"] = "started"
+except ValueError as e:
+    out["vllm"] = str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.vllm
+def test_architecture_vllm_does_not_support_falls_back_or_says_so(ws, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    model = tmp_path / "odd-arch"
+    shutil.copytree(ws["model"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["architectures"] = ["AtkdTestOnlyForCausalLM"]  # transformers loads it by model_type (llama)
+    (model / "config.json").write_text(json.dumps(cfg))
+    env = {**os.environ, **fh.BASE_ENV, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-c", _VLLM_PROBE, str(model)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["auto"] == "transformers"
+    assert "vLLM has no implementation of AtkdTestOnlyForCausalLM" in out["reason"]
+    assert "not using vLLM: vLLM has no implementation of AtkdTestOnlyForCausalLM" in p.stderr
+    assert "teacher.backend=vllm cannot serve" in out["vllm"] and "teacher.backend=transformers" in out["vllm"]
+
+
+# ---------------------------------------------------------------- cache
+
+
+def _truncate(cache: Path) -> str:
+    f = chunk_files(cache / "shards" / "shard-00001.zarr", "topk_ids")[0]
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return "array 'topk_ids' cannot be decoded"
+
+
+def _flip(cache: Path) -> str:
+    f = chunk_files(cache / "shards" / "shard-00001.zarr", "topk_logprobs")[0]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return "array 'topk_logprobs' fails its checksum"
+
+
+def _drop_array(cache: Path) -> str:
+    shutil.rmtree(cache / "shards" / "shard-00001.zarr" / "target_logprobs")
+    return "array 'target_logprobs' is missing"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip, _drop_array], ids=["truncated", "byte_flipped", "array_missing"])
+def test_damaged_shard_is_named_and_the_advice_repairs_it(ws, capsys, damage):
+    name = f"damaged-{damage.__name__.strip('_')}"
+    cache = copy_cache(ws, name)
+    problem = damage(cache)
+    rc, report = atkd_here(capsys, "verify", str(cache))
+    assert rc == 1
+    cfg = config(ws, name, cache=str(cache))
+    assert f"BAD shard 1 ({cache}/shards/shard-00001.zarr)" in report and problem in report
+    assert "Delete each bad shard directory and rerun the teacher stage" in report and "FAILED" in report
+    # The advice works and keeps everything else: delete the shard, rerun the teacher.
+    untouched = (cache / "shards" / "shard-00000.zarr" / "zarr.json").stat().st_mtime_ns
+    shutil.rmtree(cache / "shards" / "shard-00001.zarr")
+    rc, err = atkd_here(capsys, "teacher", str(cfg))
+    assert rc == 0, err
+    assert (cache / "shards" / "shard-00000.zarr" / "zarr.json").stat().st_mtime_ns == untouched
+    assert fh.compare_caches(fh.cache_snapshot(str(cache)), ws["ref_snapshot"]) == []
+
+
+def test_student_on_a_damaged_shard_names_it(ws):
+    cache = copy_cache(ws, "student-damaged")
+    _flip(cache)
+    rc, out = fh.run_atkd(["student", str(config(ws, "student-damaged", cache=str(cache)))],
+                          ws["root"] / "logs" / "student-damaged.log")
+    assert rc == 1
+    assert f"CorruptShardError: shard {cache}/shards/shard-00001.zarr is unusable" in out
+    assert "Run `atkd verify`" in out
+
+
+def test_manifest_missing(ws, capsys):
+    cache = copy_cache(ws, "nomanifest")
+    (cache / "manifest.json").unlink()
+    rc, text = atkd_here(capsys, "verify", str(cache))
+    assert rc == 1 and f"{cache}/manifest.json does not exist. Run the teacher stage" in text
+    cfg = config(ws, "nomanifest", cache=str(cache))
+    rc, err = atkd_here(capsys, "student", str(cfg))
+    assert rc != 0 and f"the teacher cache {cache} is not complete; run `atkd teacher` first" in err
+    # The teacher rebuilds the manifest around the committed shards without rewriting them.
+    before = {p.parent.name: p.stat().st_mtime_ns for p in (cache / "shards").glob("*/zarr.json")}
+    rc, err = atkd_here(capsys, "teacher", str(cfg))
+    assert rc == 0, err
+    assert {p.parent.name: p.stat().st_mtime_ns for p in (cache / "shards").glob("*/zarr.json")} == before
+    assert fh.compare_caches(fh.cache_snapshot(str(cache)), ws["ref_snapshot"]) == []
+
+
+@pytest.mark.parametrize("command", ["verify", "teacher", "student"])
+def test_manifest_of_another_format_version(ws, capsys, command):
+    cache = copy_cache(ws, f"version-{command}")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    target = str(cache) if command == "verify" else str(config(ws, f"version-{command}", cache=str(cache)))
+    rc, text = atkd_here(capsys, command, target)
+    assert rc == 1
+    assert "cache format version 99; this code reads version 1" in text
+    assert "Use the matching atkd release, or rebuild the cache" in text
+    assert json.loads((cache / "manifest.json").read_text())["format_version"] == 99  # not overwritten
+
+
+def test_cache_written_by_another_teacher_is_refused(ws, other_llama_dir):
+    cache = copy_cache(ws, "otherteacher")
+    cfg = config(ws, "otherteacher", cache=str(cache), model=str(other_llama_dir))
+    rc, err = atkd_subprocess("teacher", str(cfg))
+    assert rc == 1, err
+    assert "CacheMismatchError" in err and f"the cache at {cache} was built with a different configuration" in err
+    assert "identity.teacher_fingerprint: cache has" in err
+    assert "Use a new cache path for the new configuration" in err
+    assert fh.compare_caches(fh.cache_snapshot(str(cache)), ws["ref_snapshot"]) == []
+
+
+def test_disk_full_during_a_shard_write(ws, capsys, monkeypatch):
+    import zarr.storage
+
+    cfg = config(ws, "diskfull")
+    cache = ws["root"] / "diskfull" / "cache"
+    set_ = zarr.storage.LocalStore.set
+    calls = {"n": 0}
+
+    async def set_until_full(self, key, value):
+        calls["n"] += 1
+        if calls["n"] > 30:  # a few shards in, the disk fills up in the middle of one
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.root / key))
+        return await set_(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", set_until_full)
+    rc, err = atkd_here(capsys, "teacher", str(cfg))
+    assert rc == 1
+    assert "failed (No space left on device); nothing of this shard was committed" in err
+    assert f"to {cache}/shards/shard-0000" in err
+    assert "the disk (or quota) is full: free space" in err and "rerun the same command to continue" in err
+    done = sorted(p.name for p in (cache / "shards").glob("shard-*.zarr"))
+    assert done and len(done) < 8
+    assert not [p for p in (cache / "shards").iterdir() if ".partial-" in p.name]  # the half shard is removed
+    rc, _ = atkd_here(capsys, "verify", str(cache))
+    assert rc == 0  # the committed shards are valid; the rest are pending
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
+    snap = fh.cache_snapshot(str(cache))
+    assert all(fh.compare_caches({"manifest": {}, "shards": {n: snap["shards"][n]}},
+                                 {"manifest": {}, "shards": {n: ws["ref_snapshot"]["shards"][n]}}) == []
+               for n in done)
+    rc, err = atkd_here(capsys, "teacher", str(cfg))  # space freed: the rerun finishes the cache
+    assert rc == 0, err
+    assert fh.compare_caches(fh.cache_snapshot(str(cache)), ws["ref_snapshot"]) == []
+
+
+@contextlib.contextmanager
+def immutable(path: Path):
+    """A directory tree even root cannot change (chattr +i); skip where unsupported."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not available")
+    if subprocess.run(["chattr", "-R", "+i", str(path)], capture_output=True).returncode != 0:
+        subprocess.run(["chattr", "-R", "-i", str(path)], capture_output=True)
+        pytest.skip("this filesystem does not support immutable files")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(path)], check=True)
+
+
+def test_read_only_cache_directory(ws, capsys):
+    cache = copy_cache(ws, "readonly")
+    shutil.rmtree(cache / "shards" / "shard-00007.zarr")
+    partial = ws["root"] / "readonly-full" / "cache"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(ws["ref_cache"], partial)
+    with immutable(cache), immutable(partial):
+        if os.access(cache, os.W_OK) and _can_create(cache):
+            pytest.skip("the immutable flag does not stop writes here")
+        # Incomplete cache: stage one cannot write; it says where and what to do.
+        rc, err = atkd_here(capsys, "teacher", str(config(ws, "readonly", cache=str(cache))))
+        assert rc == 1
+        assert "cannot write" in err and str(cache) in err and "make its directory writable" in err
+        # Complete cache: reading needs no write access (verify, stage one's skip, students).
+        rc, _ = atkd_here(capsys, "verify", str(partial))
+        assert rc == 0
+        cfg = config(ws, "readonly-full", cache=str(partial))
+        rc, err = atkd_here(capsys, "teacher", str(cfg))
+        assert rc == 0, err
+        rc, out = fh.run_atkd(["student", str(cfg), "students.s1.optim.max_steps=2"],
+                              ws["root"] / "logs" / "readonly-student.log")
+        assert rc == 0, out
+    assert sorted(p.name for p in (cache / "shards").iterdir()) == [f"shard-{i:05d}.zarr" for i in range(7)]
+
+
+def _can_create(path: Path) -> bool:
+    try:
+        (path / ".probe").write_text("")
+    except OSError:
+        return False
+    (path / ".probe").unlink()
+    return True
+
+
+# ---------------------------------------------------------------- student resume
+
+
+@pytest.fixture(scope="module")
+def ref_student(ws):
+    cfg = config(ws, "ref-student", cache=ws["ref_cache"])
+    rc, out = fh.run_atkd(["student", str(cfg)], ws["root"] / "logs" / "ref-student.log")
+    assert rc == 0, out
+    return fh.student_snapshot(ws["root"] / "ref-student" / "students" / "s1")
+
+
+def test_resume_with_another_config_says_what_differs_and_which_wins(ws):
+    cfg = config(ws, "resume-cfg", cache=ws["ref_cache"])
+    logs = ws["root"] / "logs" / "resume-cfg"
+    rc, out = fh.run_atkd(["student", str(cfg), "students.s1.optim.max_steps=4"], logs / "first.log")
+    assert rc == 0, out
+    rc, out = fh.run_atkd(["student", str(cfg), "students.s1.optim.max_steps=6", "students.s1.optim.lr=0.001"],
+                          logs / "changed.log")
+    assert rc == 0, out
+    assert "config differs from checkpoint step 4, the current value wins" in out
+    assert "optim.lr: checkpoint 0.003 -> now 0.001" in out
+    ckpts = ws["root"] / "resume-cfg" / "students" / "s1" / "checkpoints"
+    kept = sorted(p.name for p in ckpts.iterdir())
+    # A change that makes the checkpoint meaningless is refused, naming the key; nothing is deleted.
+    rc, out = fh.run_atkd(["student", str(cfg), "students.s1.optim.max_steps=8", "students.s1.loss.kind=kd"],
+                          logs / "fatal.log")
+    assert rc == 1
+    assert "cannot resume" in out and "loss.kind: checkpoint 'atkd', now 'kd'" in out
+    assert "Train into a new output directory" in out
+    assert sorted(p.name for p in ckpts.iterdir()) == kept
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_good_one(ws, ref_student):
+    cfg = config(ws, "corrupt-ckpt", cache=ws["ref_cache"])
+    logs = ws["root"] / "logs" / "corrupt-ckpt"
+    rc, out = fh.run_atkd(["student", str(cfg)], logs / "killed.log", env={"ATKD_FAULT_POINT": "student.step:5"})
+    assert rc == -9, out  # killed after step 5: checkpoints 2 and 4 exist
+    step4 = ws["root"] / "corrupt-ckpt" / "students" / "s1" / "checkpoints" / "step_000004"
+    weights = step4 / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    rc, out = fh.run_atkd(["student", str(cfg)], logs / "resume.log")
+    assert rc == 0, out
+    assert f"checkpoint {step4} is unusable: model.safetensors does not match its sha256" in out
+    assert "falling back to the previous one" in out
+    got = fh.student_snapshot(ws["root"] / "corrupt-ckpt" / "students" / "s1")
+    assert fh.compare_students(got, ref_student) == []
+
+
+# ---------------------------------------------------------------- security
+
+
+SOURCES = sorted(p for d in ("pipeline", "stages", "storage") for p in (REPO / d).rglob("*.py"))
+
+
+def _calls(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            owner = getattr(f.value, "id", "") if isinstance(f, ast.Attribute) else ""
+            yield owner, name, node
+
+
+def pickle_loads(paths) -> list[str]:
+    """Calls that may unpickle a file: torch.load without weights_only=True, pickle.load, ..."""
+    bad = []
+    for path in paths:
+        for owner, name, node in _calls(ast.parse(path.read_text())):
+            where = f"{path.relative_to(REPO)}:{node.lineno}"
+            kw = {k.arg: k.value for k in node.keywords}
+            if owner == "torch" and name == "load":
+                if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                    bad.append(f"{where}: torch.load without weights_only=True")
+            if owner in ("pickle", "cPickle", "dill", "joblib") and name in ("load", "loads"):
+                bad.append(f"{where}: {owner}.{name}")
+            if name == "load" and owner in ("np", "numpy") and isinstance(kw.get("allow_pickle"), ast.Constant) \
+                    and kw["allow_pickle"].value:
+                bad.append(f"{where}: np.load(allow_pickle=True)")
+            if name == "from_pretrained" and isinstance(kw.get("use_safetensors"), ast.Constant) \
+                    and kw["use_safetensors"].value is False:
+                bad.append(f"{where}: from_pretrained(use_safetensors=False)")
+    return bad
+
+
+DEMO = REPO / "stages" / "demo"
+
+
+def test_no_pickle_is_loaded_from_user_files():
+    assert pickle_loads([p for p in SOURCES if DEMO not in p.parents]) == []
+
+
+@pytest.mark.xfail(reason="bug in stages/demo/teacher.py: the demo teacher's resume checkpoint "
+                          "(<run_dir>/.../checkpoint.pt) is read with torch.load(weights_only=False), so a run "
+                          "directory handed over by someone else can run code; save plain tensors/ints and load "
+                          "with weights_only=True", strict=False)
+def test_demo_teacher_loads_no_pickle():
+    assert pickle_loads([p for p in SOURCES if DEMO in p.parents]) == []
+
+
+def test_trust_remote_code_is_never_hard_coded_on():
+    bad = []
+    for path in SOURCES:
+        for _, _, node in _calls(ast.parse(path.read_text())):
+            for k in node.keywords:
+                if k.arg == "trust_remote_code" and isinstance(k.value, ast.Constant) and k.value.value is True:
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert bad == []
+    from pipeline.config import TeacherConfig
+
+    assert TeacherConfig().trust_remote_code is False
+
+
+def test_optimizer_state_with_a_pickle_payload_is_refused(tmp_path):
+    import pickle
+
+    import torch
+
+    from stages.student import checkpoint as ckpt
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.makedirs, (str(marker),))
+
+    ckpt.save_checkpoint(tmp_path, 2, model_state={"w": torch.zeros(2)}, optim_state={"state": {}}, meta={}, keep=2)
+    path = ckpt.step_dir(tmp_path, 2)
+    (path / ckpt.OPTIM_FILE).write_bytes(pickle.dumps({"state": Payload()}))
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.load_optim_state(path)
+    assert not marker.exists()
+
+
+def test_remote_code_in_a_model_directory_is_not_run(ws, tmp_path, capsys):
+    """A teacher directory carrying custom code (auto_map) is loaded without executing it."""
+    marker = tmp_path / "remote-code-ran"
+    model = tmp_path / "custom-code"
+    shutil.copytree(ws["model"], model)
+    (model / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                   "from transformers import LlamaConfig as EvilConfig\n"
+                                   "from transformers import LlamaForCausalLM as EvilModel\n")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    tok_cfg["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    atkd_here(capsys, "teacher", str(config(ws, "remote-code", model=str(model))))
+    assert not marker.exists()
+
+
+def test_trust_remote_code_reaches_transformers_only_when_configured(ws, monkeypatch):
+    import transformers
+
+    from pipeline.config import TeacherConfig
+    from stages.teacher import capture, engines
+
+    seen = []
+
+    def spy(cls_name, original):
+        def call(*args, **kwargs):
+            seen.append((cls_name, kwargs.get("trust_remote_code")))
+            return original(*args, **kwargs)
+        return call
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoConfig, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", spy(cls.__name__, cls.from_pretrained))
+    for trust in (False, True):
+        seen.clear()
+        cfg = TeacherConfig(model=ws["model"], backend="transformers", device="cpu", dtype="float32",
+                            trust_remote_code=trust)
+        capture.load_tokenizer(cfg.model, cfg.trust_remote_code)
+        capture.model_vocab_size(cfg.model, cfg.trust_remote_code)
+        engines.make_hf_engine(cfg).close()
+        assert {name for name, _ in seen} >= {"AutoTokenizer", "AutoConfig", "AutoModelForCausalLM"}
+        assert all(value is trust for _, value in seen), seen
+
+
+def test_student_and_shard_names_cannot_escape(ws, tmp_path):
+    from pipeline.config import ConfigError, check_name, load_config
+    from pipeline.orchestrator import student_dir
+    from storage.cache import Cache
+
+    for name in ("..", "../x", "a/../../b", "/etc", "~root", "a\\b", ""):
+        with pytest.raises(ConfigError, match="not a valid name"):
+            check_name(name, "students[0].name")
+    cfg = load_config(config(ws, "names"))
+    with pytest.raises(ConfigError):
+        student_dir(cfg, "../../outside")
+    # Shard paths come from the index alone, never from manifest text.
+    cache = copy_cache(ws, "names")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["shard_plan"][0]["index"] = "../../outside"
+    manifest["shard_plan"][1]["name"] = "/etc/passwd"
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    opened = Cache.open(str(cache))
+    for i in range(opened.num_shards):
+        loc = Path(opened.shard_location(i)).resolve()
+        assert loc.parent == (cache / "shards").resolve() and loc.name == f"shard-{i:05d}.zarr"
+    for bad in (-1, opened.num_shards):
+        with pytest.raises(IndexError):
+            opened.shard_rel(bad)
+
+
+def test_student_weights_are_written_as_safetensors(ws, ref_student):
+    out = ws["root"] / "ref-student" / "students" / "s1"
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "tb" not in p.parts)
+    assert "final/model.safetensors" in files
+    assert [f for f in files if f.endswith(("model.safetensors",)) and f.startswith("checkpoints/")]
+    # torch pickles appear only as optim.pt (read with weights_only=True); no *.bin / *.pth weights
+    assert [f for f in files if f.endswith((".bin", ".pth", ".pkl", ".pt")) and not f.endswith("/optim.pt")] == []
+
+
+def test_pretrained_student_with_a_pickled_weights_file_runs_no_code(ws, tmp_path):
+    """A `model:` student handed over as pytorch_model.bin holding a pickle payload: refused, nothing runs."""
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+    model = tmp_path / "pickled-student"
+    model.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(Path(ws["model"]) / name, model / name)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.makedirs, (str(marker),))
+
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": Payload()}))
+    cfg = config(ws, "pickled-student", cache=ws["ref_cache"])
+    rc, out = fh.run_atkd(["student", str(cfg), f"students.s1.model={model}", "students.s1.init=null",
+                           f"students.s1.tokenizer={ws['model']}"], ws["root"] / "logs" / "pickled-student.log")
+    assert rc != 0, out
+    assert not marker.exists()

@@ -1,0 +1,120 @@
+"""Fault injection, short version: SIGKILL real `atkd teacher` / `atkd student` processes
+at named crash points and at seeded random moments, rerun, and compare bit for bit
+with an uninterrupted run. The long version is bench/fault_bench.py.
+
+Processes come from a warm forkserver (tests/fault_harness.py); one attempt per
+stage runs as a plain `python -m` subprocess so the real entry point is covered.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import fault_harness as fh
+
+SEED = 6
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_llama_dir, train_jsonl):
+    """The tiny teacher and 40 rows (8 shards of 5), and the uninterrupted teacher and student runs."""
+    root = tmp_path_factory.mktemp("faults")
+    ws = {"root": root, "model": str(tiny_llama_dir), "data": str(train_jsonl)}
+    ref = config(ws, "ref")
+    rc, out = fh.run_atkd(["teacher", str(ref)], root / "logs" / "ref-teacher.log")
+    assert rc == 0, out
+    rc, out = fh.run_atkd(["student", str(ref)], root / "logs" / "ref-student.log")
+    assert rc == 0, out
+    ws["ref_cache"] = fh.cache_snapshot(str(root / "ref" / "cache"))
+    ws["ref_student"] = fh.student_snapshot(root / "ref" / "students" / "s1")
+    assert len(ws["ref_cache"]["shards"]) == 8
+    assert len(ws["ref_student"]["log"]) == 12
+    return ws
+
+
+def config(ws, name: str, *, cache: str | None = None) -> Path:
+    root = ws["root"]
+    return fh.write_config(root / f"{name}.yaml", model=ws["model"], data=ws["data"], run_dir=str(root / name),
+                           cache=cache or str(root / name / "cache"))
+
+
+def verify_ok(cache: str) -> None:
+    from pipeline import cli
+
+    assert cli.main(["verify", cache]) == 0
+
+
+def test_teacher_killed_at_crash_points_and_random_moments_ends_bit_identical(ws):
+    rng = random.Random(SEED)
+    kills = ["shard.write:2", "shard.commit:1", "fs.replace.manifest.json:1", "shard.committed:2",
+             round(rng.uniform(0.3, 1.5), 2)]
+    cfg = config(ws, "teacher-kills")
+    counts = fh.run_campaign(["teacher", str(cfg)], kills, ws["root"] / "logs" / "teacher-kills",
+                             final_mode="subprocess")
+    assert counts.kills >= 4 and counts.mismatches == 0, counts
+    cache = str(ws["root"] / "teacher-kills" / "cache")
+    assert fh.compare_caches(fh.cache_snapshot(cache), ws["ref_cache"]) == []
+    verify_ok(cache)
+
+
+def test_teacher_killed_after_the_last_commit_still_updates_the_manifest(ws):
+    """Killed between the last shard's rename and the manifest update: the rerun sees
+    every shard complete; the manifest must still end up listing them all."""
+    cfg = config(ws, "teacher-last")
+    counts = fh.run_campaign(["teacher", str(cfg)], ["shard.committed:8"], ws["root"] / "logs" / "teacher-last")
+    assert counts.kills == 1
+    cache = str(ws["root"] / "teacher-last" / "cache")
+    assert fh.compare_caches(fh.cache_snapshot(cache), ws["ref_cache"]) == []
+
+
+def test_concurrent_teacher_workers_some_killed_every_shard_once(ws):
+    cfg = config(ws, "workers")
+    logs = ws["root"] / "logs" / "workers"
+    commits = logs / "commits.txt"
+    env = {"ATKD_COMMIT_LOG": str(commits)}
+    rng = random.Random(SEED + 1)
+    procs = [fh.AtkdProcess(["teacher", str(cfg)], logs / "w0.log", env=env),
+             fh.AtkdProcess(["teacher", str(cfg)], logs / "w1.log", env={**env, "ATKD_FAULT_POINT": "shard.commit:1"}),
+             fh.AtkdProcess(["teacher", str(cfg)], logs / "w2.log", env=env),
+             fh.AtkdProcess(["teacher", str(cfg)], logs / "w3.log", env={**env, "ATKD_FAULT_POINT": "shard.write:1"})]
+    time.sleep(rng.uniform(0.8, 1.6))
+    procs[2].kill()
+    rcs = [p.wait(120) for p in procs]
+    assert rcs[0] == 0, procs[0].output()
+    assert set(rcs) <= {0, -9} and rcs.count(-9) >= 2, rcs
+    # Whatever the killed workers held was taken over at once (same host, dead pid): w0 finished the cache.
+    written = [int(line.split()[0]) for line in commits.read_text().split("\n") if line.strip()]
+    assert len(written) == len(set(written)), f"a shard was committed twice: {sorted(written)}"
+    cache = str(ws["root"] / "workers" / "cache")
+    snap = fh.cache_snapshot(cache)
+    assert fh.compare_caches(snap, ws["ref_cache"]) == []
+    missing = set(range(8)) - set(written)
+    assert not missing or rcs[2] == -9, f"shards {missing} have no recorded commit"  # killed mid-commit-log only
+    verify_ok(cache)
+
+
+def test_student_killed_at_steps_and_checkpoint_writes_resumes_bit_identical(ws):
+    rng = random.Random(SEED + 2)
+    cfg = config(ws, "student-kills", cache=str(ws["root"] / "ref" / "cache"))
+    kills = [f"student.step:{rng.randint(1, 4)}", "ckpt.model:1", "ckpt.rename:1", "ckpt.optim:2",
+             "ckpt.renamed:2", round(rng.uniform(0.5, 2.0), 2)]
+    counts = fh.run_campaign(["student", str(cfg)], kills, ws["root"] / "logs" / "student-kills",
+                             final_mode="subprocess")
+    assert counts.kills >= 5, counts
+    got = fh.student_snapshot(ws["root"] / "student-kills" / "students" / "s1")
+    assert fh.compare_students(got, ws["ref_student"]) == []
+
+
+def test_student_killed_while_resume_rewrites_its_log_keeps_the_earlier_steps(ws):
+    cfg = config(ws, "student-log", cache=str(ws["root"] / "ref" / "cache"))
+    """A resume first drops log lines past its checkpoint; a kill during that rewrite
+    must not lose the steps before the checkpoint."""
+    counts = fh.run_campaign(["student", str(cfg)], ["student.step:5", "log.rewrite:1"],
+                             ws["root"] / "logs" / "student-log")
+    assert counts.kills == 2
+    got = fh.student_snapshot(ws["root"] / "student-log" / "students" / "s1")
+    assert fh.compare_students(got, ws["ref_student"]) == []
