@@ -527,10 +527,6 @@ def test_no_pickle_is_loaded_from_user_files():
     assert pickle_loads([p for p in SOURCES if DEMO not in p.parents]) == []
 
 
-@pytest.mark.xfail(reason="bug in stages/demo/teacher.py: the demo teacher's resume checkpoint "
-                          "(<run_dir>/.../checkpoint.pt) is read with torch.load(weights_only=False), so a run "
-                          "directory handed over by someone else can run code; save plain tensors/ints and load "
-                          "with weights_only=True", strict=False)
 def test_demo_teacher_loads_no_pickle():
     assert pickle_loads([p for p in SOURCES if DEMO in p.parents]) == []
 

@@ -279,7 +279,7 @@ def train_demo_teacher(demo_cfg, data_cfg, tokenizer, train_path: Path, validati
     ckpt_path = work / "checkpoint.pt"
     start, losses, seconds = 0, [], 0.0
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never unpickle code
         if state.get("settings") == settings:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
