@@ -56,10 +56,10 @@ def cmd_teacher(args) -> int:
 
 def cmd_student(args) -> int:
     cfg = _load(args.rest)
-    runner.prepare(cfg)
-    names = [args.student] if args.student else [s.name for s in cfg.students]
+    names = [cfg.student(args.student).name] if args.student else [s.name for s in cfg.students]
     if not names:
         raise ConfigError("no students in the config: add a `students:` list to pipeline.yaml")
+    runner.prepare(cfg)
     for name in names:
         runner.run_student(cfg, cfg.student(name))
     return 0
