@@ -197,7 +197,14 @@ def teacher_config(demo_cfg, tokenizer, max_seq_len: int):
     """The LlamaConfig of the demo teacher (defaults + DemoConfig.teacher overrides)."""
     from transformers import LlamaConfig
 
-    fields = {**DEFAULT_TEACHER, **dict(demo_cfg.teacher or {})}
+    overrides = dict(demo_cfg.teacher or {})
+    if "num_attention_heads" in overrides and "num_key_value_heads" not in overrides:
+        overrides["num_key_value_heads"] = overrides["num_attention_heads"]  # plain multi-head by default
+    fields = {**DEFAULT_TEACHER, **overrides}
+    heads, kv = fields["num_attention_heads"], fields["num_key_value_heads"]
+    if heads % kv:
+        raise ValueError(f"demo.teacher: num_attention_heads ({heads}) must be a multiple of "
+                         f"num_key_value_heads ({kv})")
     fields["max_position_embeddings"] = _max_positions(demo_cfg, max_seq_len)
     return LlamaConfig(
         vocab_size=len(tokenizer),

@@ -26,7 +26,8 @@ def reduced_config(run_dir: Path) -> dict:
     cfg["run_dir"] = str(run_dir)
     cfg["demo"].update(train_examples=240, validation_examples=40, test_examples=40, teacher_steps=12,
                        teacher_batch_size=8, teacher={"hidden_size": 128, "num_hidden_layers": 1,
-                                                      "num_attention_heads": 2, "intermediate_size": 256})
+                                                      "num_attention_heads": 2, "num_key_value_heads": 2,
+                                                      "intermediate_size": 256})
     cfg["teacher"].update(backend="transformers", top_k=8)
     cfg["cache"]["sequences_per_shard"] = 100
     optim = {"lr": 0.002, "warmup_steps": 1, "max_steps": 4, "batch_size": 8}
