@@ -60,8 +60,6 @@ def prepare(cfg: PipelineConfig) -> None:
         from stages.demo.teacher import prepare_demo
 
         prepare_demo(cfg.demo, cfg.run_dir, cfg.data)
-    if not cfg.teacher.model:
-        raise ConfigError("teacher.model: set the teacher's path or hub name")
 
 
 def open_cache(url: str):
