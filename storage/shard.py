@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import uuid
 from typing import Any, Callable
 
@@ -111,8 +112,9 @@ def write_shard(fs: CacheFS, rel: str, data: ShardData, *, codec: str = "default
             except OSError as e:  # ENOTEMPTY/EEXIST: another writer committed first
                 raise ShardExistsError(f"{fs.display(rel)} already exists; not replacing it") from e
             fault_point("shard.committed")  # visible; leases and manifest not yet updated
-        finally:
-            fs.remove(tmp, recursive=True)
+        except BaseException:
+            _remove_partial(fs, tmp)
+            raise
     else:
         if is_complete(fs, rel):
             raise ShardExistsError(f"{fs.display(rel)} is already complete; not replacing it")
@@ -120,6 +122,26 @@ def write_shard(fs: CacheFS, rel: str, data: ShardData, *, codec: str = "default
         if before_commit is not None:
             before_commit()
         _mark_complete(fs.zarr_store(rel))
+
+
+def _remove_partial(fs: CacheFS, tmp: str, settle_seconds: float = 5.0) -> None:
+    """Delete a failed write's temporary group.
+
+    When one chunk write fails (disk full), zarr's other chunk writes of the
+    same call may still be landing from worker threads, so one rmtree can race
+    with them (files reappear, or rmtree fails with ENOTEMPTY). Remove until the
+    directory stays gone, within a bounded time; a leftover is invisible to
+    readers anyway and `verify` reports it.
+    """
+    deadline = time.monotonic() + settle_seconds
+    while True:
+        try:
+            fs.remove(tmp, recursive=True)
+        except OSError:
+            pass
+        time.sleep(0.05)
+        if not fs.exists(tmp) or time.monotonic() > deadline:
+            return
 
 
 def _write_group(store, data: ShardData, attrs: dict[str, Any], codec: str) -> None:
