@@ -31,35 +31,24 @@ from tests import fault_harness as fh  # noqa: E402
 SHARDS = 8  # 40 rows, 5 per shard
 
 
-def teacher_campaigns(ws, ref, args, rng) -> fh.Counts:
+def campaigns(stage: str, ws, ref, args, rng) -> fh.Counts:
+    """Kill-and-rerun campaigns of `atkd teacher` or `atkd student` until args.kills kills."""
+    teacher = stage == "teacher"
+    points, max_hit = (fh.TEACHER_POINTS, 2) if teacher else (fh.STUDENT_POINTS, 3)
     total, n = fh.Counts(), 0
     while total.kills < args.kills:
-        name = f"teacher-{n:02d}"
+        name = f"{stage}-{n:02d}"
+        run = ws["root"] / name
+        cache = run / "cache" if teacher else ws["root"] / "ref" / "cache"  # students share the reference cache
         cfg = fh.write_config(ws["root"] / f"{name}.yaml", model=ws["model"], data=ws["data"],
-                              run_dir=str(ws["root"] / name), cache=str(ws["root"] / name / "cache"))
-        plan = fh.random_kill_plan(rng, fh.TEACHER_POINTS, max_hit=2, n_points=4, n_timed=2,
-                                   max_delay=0.7 * ref["teacher_s"])
-        counts = fh.run_campaign(["teacher", str(cfg)], plan, ws["root"] / "logs" / name, mode=args.mode)
-        diffs = fh.compare_caches(fh.cache_snapshot(str(ws["root"] / name / "cache")), ref["cache"])
-        counts.mismatches += bool(diffs)
-        if diffs:
-            counts.notes.append(f"{name}: {diffs[:5]}")
-        print(f"  {name}: plan {plan} -> kills {counts.kills}, mismatches {counts.mismatches}", flush=True)
-        total.add(counts)
-        n += 1
-    return total
-
-
-def student_campaigns(ws, ref, args, rng) -> fh.Counts:
-    total, n = fh.Counts(), 0
-    while total.kills < args.kills:
-        name = f"student-{n:02d}"
-        cfg = fh.write_config(ws["root"] / f"{name}.yaml", model=ws["model"], data=ws["data"],
-                              run_dir=str(ws["root"] / name), cache=str(ws["root"] / "ref" / "cache"))
-        plan = fh.random_kill_plan(rng, fh.STUDENT_POINTS, max_hit=3, n_points=4, n_timed=2,
-                                   max_delay=0.7 * ref["student_s"])
-        counts = fh.run_campaign(["student", str(cfg)], plan, ws["root"] / "logs" / name, mode=args.mode)
-        diffs = fh.compare_students(fh.student_snapshot(ws["root"] / name / "students" / "s1"), ref["student"])
+                              run_dir=str(run), cache=str(cache))
+        plan = fh.random_kill_plan(rng, points, max_hit=max_hit, n_points=4, n_timed=2,
+                                   max_delay=0.7 * ref[f"{stage}_s"])
+        counts = fh.run_campaign([stage, str(cfg)], plan, ws["root"] / "logs" / name, mode=args.mode)
+        if teacher:
+            diffs = fh.compare_caches(fh.cache_snapshot(str(cache)), ref["cache"])
+        else:
+            diffs = fh.compare_students(fh.student_snapshot(run / "students" / "s1"), ref["student"])
         counts.mismatches += bool(diffs)
         if diffs:
             counts.notes.append(f"{name}: {diffs[:5]}")
@@ -139,9 +128,9 @@ def main() -> int:
 
     results = {}
     print("stage one (atkd teacher):", flush=True)
-    results["teacher"] = teacher_campaigns(ws, ref, args, rng)
+    results["teacher"] = campaigns("teacher", ws, ref, args, rng)
     print("stage two (atkd student):", flush=True)
-    results["student"] = student_campaigns(ws, ref, args, rng)
+    results["student"] = campaigns("student", ws, ref, args, rng)
     print("concurrent teacher workers:", flush=True)
     results["workers"] = worker_rounds(ws, ref, args, rng)
 
