@@ -1,7 +1,7 @@
 """The `atkd` command line (also `python -m pipeline`).
 
     atkd run     [pipeline.yaml] [a.b=c ...]   every stage not done yet, then the report
-    atkd teacher [pipeline.yaml] [a.b=c ...]   stage one: cache the teacher's top-k log-probs
+    atkd teacher [pipeline.yaml] [--workers N|auto] [a.b=c ...]   stage one: cache the teacher's top-k log-probs
     atkd student [pipeline.yaml] [--student NAME] [a.b=c ...]   stage two
     atkd eval    [pipeline.yaml] [a.b=c ...]   evaluate students + teacher, write the report
     atkd status  [pipeline.yaml]               what is done
@@ -47,8 +47,24 @@ def _load(items: list[str]) -> PipelineConfig:
     return load_config(path, overrides)
 
 
+def _apply_workers(cfg: PipelineConfig, args) -> None:
+    if getattr(args, "workers", None) is not None:
+        cfg.teacher.num_workers = args.workers if args.workers == "auto" else _positive_int(args.workers)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"--workers: expected a number >= 1 or auto, got {text!r}")
+    return value
+
+
 def cmd_teacher(args) -> int:
     cfg = _load(args.rest)
+    _apply_workers(cfg, args)
     runner.prepare(cfg)
     runner.run_teacher(cfg)
     return 0
@@ -75,6 +91,7 @@ def cmd_eval(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = _load(args.rest)
+    _apply_workers(cfg, args)
     t0 = time.time()
     did_work = runner.run_all(cfg)
     if not did_work:
@@ -115,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    add("run", cmd_run, "run every stage that is not done yet")
-    add("teacher", cmd_teacher, "stage one: cache teacher top-k log-probs")
+    workers_help = "teacher worker processes on this node, each on its own GPUs (N or auto; default teacher.num_workers)"
+    add("run", cmd_run, "run every stage that is not done yet").add_argument("--workers", help=workers_help)
+    add("teacher", cmd_teacher, "stage one: cache teacher top-k log-probs").add_argument("--workers", help=workers_help)
     sp = add("student", cmd_student, "stage two: train the students")
     sp.add_argument("--student", help="train only this student (by name)")
     add("eval", cmd_eval, "evaluate students and teacher, write the report")

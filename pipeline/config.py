@@ -17,7 +17,7 @@ import typing
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -44,6 +44,8 @@ class DataConfig:
     max_seq_len: int = 512
     overlong: Literal["truncate", "skip"] = "truncate"
     bad_rows: Literal["error", "skip"] = "error"
+    # Stage one fails when a shard drops (skips as over-long or bad) a larger share of its rows.
+    max_dropped_fraction: float = 0.1
     limit: Optional[int] = None  # use only the first N rows (quick runs)
 
 
@@ -62,6 +64,9 @@ class TeacherConfig:
     max_num_seqs: int = 256  # vLLM scheduler batch size
     enforce_eager: bool = False  # vLLM: skip CUDA graph capture
     trust_remote_code: bool = False
+    # Worker processes `atkd teacher` starts on this node, each on its own GPUs; "auto": one
+    # per group of tensor_parallel_size x pipeline_parallel_size visible GPUs.
+    num_workers: Union[int, Literal["auto"]] = 1
     worker_id: str = ""  # default: host-pid
     lease_seconds: float = 120.0  # a dead worker's shard is taken over after this (renewed every 1/4)
 
@@ -339,6 +344,10 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"teacher.top_k: must be > 0, got {cfg.teacher.top_k}")
     if cfg.data.max_seq_len < 2:
         raise ConfigError(f"data.max_seq_len: must be >= 2, got {cfg.data.max_seq_len}")
+    if not 0.0 <= cfg.data.max_dropped_fraction <= 1.0:
+        raise ConfigError(f"data.max_dropped_fraction: must be in [0, 1], got {cfg.data.max_dropped_fraction}")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        raise ConfigError(f"data.limit: must be >= 1 (or null for all rows), got {cfg.data.limit}")
     if cfg.cache.sequences_per_shard <= 0:
         raise ConfigError("cache.sequences_per_shard: must be > 0")
     if cfg.data.kind == "prompt_response" and "{prompt}" not in cfg.data.template:

@@ -98,6 +98,9 @@ def run_teacher(cfg: PipelineConfig, *, validation: bool = False) -> bool:
     """
     from stages.teacher.capture import run_capture
 
+    from pipeline.workers import resolve_workers, run_workers
+
+    num_workers, gpu_groups = resolve_workers(cfg.teacher.num_workers, cfg.teacher)
     todo = []
     for label, data_cfg, cache_cfg in capture_jobs(cfg, validation=validation):
         if cache_complete(cache_cfg.path):
@@ -110,6 +113,11 @@ def run_teacher(cfg: PipelineConfig, *, validation: bool = False) -> bool:
             todo.append((label, data_cfg, cache_cfg))
     if not todo:
         return False
+    if num_workers > 1 and todo[0][0] == "training":
+        _log(f"stage one (training data): {num_workers} worker processes caching top-{cfg.teacher.top_k} "
+             f"log-probs of {cfg.teacher.model} into {cfg.cache.path}")
+        run_workers(cfg, num_workers, gpu_groups)
+        todo = todo[1:]  # the validation cache is small: this process does it
     engine = None
     if len(todo) > 1:
         from stages.teacher.engines import make_engine
@@ -139,6 +147,23 @@ def student_done(cfg: PipelineConfig, name: str) -> bool:
     return steps >= wanted
 
 
+_checked_caches: dict[str, int] = {}
+
+
+def check_training_cache(cfg: PipelineConfig) -> int:
+    """Refuse a cache built from another teacher, tokenizer or data than the config's (stage
+    two would silently learn the wrong thing); returns the top_k to train with. Once per cache."""
+    from storage.cache import Cache
+    from stages.teacher.identity import check_for_students
+
+    if cfg.cache.path not in _checked_caches:
+        top_k, notes = check_for_students(Cache.open(cfg.cache.path), cfg.data, cfg.teacher)
+        for note in notes:
+            _log(note)
+        _checked_caches[cfg.cache.path] = top_k
+    return _checked_caches[cfg.cache.path]
+
+
 def run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
     """Stage two for one student. Returns True if it did any work."""
     from stages.student.trainer import train_student
@@ -150,6 +175,7 @@ def run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
         raise ConfigError(
             f"the teacher cache {cfg.cache.path} is not complete; run `atkd teacher` first (or `atkd run`)"
         )
+    top_k = check_training_cache(cfg)
     if scfg.init_from:
         if not student_done(cfg, scfg.init_from):
             raise ConfigError(f"student {scfg.name!r} starts from student {scfg.init_from!r}, which is not "
@@ -159,7 +185,7 @@ def run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
     _log(f"stage two: training student {scfg.name!r} with loss {scfg.loss.kind}"
          + (f", starting from student {scfg.init_from!r}" if scfg.init_from else ""))
     train_student(scfg, cache_url=cfg.cache.path, out_dir=str(student_dir(cfg, scfg.name)),
-                  tokenizer_path=cfg.teacher.model)
+                  tokenizer_path=cfg.teacher.model, top_k=top_k)
     return True
 
 
@@ -232,9 +258,14 @@ def status_text(cfg: PipelineConfig) -> str:
     if open_cache(cfg.cache.path) is None:
         lines.append(f"teacher cache {cfg.cache.path}: not started")
     else:
+        from storage.errors import CacheMismatchError
         from storage.verify import status_summary
 
         lines.append(f"teacher cache: {status_summary(cfg.cache.path)}")
+        try:
+            check_training_cache(cfg)
+        except CacheMismatchError as e:
+            lines.append(f"MISMATCH: {e}")
     for s in cfg.students:
         d = student_dir(cfg, s.name)
         if student_done(cfg, s.name):

@@ -20,15 +20,15 @@ Kinds (DataConfig.kind):
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-_EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+from stages.rows import BadRow, DataError, RowSource, open_rows
+
+__all__ = ["DataError", "open_source", "load_rows", "tokenize_examples", "tokenize_rows", "load_examples"]
+
 _TOKENIZE_BATCH = 1024
 _MAX_REASONS = 20
 
@@ -42,13 +42,9 @@ BUILTIN_CHAT_TEMPLATE = (
 )
 
 
-class DataError(ValueError):
-    """The data (file, row or field) is unusable; the message says where and what to do."""
-
-
 @dataclass
 class TokenizedExample:
-    example_id: int  # index of the row in the loaded (limited) dataset
+    example_id: int  # index of the row in the data source (0-based, before skipping)
     input_ids: list[int]
     target_positions: np.ndarray  # int32, ascending; input_ids[t + 1] is trained
 
@@ -71,100 +67,44 @@ class DataStats:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def dropped(self) -> int:
+        return self.skipped_overlong + self.skipped_bad
+
+    def add(self, other: "DataStats") -> None:
+        for name in ("rows", "examples", "tokens", "targets", "truncated", "skipped_overlong", "skipped_bad"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.reasons.extend(other.reasons[: max(0, _MAX_REASONS - len(self.reasons))])
+
     def summary(self) -> str:
+        share = f" ({self.dropped / self.rows:.1%} of rows dropped)" if self.dropped and self.rows else ""
         return (
-            f"{self.examples}/{self.rows} rows used, {self.tokens} tokens, {self.targets} targets; "
-            f"truncated {self.truncated}, skipped {self.skipped_overlong} over-long and {self.skipped_bad} bad"
+            f"{self.examples:,}/{self.rows:,} rows used{share}, {self.tokens:,} tokens, {self.targets:,} targets; "
+            f"truncated {self.truncated:,}, skipped {self.skipped_overlong:,} over-long and {self.skipped_bad:,} bad"
         )
 
 
 # ---------------------------------------------------------------- loading
 
 
-def resolve_format(path: str, fmt: str = "auto") -> str:
-    """'jsonl' | 'json' | 'parquet' | 'hub' for a path (file, directory or hub name)."""
-    if fmt != "auto":
-        return fmt
-    p = Path(path)
-    if p.is_dir():
-        found = {_EXTENSIONS[f.suffix] for f in p.iterdir() if f.suffix in _EXTENSIONS}
-        if len(found) != 1:
-            raise DataError(
-                f"data.path {path!r}: a directory needs files of exactly one kind "
-                f"(.jsonl, .json or .parquet), found {sorted(found) or 'none'}; or set data.format"
-            )
-        return found.pop()
-    if p.suffix in _EXTENSIONS:
-        if not p.exists():
-            raise DataError(f"data.path {path!r}: file not found; check data.path (a relative path is "
-                            f"taken from the current directory, {os.getcwd()})")
-        return _EXTENSIONS[p.suffix]
-    if p.exists():
-        raise DataError(f"data.path {path!r}: unknown extension; use .jsonl/.json/.parquet or set data.format")
-    return "hub"
+def open_source(data_cfg, path: str | None = None, split: str | None = None) -> RowSource:
+    """The data's RowSource (`path`/`split` override data_cfg's: evaluation reads other files
+    with the same field settings). Nothing is read beyond one indexing pass."""
+    columns = [data_cfg.prompt_field, data_cfg.response_field, data_cfg.messages_field, data_cfg.text_field]
+    return open_rows(path if path is not None else data_cfg.path, fmt=data_cfg.format,
+                     split=split if split is not None else data_cfg.split, columns=columns)
 
 
-def _data_files(path: str, fmt: str) -> list[str]:
-    p = Path(path)
-    if p.is_dir():
-        suffixes = [s for s, f in _EXTENSIONS.items() if f == fmt]
-        return sorted(str(f) for f in p.iterdir() if f.suffix in suffixes)
-    return [str(p)]
-
-
-def _read_json_rows(files: list[str]) -> list[dict]:
-    """Plain-Python reader, used when Arrow cannot hold the rows (mixed types)."""
-    rows: list[Any] = []
-    for name in files:
-        text = Path(name).read_text()
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            rows.extend(json.loads(text))
-            continue
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{name}:{lineno}: not valid JSON ({e})") from None
-    return rows
+def num_rows(data_cfg, source: RowSource) -> int:
+    """Rows the stages use: all of the source's, or the first data.limit."""
+    return source.num_rows if data_cfg.limit is None else min(int(data_cfg.limit), source.num_rows)
 
 
 def load_rows(data_cfg, path: str | None = None, split: str | None = None) -> list[dict]:
-    """Rows of a jsonl/json/parquet file (or directory of them) or a hub dataset.
-
-    `path`/`split` override data_cfg.path/split (evaluation loads other files
-    with the same field settings). data_cfg.limit keeps the first N rows.
-    """
-    import datasets
-
-    path = path if path is not None else data_cfg.path
-    split = split if split is not None else data_cfg.split
-    if not path:
-        raise DataError("data.path is empty: set it to a .jsonl/.json/.parquet file, a directory, or a hub name")
-    fmt = resolve_format(path, getattr(data_cfg, "format", "auto"))
-    limit = data_cfg.limit
-    datasets.disable_progress_bars()
-    if fmt == "hub":
-        try:
-            ds = datasets.load_dataset(path, split=split)
-        except Exception as e:  # network, missing split, ...: say what was tried
-            raise DataError(f"data.path {path!r}: could not load hub dataset split {split!r}: {e}") from e
-    else:
-        files = _data_files(path, fmt)
-        builder = "parquet" if fmt == "parquet" else "json"
-        try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train")
-        except Exception as e:
-            if builder != "json":
-                raise DataError(f"data.path {path!r}: could not read parquet: {e}") from e
-            # Arrow needs one type per column; rows with a wrong-typed field
-            # must still reach validation so the error names the row.
-            rows = _read_json_rows(files)
-            return rows[:limit] if limit is not None else rows
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return ds.to_list()
+    """All used rows as Python objects: for small sets only (evaluation, tests).
+    Stage one reads row ranges through `open_source` instead."""
+    source = open_source(data_cfg, path, split)
+    return source.read(0, num_rows(data_cfg, source))
 
 
 # ---------------------------------------------------------------- tokenizer helpers
@@ -213,26 +153,29 @@ def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = 
 # ---------------------------------------------------------------- row validation
 
 
-def _field(row: Any, index: int, name: str, kind: str = "string"):
+def _field(row: Any, where: str, name: str, kind: str = "string"):
+    if isinstance(row, BadRow):
+        raise DataError(f"{where}: {row.reason}")
     if not isinstance(row, dict):
-        raise DataError(f"row {index}: expected a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if name not in row or row[name] is None:
-        raise DataError(f"row {index}: field {name!r} is missing (expected a {kind}); keys: {sorted(row)}")
+        present = sorted(k for k, v in row.items() if v is not None)  # Arrow fills absent columns with None
+        raise DataError(f"{where}: field {name!r} is missing (expected a {kind}); the row has {present}")
     value = row[name]
     if kind == "string" and not isinstance(value, str):
-        raise DataError(f"row {index}: field {name!r} must be a string, got {type(value).__name__} {value!r:.60}")
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__} {value!r:.60}")
     return value
 
 
-def _messages(row: Any, index: int, name: str, need_assistant: bool = True) -> list[dict]:
-    msgs = _field(row, index, name, kind="list of {role, content}")
+def _messages(row: Any, where: str, name: str, need_assistant: bool = True) -> list[dict]:
+    msgs = _field(row, where, name, kind="list of {role, content}")
     if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"row {index}: field {name!r} must be a non-empty list of {{role, content}}, got {msgs!r:.60}")
+        raise DataError(f"{where}: field {name!r} must be a non-empty list of {{role, content}}, got {msgs!r:.60}")
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"row {index}: field {name!r}[{j}] must be {{'role': str, 'content': str}}, got {m!r:.80}")
+            raise DataError(f"{where}: field {name!r}[{j}] must be {{'role': str, 'content': str}}, got {m!r:.80}")
     if need_assistant and not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(f"row {index}: field {name!r} has no assistant turn, so nothing would be trained")
+        raise DataError(f"{where}: field {name!r} has no assistant turn, so nothing would be trained")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
@@ -242,33 +185,33 @@ def _messages(row: Any, index: int, name: str, need_assistant: bool = True) -> l
 # token t+1 belongs to a trained segment.
 
 
-def _segments_prompt_response(rows, tokenizer, data_cfg, indices):
+def _segments_prompt_response(rows, tokenizer, data_cfg, indices, where):
     prefix, eos = special_prefix(tokenizer), _require_eos(tokenizer)
-    prompts = [_fill_template(data_cfg.template, _field(rows[i], i, data_cfg.prompt_field)) for i in indices]
-    responses = [_field(rows[i], i, data_cfg.response_field) for i in indices]
+    prompts = [_fill_template(data_cfg.template, _field(rows[i], where(i), data_cfg.prompt_field)) for i in indices]
+    responses = [_field(rows[i], where(i), data_cfg.response_field) for i in indices]
     p_ids, r_ids = _encode_many(tokenizer, prompts), _encode_many(tokenizer, responses)
     out = {}
     for i, p, r in zip(indices, p_ids, r_ids):
         if not r:
-            raise DataError(f"row {i}: field {data_cfg.response_field!r} tokenises to nothing (empty response)")
+            raise DataError(f"{where(i)}: field {data_cfg.response_field!r} tokenises to nothing (empty response)")
         out[i] = [(prefix + p, False), (r + [eos], True)]
     return out
 
 
-def _segments_text(rows, tokenizer, data_cfg, indices):
+def _segments_text(rows, tokenizer, data_cfg, indices, where):
     prefix = special_prefix(tokenizer)
     eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    texts = [_field(rows[i], i, data_cfg.text_field) for i in indices]
+    texts = [_field(rows[i], where(i), data_cfg.text_field) for i in indices]
     out = {}
     for i, ids in zip(indices, _encode_many(tokenizer, texts)):
         seq = prefix + ids + eos
         if not ids or len(seq) < 2:
-            raise DataError(f"row {i}: field {data_cfg.text_field!r} tokenises to nothing (empty text)")
+            raise DataError(f"{where(i)}: field {data_cfg.text_field!r} tokenises to nothing (empty text)")
         out[i] = [(seq[:1], False), (seq[1:], True)]
     return out
 
 
-def _chat_pieces(tokenizer, msgs: list[dict], index: int) -> list[tuple[str, bool]]:
+def _chat_pieces(tokenizer, msgs: list[dict], where: str) -> list[tuple[str, bool]]:
     """Split the rendered chat into text pieces at assistant-turn boundaries."""
     full = _render_chat(tokenizer, msgs)
     pieces, pos = [], 0
@@ -279,7 +222,7 @@ def _chat_pieces(tokenizer, msgs: list[dict], index: int) -> list[tuple[str, boo
         through = _render_chat(tokenizer, msgs[: j + 1])
         if not (full.startswith(through) and through.startswith(before) and len(before) >= pos):
             raise DataError(
-                f"row {index}: the chat template does not render turn {j} as a prefix of the whole chat, "
+                f"{where}: the chat template does not render turn {j} as a prefix of the whole chat, "
                 "so the assistant tokens cannot be located; use a prefix-stable template"
             )
         pieces += [(full[pos : len(before)], False), (full[len(before) : len(through)], True)]
@@ -288,14 +231,14 @@ def _chat_pieces(tokenizer, msgs: list[dict], index: int) -> list[tuple[str, boo
     return [(text, trained) for text, trained in pieces if text]
 
 
-def _segments_messages(rows, tokenizer, data_cfg, indices):
+def _segments_messages(rows, tokenizer, data_cfg, indices, where):
     out = {}
     for i in indices:
-        pieces = _chat_pieces(tokenizer, _messages(rows[i], i, data_cfg.messages_field), i)
+        pieces = _chat_pieces(tokenizer, _messages(rows[i], where(i), data_cfg.messages_field), where(i))
         ids = _encode_many(tokenizer, [text for text, _ in pieces])
         segs = [(piece_ids, trained) for piece_ids, (_, trained) in zip(ids, pieces)]
         if not any(trained and s for s, trained in segs):
-            raise DataError(f"row {i}: field {data_cfg.messages_field!r}: assistant turns tokenise to nothing")
+            raise DataError(f"{where(i)}: field {data_cfg.messages_field!r}: assistant turns tokenise to nothing")
         out[i] = segs
     return out
 
@@ -303,24 +246,24 @@ def _segments_messages(rows, tokenizer, data_cfg, indices):
 _BUILDERS = {"prompt_response": _segments_prompt_response, "messages": _segments_messages, "text": _segments_text}
 
 
-def _build_segments(rows, tokenizer, data_cfg, indices):
+def _build_segments(rows, tokenizer, data_cfg, indices, where):
     """Segments for every row in `indices`; bad rows raise or are reported per row."""
     build = _BUILDERS.get(data_cfg.kind)
     if build is None:
         raise DataError(f"data.kind {data_cfg.kind!r}: expected one of {sorted(_BUILDERS)}")
     try:
-        return build(rows, tokenizer, data_cfg, indices), {}
+        return build(rows, tokenizer, data_cfg, indices, where), {}
     except DataError as e:
         if data_cfg.bad_rows != "skip":
             raise DataError(
-                f"{getattr(data_cfg, 'path', '') or 'data'}: {e}. Fix that row, point the data.*_field "
+                f"{e}. Fix that row, point the data.*_field "
                 "settings at the right fields, or set data.bad_rows=skip to skip and count bad rows"
             ) from None
     # Slow path (only when some row is bad and bad_rows=skip): row by row.
     good, bad = {}, {}
     for i in indices:
         try:
-            good.update(build(rows, tokenizer, data_cfg, [i]))
+            good.update(build(rows, tokenizer, data_cfg, [i], where))
         except DataError as e:
             bad[i] = str(e)
     return good, bad
@@ -342,15 +285,17 @@ def _assemble(segments: list[tuple[list[int], bool]]) -> tuple[list[int], np.nda
 # ---------------------------------------------------------------- public
 
 
-def tokenize_examples(rows: list[dict], tokenizer, data_cfg) -> tuple[list[TokenizedExample], DataStats]:
-    """Rows -> TokenizedExamples (example_id = row index) and counts of what was dropped."""
+def tokenize_rows(rows: Sequence[Any], tokenizer, data_cfg, *, start: int = 0,
+                  locate: Callable[[int], str] | None = None) -> tuple[list[TokenizedExample], DataStats]:
+    """Rows start, start+1, ... of a source -> TokenizedExamples (example_id = row index) and
+    counts of what was dropped and why. `locate(row_index)` names a row in messages
+    ('train.jsonl:88'); no rows, or none usable, is not an error here (the caller decides)."""
     stats = DataStats(rows=len(rows))
-    if not rows:
-        raise DataError(f"the dataset {getattr(data_cfg, 'path', '')!r} has no rows; check data.path, "
-                        "data.split and data.limit")
+    locate = locate or (lambda index: f"row {index}")
     max_len = int(data_cfg.max_seq_len)
     examples: list[TokenizedExample] = []
-    segments, bad = _build_segments(rows, tokenizer, data_cfg, list(range(len(rows))))
+    segments, bad = _build_segments(rows, tokenizer, data_cfg, list(range(len(rows))),
+                                    lambda i: locate(start + i))
     for i in range(len(rows)):
         if i in bad:
             stats.skipped_bad += 1
@@ -360,24 +305,57 @@ def tokenize_examples(rows: list[dict], tokenizer, data_cfg) -> tuple[list[Token
         ids, targets = _assemble(segments[i])
         if len(ids) > max_len:
             if data_cfg.overlong == "skip":
-                _skip_overlong(stats, f"row {i}: {len(ids)} tokens > data.max_seq_len={max_len} (overlong=skip)")
+                _skip_overlong(stats, f"{locate(start + i)}: {len(ids)} tokens > data.max_seq_len={max_len} "
+                                      "(overlong=skip)")
                 continue
             ids = ids[:max_len]
             targets = targets[targets < max_len - 1]
             if targets.size == 0:
-                _skip_overlong(stats, f"row {i}: truncated to {max_len} tokens, no trained target is left")
+                _skip_overlong(stats, f"{locate(start + i)}: truncated to data.max_seq_len={max_len} tokens, "
+                                      "no trained target is left (the prompt alone fills it)")
                 continue
             stats.truncated += 1
-        examples.append(TokenizedExample(example_id=i, input_ids=ids, target_positions=targets))
+        examples.append(TokenizedExample(example_id=start + i, input_ids=ids, target_positions=targets))
         stats.tokens += len(ids)
         stats.targets += int(targets.size)
     stats.examples = len(examples)
+    return examples, stats
+
+
+def drop_fix(data_cfg) -> str:
+    """What to do about dropped rows, as the settings stand."""
+    fixes = []
+    if data_cfg.overlong == "skip":
+        fixes.append("raise data.max_seq_len or set data.overlong=truncate")
+    else:
+        fixes.append("raise data.max_seq_len (prompts alone fill it)")
+    fixes.append("fix the bad rows (see the reasons) or point the data.*_field settings at the right fields")
+    return "; ".join(fixes)
+
+
+def check_dropped(stats: DataStats, data_cfg, where: str) -> None:
+    """Fail when more than data.max_dropped_fraction of `where`'s rows were dropped (skipped
+    as over-long or bad): a silent loss of most of the data is never what a user wants."""
+    limit = float(data_cfg.max_dropped_fraction)
+    if not stats.rows or stats.dropped / stats.rows <= limit:
+        return
+    why = "; ".join(stats.reasons[:3])
+    raise DataError(
+        f"{where}: {stats.dropped} of {stats.rows} rows ({stats.dropped / stats.rows:.0%}) were dropped "
+        f"({stats.skipped_overlong} over-long, {stats.skipped_bad} bad), more than data.max_dropped_fraction="
+        f"{limit:g}. First reasons: {why}. To keep them, {drop_fix(data_cfg)}; to accept the loss, set "
+        f"data.max_dropped_fraction to a larger share (1.0 allows any)")
+
+
+def tokenize_examples(rows: list[dict], tokenizer, data_cfg) -> tuple[list[TokenizedExample], DataStats]:
+    """All rows -> TokenizedExamples; an error when none is usable (small sets: evaluation, tests)."""
+    if not rows:
+        raise DataError(f"the dataset {data_cfg.path!r} has no rows; check data.path, data.split and data.limit")
+    examples, stats = tokenize_rows(rows, tokenizer, data_cfg)
     if not examples:
         why = "; ".join(stats.reasons[:3])
-        fix = ("raise data.max_seq_len or set data.overlong=truncate" if stats.skipped_overlong
-               else "fix the rows (see above) or point data.path at the right file")
-        raise DataError(f"{getattr(data_cfg, 'path', '')}: no usable examples left out of {len(rows)} rows "
-                        f"({stats.summary()}): {why}. To use them, {fix}")
+        raise DataError(f"{data_cfg.path}: no usable examples left out of {len(rows)} rows "
+                        f"({stats.summary()}): {why}. To use them, {drop_fix(data_cfg)}")
     return examples, stats
 
 
@@ -388,16 +366,17 @@ def _skip_overlong(stats: DataStats, reason: str) -> None:
 
 
 def _prompt_pieces(row: dict, tokenizer, data_cfg, index: int) -> list[str]:
+    where = f"row {index}"
     """Text pieces of the generation prompt, split exactly as training splits them."""
     if data_cfg.kind == "prompt_response":
-        return [_fill_template(data_cfg.template, _field(row, index, data_cfg.prompt_field))]
+        return [_fill_template(data_cfg.template, _field(row, where, data_cfg.prompt_field))]
     if data_cfg.kind == "messages":
         if tokenizer is None:
             raise ValueError("a prompt for messages data needs the tokenizer (its chat template)")
-        msgs = _messages(row, index, data_cfg.messages_field, need_assistant=False)
+        msgs = _messages(row, where, data_cfg.messages_field, need_assistant=False)
         if not any(m["role"] == "assistant" for m in msgs):
             return [_render_chat(tokenizer, msgs, add_generation_prompt=True)]
-        pieces = _chat_pieces(tokenizer, msgs, index)
+        pieces = _chat_pieces(tokenizer, msgs, where)
         last = max(j for j, (_, trained) in enumerate(pieces) if trained)
         return [text for text, _ in pieces[:last]]
     raise DataError(f"data.kind {data_cfg.kind!r} has no prompt to generate from (use prompt_response or messages)")
@@ -423,13 +402,14 @@ def prompt_ids(row: dict, tokenizer, data_cfg, index: int = 0) -> list[int]:
 def reference_response(row: dict, data_cfg, index: int = 0) -> str:
     """The gold response text (for exact match / ROUGE at evaluation)."""
     if data_cfg.kind == "prompt_response":
-        return _field(row, index, data_cfg.response_field)
+        return _field(row, f"row {index}", data_cfg.response_field)
     if data_cfg.kind == "messages":
-        msgs = _messages(row, index, data_cfg.messages_field)
+        msgs = _messages(row, f"row {index}", data_cfg.messages_field)
         return [m for m in msgs if m["role"] == "assistant"][-1]["content"]
     raise DataError(f"data.kind {data_cfg.kind!r} has no reference response")
 
 
 def load_examples(data_cfg, tokenizer, path: str | None = None, split: str | None = None):
-    """load_rows + tokenize_examples: what both stages call."""
+    """load_rows + tokenize_examples for small sets (evaluation, tests); stage one reads and
+    tokenises shard by shard (stages.teacher.capture)."""
     return tokenize_examples(load_rows(data_cfg, path, split), tokenizer, data_cfg)

@@ -51,6 +51,11 @@ class Cache:
             return cls(fs, existing)
         return cls(fs, wanted)
 
+    @staticmethod
+    def exists(url: str, **storage_options: Any) -> bool:
+        """True when a cache (its manifest) is at ``url``."""
+        return CacheFS(url, **storage_options).exists(MANIFEST_NAME)
+
     @classmethod
     def open(cls, url: str, **storage_options: Any) -> "Cache":
         """Open an existing cache; ManifestError if there is none or of another format version."""
@@ -139,12 +144,13 @@ class Cache:
         return None
 
     def write_shard(self, index: int, data: ShardData, lease: Lease | None = None, *,
-                    codec: str = "default") -> None:
+                    codec: str = "default", attrs: dict[str, Any] | None = None) -> None:
         """Validate and atomically commit shard ``index``, then update the manifest summary.
 
         With a lease, it is checked before writing and again just before the
         commit; LeaseLostError means another worker took the shard over.
         Without one the caller promises to be the only writer of this shard.
+        ``attrs``: extra group attributes (e.g. what the shard's rows held).
         """
         rel = self.shard_rel(index)
         if lease is not None:
@@ -158,7 +164,7 @@ class Cache:
         if problems:
             raise ValueError(f"refusing to write invalid data as {self.fs.display(rel)}:\n  "
                              + "\n  ".join(problems) + "\nThis is a bug in the code producing the shard.")
-        extra = {"shard_index": index, "written_at": time.time(),
+        extra = {**(attrs or {}), "shard_index": index, "written_at": time.time(),
                  "worker_id": lease.worker_id if lease is not None else None}
         try:
             shards.write_shard(self.fs, rel, data, codec=codec, extra_attrs=extra,

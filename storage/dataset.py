@@ -56,6 +56,7 @@ class CacheDataset(IterableDataset):
       for each shard to be committed.
     shuffle_window: shards whose sequences are shuffled together (None = all,
       a full global shuffle; follow mode defaults to 1).
+    top_k: use only the first (largest) top_k entries of each row (None: all the cache holds).
     shard_cache_bytes: decoded shards kept per process (LRU, at least one).
       A window's shards should fit, or random order re-decodes shards constantly:
       with big caches set shuffle_window so that window * shard size fits.
@@ -64,7 +65,7 @@ class CacheDataset(IterableDataset):
     def __init__(self, url: str, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, follow: bool = False, *, pad_id: int = 0, epochs: int | None = None,
                  drop_last: bool = True, shuffle_window: int | None = None,
-                 shard_cache_bytes: int = 1 << 30,
+                 shard_cache_bytes: int = 1 << 30, top_k: int | None = None,
                  poll_interval: float = 5.0, follow_timeout: float = 24 * 3600.0,
                  storage_options: dict[str, Any] | None = None) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -76,6 +77,11 @@ class CacheDataset(IterableDataset):
         self.drop_last = drop_last
         self.shuffle_window = shuffle_window if shuffle_window is not None else (1 if follow else None)
         self.shard_cache_bytes = shard_cache_bytes
+        cached_k = self.cache.manifest.identity.get("top_k")
+        if top_k is not None and cached_k is not None and not 1 <= top_k <= int(cached_k):
+            raise ValueError(f"top_k={top_k}: the cache at {self.cache.url} holds the teacher's top-{cached_k}; "
+                             f"use at most {cached_k} entries")
+        self.top_k = top_k
         self.poll_interval, self.follow_timeout = poll_interval, follow_timeout
         self.fingerprint = self.cache.fingerprint
         self.start_epoch, self.start_consumed = 0, 0
@@ -184,7 +190,7 @@ class CacheDataset(IterableDataset):
     def iter_batches(self, worker_id: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
         """Plain iterator of collated batch dicts (what a DataLoader worker yields)."""
         for spec, records in self.iter_record_batches(worker_id, num_workers):
-            batch = collate_sequences(records, self.pad_id)
+            batch = collate_sequences(records, self.pad_id, top_k=self.top_k)
             batch.update(epoch=spec.next_epoch, consumed=spec.next_consumed)
             yield batch
 
@@ -197,13 +203,14 @@ def _nbytes(data: ShardData) -> int:
     return sum(a.nbytes for a in data.arrays().values())
 
 
-def collate_sequences(records: Sequence[SequenceRecord], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_sequences(records: Sequence[SequenceRecord], pad_id: int,
+                      top_k: int | None = None) -> dict[str, torch.Tensor]:
     """Pad sequences to [B, L] and flatten their teacher rows to [P, ...] (docs/architecture.md).
 
     ``row_batch``/``row_pos`` index the student's hidden states of the trained
     positions; ``target_ids`` are the gold next tokens; ``group_ids`` is the
     sequence index within the batch (the ATKD grouping); ``example_ids`` [B]
-    names the source examples.
+    names the source examples. ``top_k`` keeps the first top_k (largest) entries per row.
     """
     B = len(records)
     lengths = np.array([len(r.input_ids) for r in records], dtype=np.int64)
@@ -215,13 +222,17 @@ def collate_sequences(records: Sequence[SequenceRecord], pad_id: int) -> dict[st
         input_ids[b, : lengths[b]] = r.input_ids
         attention_mask[b, : lengths[b]] = 1
     k = records[0].topk_ids.shape[1] if B else 0
+    k = min(k, top_k) if top_k is not None else k
     row_batch = np.repeat(np.arange(B, dtype=np.int64), counts)
     row_pos = np.concatenate([r.target_positions for r in records]).astype(np.int64) if B else np.zeros(0, np.int64)
 
     def rows(name: str, dtype, shape=()) -> np.ndarray:
         if not B:
             return np.zeros((0, *shape), dtype=dtype)
-        return np.concatenate([getattr(r, name) for r in records]).astype(dtype, copy=False)
+        parts = [getattr(r, name) for r in records]
+        if shape:  # the top-k arrays: keep the first k columns
+            parts = [a[:, : shape[0]] for a in parts]
+        return np.concatenate(parts).astype(dtype, copy=False)
 
     return {
         "input_ids": torch.from_numpy(input_ids),

@@ -156,15 +156,29 @@ def _write(tmp_path: Path, name: str, rows) -> str:
 DATA_CASES = {
     "missing_file": (None, ["data.path=/nonexistent/train.jsonl"], ["/nonexistent/train.jsonl", "file not found",
                                                                     "check data.path"]),
-    "wrong_field_names": ([{"question": "q", "answer": "a"}], [], ["row 0: field 'prompt' is missing", "keys: ['answer', 'question']",
+    # the file and its 1-based line, and the keys the row really has
+    "wrong_field_names": ([{"question": "q", "answer": "a"}], [], ["train.jsonl:1: field 'prompt' is missing",
+                                                                   "the row has ['answer', 'question']",
                                                                    "data.*_field", "data.bad_rows=skip"]),
+    "missing_response": ([{"prompt": "q", "response": "a"}] * 3 + [{"prompt": "q", "answer": "a"}], [],
+                         ["train.jsonl:4: field 'response' is missing", "the row has ['answer', 'prompt']"]),
     "non_string_field": ([{"prompt": "q", "response": "a"}, {"prompt": "q", "response": 7}], [],
-                         ["row 1: field 'response' must be a string, got int 7", "data.bad_rows=skip"]),
+                         ["train.jsonl:2: field 'response' must be a string, got int 7", "data.bad_rows=skip"]),
+    "malformed_json_line": ("text:" + '{"prompt": "q", "response": "a"}\n\n{"prompt": "q", "resp\n', [],
+                            ["train.jsonl:3: not valid JSON", "data.bad_rows=skip"]),
     "empty_dataset": ("empty", [], ["has no rows", "check data.path"]),
     "all_rows_overlong": ("ref", ["data.max_seq_len=4", "data.overlong=skip"],
-                          ["no usable examples left out of 40 rows", "> data.max_seq_len=4", "raise data.max_seq_len or set data.overlong=truncate"]),
+                          ["5 of 5 rows (100%) were dropped", "> data.max_seq_len=4",
+                           "raise data.max_seq_len or set data.overlong=truncate", "data.max_dropped_fraction"]),
+    # truncation is already on: the advice is to raise max_seq_len, not to set overlong=truncate
+    "truncated_prompts_fill_max_seq_len": ("ref", ["data.max_seq_len=8"],
+                                           ["rows (100%) were dropped", "no trained target is left",
+                                            "raise data.max_seq_len (prompts alone fill it)"]),
+    "most_rows_dropped": ("ref", ["data.max_seq_len=16"],
+                          ["were dropped", "more than data.max_dropped_fraction=0.1",
+                           "set data.max_dropped_fraction to a larger share"]),
     "response_tokenises_to_nothing": ([{"prompt": "q", "response": ""}], [],
-                                      ["row 0: field 'response' tokenises to nothing", "Fix that row"]),
+                                      ["train.jsonl:1: field 'response' tokenises to nothing", "Fix that row"]),
 }
 
 
@@ -173,6 +187,9 @@ def test_data_errors(ws, tmp_path, capsys, case):
     rows, overrides, expected = DATA_CASES[case]
     if rows == "empty":
         data = _write(tmp_path, "train.jsonl", None)
+    elif isinstance(rows, str) and rows.startswith("text:"):
+        (tmp_path / "train.jsonl").write_text(rows[len("text:"):])
+        data = str(tmp_path / "train.jsonl")
     elif rows == "ref" or rows is None:
         data = ws["data"]
     else:
@@ -181,8 +198,10 @@ def test_data_errors(ws, tmp_path, capsys, case):
     rc, err = atkd_here(capsys, "teacher", str(cfg), *overrides)
     assert rc == 1, err
     assert "atkd: DataError:" in err
+    assert "Failed to load JSON" not in err  # no library noise before the project's message
     for piece in expected:
         assert piece in err, err
+    assert "set data.overlong=truncate" not in err or "overlong=skip" in " ".join(overrides)
     if rows not in (None, "ref"):
         assert data in err  # where: the file
     assert not (ws["root"] / f"data-{case}" / "cache").exists()  # refused before the cache exists
@@ -210,15 +229,41 @@ def test_teacher_tokenizer_missing(ws, tmp_path, capsys):
 
 
 def test_student_vocabulary_not_matching_the_cache(ws, tmp_path):
-    tok = fixtures.make_tokenizer(tmp_path / "tok300", vocab_size=300)
-    other = fixtures.make_tiny_llama(tmp_path / "teacher300", tok)
-    cfg = config(ws, "vocab", cache=ws["ref_cache"], model=str(other))
-    rc, out = fh.run_atkd(["student", str(cfg)], ws["root"] / "logs" / "vocab.log")
+    fixtures.make_tokenizer(tmp_path / "tok300", vocab_size=300)
+    cfg = config(ws, "vocab", cache=ws["ref_cache"])  # the cache's own teacher; the student's tokenizer differs
+    rc, out = fh.run_atkd(["student", str(cfg), f"students.s1.tokenizer={tmp_path / 'tok300'}"],
+                          ws["root"] / "logs" / "vocab.log")
     assert rc == 1, out
     assert "VocabularyMismatchError: student 's1' does not match the cache's vocabulary" in out
     assert "tokenizer_path" in out  # what to do
     assert not (ws["root"] / "vocab" / "students" / "s1" / "checkpoints").exists()
     assert fh.compare_caches(fh.cache_snapshot(ws["ref_cache"]), ws["ref_snapshot"]) == []
+
+
+@pytest.mark.parametrize("case", ["other_teacher", "other_data", "more_top_k"])
+def test_student_refuses_a_cache_of_another_config(ws, tmp_path, capsys, other_llama_dir, case):
+    rows = fixtures.prompt_response_rows(40)
+    rows[3] = {"prompt": "another prompt", "response": "another answer"}
+    kw = {"other_teacher": {"model": str(other_llama_dir)},
+          "other_data": {"data": _write(tmp_path, "other.jsonl", rows)}}.get(case, {})
+    cfg = config(ws, f"mismatch-{case}", cache=ws["ref_cache"], **kw)
+    overrides = ["teacher.top_k=16"] if case == "more_top_k" else []
+    rc, err = atkd_here(capsys, "student", str(cfg), *overrides)
+    assert rc == 1, err
+    assert "atkd: CacheMismatchError: the teacher cache at" in err and "was not built from this config" in err
+    expected = {"other_teacher": "teacher_fingerprint: cache has", "other_data": "data_fingerprint: cache has",
+                "more_top_k": "the cache holds the teacher's top-8, teacher.top_k=16 asks for more"}[case]
+    assert expected in err, err
+    assert not (ws["root"] / f"mismatch-{case}" / "students").exists()
+    rc, out = atkd_here(capsys, "status", str(cfg), *overrides)
+    assert rc == 0 and "MISMATCH:" in out and expected in out
+
+
+def test_student_with_fewer_top_k_than_the_cache_says_so(ws, capsys):
+    cfg = config(ws, "fewer-k", cache=ws["ref_cache"])
+    rc, out = atkd_here(capsys, "student", str(cfg), "teacher.top_k=4", "students.s1.optim.max_steps=2")
+    assert rc == 0, out
+    assert "using the first 4 of the cache's 8 top-k entries per position" in out
 
 
 _VLLM_PROBE = """
@@ -587,7 +632,7 @@ def test_trust_remote_code_reaches_transformers_only_when_configured(ws, monkeyp
     import transformers
 
     from pipeline.config import TeacherConfig
-    from stages.teacher import capture, engines
+    from stages.teacher import engines, identity
 
     seen = []
 
@@ -603,8 +648,8 @@ def test_trust_remote_code_reaches_transformers_only_when_configured(ws, monkeyp
         seen.clear()
         cfg = TeacherConfig(model=ws["model"], backend="transformers", device="cpu", dtype="float32",
                             trust_remote_code=trust)
-        capture.load_tokenizer(cfg.model, cfg.trust_remote_code)
-        capture.model_vocab_size(cfg.model, cfg.trust_remote_code)
+        identity.load_tokenizer(cfg.model, cfg.trust_remote_code)
+        identity.model_vocab_size(cfg.model, cfg.trust_remote_code)
         engines.make_hf_engine(cfg).close()
         assert {name for name, _ in seen} >= {"AutoTokenizer", "AutoConfig", "AutoModelForCausalLM"}
         assert all(value is trust for _, value in seen), seen

@@ -302,11 +302,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def train_student(student_cfg, *, cache_url: str, out_dir: str | os.PathLike, tokenizer_path: str | None = None,
-                  progress: bool = True) -> TrainSummary:
+                  progress: bool = True, top_k: int | None = None) -> TrainSummary:
     """Train `student_cfg` (a pipeline.config.StudentConfig) from the cache at `cache_url` into `out_dir`.
 
     Resumes from the newest valid checkpoint in `out_dir`; returns at once when
-    `done.json` says the student already reached `optim.max_steps`.
+    `done.json` says the student already reached `optim.max_steps`. `top_k`: use the first
+    top_k entries of the cache's rows (None: all).
     """
     out = Path(out_dir)
     name = student_cfg.name or out.name
@@ -319,13 +320,14 @@ def train_student(student_cfg, *, cache_url: str, out_dir: str | os.PathLike, to
                                 start_step=done["steps"], final_loss=done.get("final_loss"), already_done=True)
     d = init_distributed()
     try:
-        return _train(student_cfg, name, cache_url, out, tokenizer_path, progress, d)
+        return _train(student_cfg, name, cache_url, out, tokenizer_path, progress, d, top_k)
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: bool, d: Dist) -> TrainSummary:
+def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: bool, d: Dist,
+           top_k: int | None = None) -> TrainSummary:
     from tqdm.auto import tqdm
 
     from storage.cache import Cache
@@ -349,7 +351,7 @@ def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: 
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     dataset = CacheDataset(cache_url, optim.batch_size, seed=cfg.seed, rank=d.rank,
-                           world_size=d.world_size, shuffle=True, pad_id=pad_id)
+                           world_size=d.world_size, shuffle=True, pad_id=pad_id, top_k=top_k)
     batches = Batches(dataset, cfg.num_workers, cfg.seed)
 
     # Resume: weights, optimiser, RNG, reader position and step from the newest good checkpoint.

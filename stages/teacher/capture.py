@@ -1,18 +1,22 @@
 """Stage one: score the training data with the teacher and fill the cache, shard by shard.
 
 Any number of workers run `run_capture` on one cache at once. Each:
-1. loads and tokenises the data (stages.data) and computes the cache identity
-   (teacher, tokenizer, data fingerprints, top_k, template, ...) and the shard
-   plan (examples in order, `sequences_per_shard` per shard);
-2. creates the cache or opens it, which refuses a different identity/plan;
-3. claims unfinished shards through the cache's leases, scores each with the
-   engine (started only once there is a shard to claim, so a rerun of a
-   finished cache returns at once), and commits it atomically; a heartbeat
-   thread renews the lease while the engine works.
+1. opens the data as a RowSource (stages.rows: one indexing pass, nothing held
+   in memory) and computes the cache identity (teacher, tokenizer, the data's
+   content fingerprint and the settings that shape tokens, top_k, ...) and the
+   shard plan (row ranges of `sequences_per_shard` rows), identical in every
+   worker;
+2. creates the cache or opens it, which refuses a different identity or plan;
+3. claims unfinished shards through the cache's leases; for each, reads and
+   tokenises only that shard's rows, scores them with the engine (started only
+   once there is a shard to claim, so a rerun of a finished cache returns at
+   once) and hands the scores to a background writer (shard_writer.py), so the
+   engine scores the next shard while this one is built and committed. Every
+   in-flight shard's lease is renewed by its own heartbeat until its commit.
 
-A shard's content depends only on its examples and the engine, so a worker
-killed at any moment leaves nothing behind but a lease that expires; a rerun
-scores the unfinished shards and the cache ends equal to an uninterrupted run's.
+A shard's content depends only on its rows and the engine, so a worker killed
+at any moment leaves nothing behind but leases that expire; a rerun scores the
+unfinished shards and the cache ends equal to an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -24,21 +28,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
 from stages import data as data_mod
-from stages.fingerprint import (
-    data_fingerprint,
-    describe_tokenizer_difference,
-    model_fingerprint,
-    tokenizer_fingerprint,
-    tokenizer_info,
-    tokenizer_summary,
-)
-
-# float16 cannot hold -inf-like values from masked vocab entries; the storage
-# validator refuses non-finite log-probs. exp(-1e4) is 0 in any precision.
-LOGPROB_FLOOR = -1.0e4
+from stages.teacher.identity import cache_identity, check_teacher, explain_mismatch, refuse_legacy, shard_plan
+from stages.teacher.shard_writer import LOGPROB_FLOOR, Heartbeat, ScoredShard, ShardWriter, build_shard  # noqa: F401
 
 
 @dataclass
@@ -70,134 +62,39 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _looks_local(model: str) -> bool:
-    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
-
-
-def load_tokenizer(model: str, trust_remote_code: bool = False):
-    """The teacher's tokenizer; a missing directory or tokenizer is a clear error naming teacher.model."""
-    from transformers import AutoTokenizer
-
-    if _looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
-        raise ValueError(f"teacher.model {model!r}: no such directory; set teacher.model to the teacher's "
-                         "model directory (saved with save_pretrained) or a hub name")
-    try:
-        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers raises OSError, ValueError, ... with long messages
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(
-            f"teacher.model {model!r}: cannot load its tokenizer ({type(e).__name__}: {first}). The directory "
-            "needs the tokenizer files (tokenizer.json / tokenizer_config.json): save them next to the model "
-            "with tokenizer.save_pretrained(...)"
-        ) from None
-
-
-def model_vocab_size(model: str, trust_remote_code: bool = False) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    vocab = getattr(config, "vocab_size", None)
-    if vocab is None and hasattr(config, "get_text_config"):
-        vocab = getattr(config.get_text_config(), "vocab_size", None)
-    if vocab is None:
-        raise ValueError(f"teacher.model {model!r}: its config has no vocab_size")
-    return int(vocab)
-
-
-def cache_identity(data_cfg, teacher_cfg, tokenizer, examples, vocab_size: int) -> dict:
-    """Everything that decides the cache's content; a rerun must match it key by key."""
-    info = tokenizer_info(tokenizer)
-    identity = {
-        "teacher": os.path.basename(os.path.normpath(teacher_cfg.model)),
-        "teacher_fingerprint": model_fingerprint(teacher_cfg.model),
-        "tokenizer_fingerprint": tokenizer_fingerprint(info),
-        "tokenizer_info": tokenizer_summary(info),  # what describe_tokenizer_difference needs
-        "vocab_size": vocab_size,
-        "top_k": int(teacher_cfg.top_k),
-        "data_kind": data_cfg.kind,
-        "template": data_cfg.template if data_cfg.kind == "prompt_response" else None,
-        "chat_template": (getattr(tokenizer, "chat_template", None) or data_mod.BUILTIN_CHAT_TEMPLATE)
-        if data_cfg.kind == "messages"
-        else None,
-        "max_seq_len": int(data_cfg.max_seq_len),
-        "overlong": data_cfg.overlong,
-        "data_fingerprint": data_fingerprint(examples),
-        "num_examples": len(examples),
-        "topk_logprobs_dtype": "float16",
-        "target_logprobs_dtype": "float32",
-    }
-    return identity
-
-
-def shard_plan(examples, sequences_per_shard: int) -> list[dict]:
-    plan = []
-    for index, start in enumerate(range(0, len(examples), sequences_per_shard)):
-        part = examples[start : start + sequences_per_shard]
-        plan.append(
-            {
-                "index": index,
-                "example_start": start,
-                "example_end": start + len(part),
-                "num_tokens": sum(len(ex.input_ids) for ex in part),
-                "num_targets": sum(ex.num_targets for ex in part),
-            }
-        )
-    return plan
-
-
-def build_shard(examples, rows, top_k: int):
-    """Engine rows for a shard's examples -> ShardData (v1 dtypes)."""
-    from storage.schema import SequenceRecord, ShardData
-
-    records = []
-    for ex, r in zip(examples, rows):
-        p = ex.num_targets
-        if r.topk_ids.shape != (p, top_k) or r.target_logprobs.shape != (p,):
-            raise RuntimeError(
-                f"example {ex.example_id}: engine returned shapes {r.topk_ids.shape}/{r.target_logprobs.shape}, "
-                f"expected ({p}, {top_k})/({p},)"
-            )
-        records.append(
-            SequenceRecord(
-                example_id=ex.example_id,
-                input_ids=np.asarray(ex.input_ids, dtype=np.int32),
-                target_positions=np.asarray(ex.target_positions, dtype=np.int32),
-                topk_ids=np.asarray(r.topk_ids, dtype=np.int32),
-                topk_logprobs=np.maximum(r.topk_logprobs, LOGPROB_FLOOR).astype(np.float16),
-                target_logprobs=np.maximum(r.target_logprobs, LOGPROB_FLOOR).astype(np.float32),
-            )
-        )
-    return ShardData.from_sequences(records, top_k=top_k)
-
-
-class _Heartbeat:
-    """Renews a lease in the background while the engine works on its shard."""
-
-    def __init__(self, lease, lease_seconds: float):
-        self.lease, self.error = lease, None
-        self._interval = max(lease_seconds / 4.0, 0.05)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(self._interval):
-            try:
-                self.lease.renew()
-            except Exception as e:  # LeaseLostError, or the filesystem failing
-                self.error = e
-                return
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def _log(msg: str) -> None:
     print(f"[teacher] {msg}", file=sys.stderr, flush=True)
+
+
+def open_for_capture(data_cfg, teacher_cfg, cache_cfg):
+    """(cache, source, tokenizer, vocab_size): the data indexed, the cache created or checked."""
+    from storage.cache import Cache, CacheMismatchError
+
+    tokenizer, vocab_size = check_teacher(teacher_cfg)
+    source = data_mod.open_source(data_cfg)
+    rows = data_mod.num_rows(data_cfg, source)
+    if rows == 0:
+        raise data_mod.DataError(f"the dataset {data_cfg.path!r} has no rows; check data.path, data.split "
+                                 "and data.limit")
+    identity = cache_identity(data_cfg, teacher_cfg, tokenizer, source, vocab_size)
+    plan = shard_plan(rows, cache_cfg.sequences_per_shard)
+    refuse_legacy(cache_cfg.path)
+    if not Cache.exists(cache_cfg.path):
+        _preflight(source, tokenizer, data_cfg, plan[0])
+    try:
+        cache = Cache.create_or_open(cache_cfg.path, identity, plan)
+    except CacheMismatchError as e:
+        raise explain_mismatch(e, cache_cfg.path, identity) from None
+    return cache, source, tokenizer, vocab_size
+
+
+def _preflight(source, tokenizer, data_cfg, entry) -> None:
+    """Tokenise the first shard's rows before the cache exists, so wrong field names, a
+    wrong kind or a max_seq_len that drops most rows fail before anything is written."""
+    start, end = int(entry["row_start"]), int(entry["row_end"])
+    _, stats = data_mod.tokenize_rows(source.read(start, end), tokenizer, data_cfg, start=start,
+                                      locate=source.location)
+    data_mod.check_dropped(stats, data_cfg, f"the first {end - start} rows")
 
 
 def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engine=None) -> CaptureSummary:
@@ -207,80 +104,75 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
     one is made from teacher_cfg when the first shard is claimed, and closed
     at the end.
     """
-    from storage.cache import Cache, CacheMismatchError
-    from storage.errors import LeaseLostError, ShardExistsError
-    from stages.teacher.engines import make_engine
-
     t_start = time.perf_counter()
-    if not teacher_cfg.model:
-        raise ValueError("teacher.model is empty: set it to the teacher's path or hub name")
-    tokenizer = load_tokenizer(teacher_cfg.model, teacher_cfg.trust_remote_code)
-    vocab_size = model_vocab_size(teacher_cfg.model, teacher_cfg.trust_remote_code)
-    if len(tokenizer) > vocab_size:
-        raise ValueError(
-            f"teacher.model {teacher_cfg.model!r}: the tokenizer has {len(tokenizer)} tokens but the model "
-            f"only {vocab_size} logits; they do not belong together"
-        )
-    if teacher_cfg.top_k > vocab_size:
-        raise ValueError(f"teacher.top_k={teacher_cfg.top_k} exceeds the vocabulary of teacher.model "
-                         f"{teacher_cfg.model!r} ({vocab_size} tokens); set teacher.top_k to at most {vocab_size}")
-    examples, stats = data_mod.load_examples(data_cfg, tokenizer)
-    _log(f"data: {stats.summary()}")
-    identity = cache_identity(data_cfg, teacher_cfg, tokenizer, examples, vocab_size)
-    plan = shard_plan(examples, cache_cfg.sequences_per_shard)
-    try:
-        cache = Cache.create_or_open(cache_cfg.path, identity, plan)
-    except CacheMismatchError as e:
-        raise _explain_mismatch(e, cache_cfg.path, identity) from None
-
-    summary = CaptureSummary(cache=str(cache_cfg.path), shards_total=len(plan), data=stats.as_dict())
+    cache, source, tokenizer, vocab_size = open_for_capture(data_cfg, teacher_cfg, cache_cfg)
+    plan = cache.manifest.shard_plan
+    summary = CaptureSummary(cache=str(cache_cfg.path), shards_total=len(plan))
     done_at_start = set(cache.completed_shards())
     summary.shards_skipped = len(done_at_start)
     worker_id = teacher_cfg.worker_id or default_worker_id()
     own_engine = engine is None
     bar = _progress_bar(progress, len(plan), len(done_at_start))
+    stats_total = data_mod.DataStats()
+    t_first = None
+
+    def get_engine():
+        nonlocal engine
+        if engine is None:
+            from stages.teacher.engines import make_engine
+
+            engine = make_engine(teacher_cfg, max_seq_len=data_cfg.max_seq_len)
+            if engine.vocab_size != vocab_size:
+                raise RuntimeError(f"engine vocabulary {engine.vocab_size} != model config vocab_size {vocab_size}")
+            summary.engine = engine.name
+            summary.engine_reason = getattr(engine, "choice_reason", "")
+        return engine
+
+    def on_commit(shard: ScoredShard) -> None:
+        summary.shards_written += 1
+        summary.written_shards.append(shard.lease.shard_index)
+        data = shard.attrs["data"]
+        summary.sequences += data["examples"]
+        summary.tokens += data["tokens"]
+        summary.targets += data["targets"]
+        summary.busy_seconds = time.perf_counter() - t_first
+        if bar is not None:
+            bar.n = len(cache.completed_shards())  # all workers' progress, so the ETA is the cache's
+            bar.set_postfix_str(f"{summary.tokens_per_second:,.0f} tok/s (this worker)")
+            bar.refresh()
+
+    def on_lost(shard: ScoredShard, error) -> None:
+        summary.shards_lost += 1
+        _log(f"shard {shard.lease.shard_index}: {error}")
+
+    writer = ShardWriter(cache, teacher_cfg.top_k, on_commit=on_commit, on_lost=on_lost)
+    failed = True
     try:
         while True:
             lease = cache.claim_shard(worker_id, teacher_cfg.lease_seconds)
             if lease is None:
+                if writer.busy:  # our own shards are still being written: let them land first
+                    writer.drain()
+                    continue
                 if not _wait_for_others(cache, teacher_cfg.lease_seconds, bar):
                     break
                 continue
-            entry = plan[lease.shard_index]
-            part = examples[entry["example_start"] : entry["example_end"]]
+            t_first = t_first or time.perf_counter()
+            beat = Heartbeat(lease, teacher_cfg.lease_seconds)
             try:
-                if engine is None:
-                    engine = make_engine(teacher_cfg, max_seq_len=data_cfg.max_seq_len)
-                    if engine.vocab_size != vocab_size:
-                        raise RuntimeError(
-                            f"engine vocabulary {engine.vocab_size} != model config vocab_size {vocab_size}"
-                        )
-                summary.engine = engine.name
-                summary.engine_reason = getattr(engine, "choice_reason", "")
-                t_shard = time.perf_counter()
-                with _Heartbeat(lease, teacher_cfg.lease_seconds) as beat:
-                    rows = engine.score(part, teacher_cfg.top_k)
-                    if beat.error is not None:
-                        raise beat.error
-                    cache.write_shard(lease.shard_index, build_shard(part, rows, teacher_cfg.top_k), lease=lease)
-            except (LeaseLostError, ShardExistsError) as e:
-                summary.shards_lost += 1
-                _log(f"shard {lease.shard_index}: {e}")
-                continue
+                shard = _score_shard(lease, beat, plan[lease.shard_index], source, tokenizer, data_cfg,
+                                     teacher_cfg.top_k, get_engine)
             except BaseException:
+                beat.stop()
                 _release_quietly(lease)  # let another worker take the shard at once
                 raise
-            summary.busy_seconds += time.perf_counter() - t_shard
-            summary.shards_written += 1
-            summary.written_shards.append(lease.shard_index)
-            summary.sequences += len(part)
-            summary.tokens += entry["num_tokens"]
-            summary.targets += entry["num_targets"]
-            if bar is not None:
-                bar.n = len(cache.completed_shards())  # all workers' progress, so the ETA is the cache's
-                bar.set_postfix_str(f"{summary.tokens_per_second:,.0f} tok/s (this worker)")
-                bar.refresh()
+            stats_total.add(data_mod.DataStats(**shard.attrs["data"]))
+            writer.submit(shard)
+        writer.close()
+        failed = False
     finally:
+        if failed:
+            writer.close(abandon=True)
         if bar is not None:
             bar.close()
         if own_engine and engine is not None:
@@ -288,6 +180,9 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
     if cache.manifest.shards_done != cache.completed_shards():
         cache.refresh_manifest()  # e.g. a worker was killed between its last commit and the manifest update
     summary.seconds = time.perf_counter() - t_start
+    summary.data = stats_total.as_dict()
+    if stats_total.rows:
+        _log(f"data: {stats_total.summary()}")
     _log(
         f"worker {worker_id}: wrote {summary.shards_written} shard(s) ({summary.tokens:,} tokens, "
         f"{summary.tokens_per_second:,.0f} tok/s), {summary.shards_skipped} were already done, "
@@ -296,18 +191,16 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
     return summary
 
 
-def _explain_mismatch(error, path, identity):
-    """Add what differs between the tokenizers when the fingerprints alone say 'different'."""
-    from storage.cache import Cache, CacheMismatchError
-
-    try:
-        old = Cache.open(path).manifest.identity.get("tokenizer_info")
-    except Exception:
-        return error
-    if not isinstance(old, dict) or old == identity["tokenizer_info"]:
-        return error
-    detail = describe_tokenizer_difference(old, identity["tokenizer_info"])
-    return CacheMismatchError(f"{error}\nTokenizer (cache vs now): {detail or 'differs'}")
+def _score_shard(lease, beat, entry, source, tokenizer, data_cfg, top_k: int, get_engine) -> ScoredShard:
+    """Read and tokenise one shard's rows, check what was dropped, score them."""
+    start, end = int(entry["row_start"]), int(entry["row_end"])
+    examples, stats = data_mod.tokenize_rows(source.read(start, end), tokenizer, data_cfg, start=start,
+                                             locate=source.location)
+    data_mod.check_dropped(stats, data_cfg, f"shard {lease.shard_index} (rows {start}-{end - 1})")
+    rows = get_engine().score(examples, top_k) if examples else []
+    beat.raise_if_lost()
+    return ScoredShard(lease=lease, heartbeat=beat, examples=examples, rows=rows,
+                       attrs={"data": stats.as_dict(), "rows": [start, end]})
 
 
 def _wait_for_others(cache, lease_seconds: float, bar) -> bool:

@@ -75,7 +75,7 @@ def test_vllm_cache_matches_transformers(setup, tiny_llama_dir):
     h_recs = [r for i in range(hc.num_shards) for r in hc.read_shard(i).sequences()]
     # float32 transformers rows with one extra rank, to see ties at the k-th entry
     from stages.data import load_examples
-    from stages.teacher.capture import load_tokenizer
+    from stages.teacher.identity import load_tokenizer
 
     examples, _ = load_examples(setup["data"], load_tokenizer(str(tiny_llama_dir)))
     engine = HFTeacherEngine(str(tiny_llama_dir), dtype="float32", device="cpu")

@@ -28,7 +28,8 @@ def main() -> None:
 
     from pipeline.config import CacheConfig, DataConfig, TeacherConfig
     from stages.data import load_examples
-    from stages.teacher.capture import load_tokenizer, run_capture
+    from stages.teacher.capture import run_capture
+    from stages.teacher.identity import load_tokenizer
     from stages.teacher.engine_vllm import unsupported_reason
     from stages.teacher.engines import make_engine
 

@@ -193,3 +193,15 @@ def test_collate_layout_matches_architecture():
     assert torch.equal(gathered, batch["target_ids"])
     np.testing.assert_array_equal(batch["topk_logprobs"].numpy(), data.topk_logprobs.astype(np.float32))
     assert batch["example_ids"].tolist() == [10, 11, 12]
+
+
+def test_top_k_keeps_the_first_entries_of_each_row(url):
+    full = next(iter(CacheDataset(url, B, seed=0, epochs=1)))
+    fewer = next(iter(CacheDataset(url, B, seed=0, epochs=1, top_k=2)))
+    assert fewer["topk_ids"].shape == (full["topk_ids"].shape[0], 2)
+    assert torch.equal(fewer["topk_ids"], full["topk_ids"][:, :2])
+    assert torch.equal(fewer["topk_logprobs"], full["topk_logprobs"][:, :2])
+    assert torch.equal(fewer["target_logprobs"], full["target_logprobs"])
+    cached_k = full["topk_ids"].shape[1]
+    with pytest.raises(ValueError, match=f"holds the teacher's top-{cached_k}; use at most {cached_k}"):
+        CacheDataset(url, B, top_k=cached_k + 1)

@@ -1,0 +1,245 @@
+"""The cache identity: what a teacher cache was built from, computed the same way in every
+worker and in stage two, and the checks that refuse a cache built from something else.
+
+The data is identified by its source content (stages.rows: a hash of the files,
+or a hub dataset's fingerprint) plus every setting that shapes tokens, so it
+costs one pass over the bytes, never a tokenisation of the whole set.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from stages import data as data_mod
+from stages.fingerprint import (
+    describe_tokenizer_difference,
+    fingerprint_json,
+    model_fingerprint,
+    tokenizer_fingerprint,
+    tokenizer_info,
+    tokenizer_summary,
+)
+
+# Bumped when the code that turns rows into token sequences changes what it produces.
+TOKENIZATION_VERSION = 2
+
+
+def _looks_local(model: str) -> bool:
+    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
+
+
+def _hub_host() -> str:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return endpoint.split("://", 1)[-1].split("/", 1)[0]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline (HF_HUB_OFFLINE set, or the hub does not answer within `timeout` s)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = _hub_host()
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_hub_cache(model: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except Exception:
+        return False
+
+
+def check_model_reachable(model: str, what: str) -> None:
+    """A model name that is not a local directory must be in the hub cache or on a reachable hub;
+    say at once what was tried instead of letting transformers retry the hub for a minute."""
+    if os.path.isdir(os.path.expanduser(model)):
+        return
+    if _looks_local(model):
+        raise ValueError(f"{what} {model!r}: no such directory; set {what} to the model's directory "
+                         "(saved with save_pretrained) or a hub name")
+    if _in_hub_cache(model) or hub_reachable():
+        return
+    raise ValueError(f"{what} {model!r}: tried a local directory {os.path.abspath(model)!r} (none), the Hugging "
+                     f"Face cache (not there) and the hub ({_hub_host()}: offline or unreachable). Point {what} "
+                     "at a local model directory, or download the model where the hub is reachable")
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    """The teacher's tokenizer; a missing directory or tokenizer is a clear error naming teacher.model."""
+    from transformers import AutoTokenizer
+
+    check_model_reachable(model, "teacher.model")
+    try:
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, ... with long messages
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"teacher.model {model!r}: cannot load its tokenizer ({type(e).__name__}: {first}). The directory "
+            "needs the tokenizer files (tokenizer.json / tokenizer_config.json): save them next to the model "
+            "with tokenizer.save_pretrained(...)"
+        ) from None
+
+
+def model_vocab_size(model: str, trust_remote_code: bool = False) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None and hasattr(config, "get_text_config"):
+        vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is None:
+        raise ValueError(f"teacher.model {model!r}: its config has no vocab_size")
+    return int(vocab)
+
+
+def data_fields(data_cfg) -> dict:
+    """The row fields the data kind reads (part of what shapes the tokens)."""
+    if data_cfg.kind == "prompt_response":
+        return {"prompt": data_cfg.prompt_field, "response": data_cfg.response_field}
+    if data_cfg.kind == "messages":
+        return {"messages": data_cfg.messages_field}
+    return {"text": data_cfg.text_field}
+
+
+def cache_identity(data_cfg, teacher_cfg, tokenizer, source, vocab_size: int) -> dict:
+    """Everything that decides the cache's content; a rerun must match it key by key.
+
+    The data is identified by its source content (a hash of the files, or a hub
+    dataset's fingerprint) and every setting that shapes tokens, so it costs
+    one pass over the bytes, never a tokenisation of the whole set.
+    """
+    info = tokenizer_info(tokenizer)
+    rows = data_mod.num_rows(data_cfg, source)
+    identity = {
+        "teacher": os.path.basename(os.path.normpath(teacher_cfg.model)),
+        "teacher_fingerprint": model_fingerprint(teacher_cfg.model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(info),
+        "tokenizer_info": tokenizer_summary(info),  # what describe_tokenizer_difference needs
+        "vocab_size": vocab_size,
+        "top_k": int(teacher_cfg.top_k),
+        "data_kind": data_cfg.kind,
+        "data_fields": data_fields(data_cfg),
+        "template": data_cfg.template if data_cfg.kind == "prompt_response" else None,
+        "chat_template": (getattr(tokenizer, "chat_template", None) or data_mod.BUILTIN_CHAT_TEMPLATE)
+        if data_cfg.kind == "messages"
+        else None,
+        "max_seq_len": int(data_cfg.max_seq_len),
+        "overlong": data_cfg.overlong,
+        "data_format": source.format,
+        "num_rows": rows,
+        "data_fingerprint": fingerprint_json({"source": source.fingerprint, "rows": rows,
+                                              "tokenization": TOKENIZATION_VERSION}),
+        "topk_logprobs_dtype": "float16",
+        "target_logprobs_dtype": "float32",
+    }
+    return identity
+
+
+def shard_plan(num_rows: int, sequences_per_shard: int) -> list[dict]:
+    """Row ranges [row_start, row_end) of `sequences_per_shard` rows; known from the row count alone.
+    A shard holds the usable rows of its range (skipped rows are counted in its attributes)."""
+    return [{"index": i, "row_start": start, "row_end": min(start + sequences_per_shard, num_rows)}
+            for i, start in enumerate(range(0, num_rows, sequences_per_shard))]
+
+
+def check_teacher(teacher_cfg):
+    """The teacher's tokenizer and vocabulary size, checked against each other and top_k."""
+    if not teacher_cfg.model:
+        raise ValueError("teacher.model is empty: set it to the teacher's path or hub name")
+    tokenizer = load_tokenizer(teacher_cfg.model, teacher_cfg.trust_remote_code)
+    vocab_size = model_vocab_size(teacher_cfg.model, teacher_cfg.trust_remote_code)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"teacher.model {teacher_cfg.model!r}: the tokenizer has {len(tokenizer)} tokens but the model "
+            f"only {vocab_size} logits; they do not belong together"
+        )
+    if teacher_cfg.top_k > vocab_size:
+        raise ValueError(f"teacher.top_k={teacher_cfg.top_k} exceeds the vocabulary of teacher.model "
+                         f"{teacher_cfg.model!r} ({vocab_size} tokens); set teacher.top_k to at most {vocab_size}")
+    return tokenizer, vocab_size
+
+
+def refuse_legacy(url: str) -> None:
+    """A cache whose shard plan counts tokenised examples (written before row-range plans)
+    cannot be extended or checked against the data without tokenising all of it: refuse it
+    by name instead of reporting a confusing list of differing keys."""
+    from storage.cache import Cache, CacheMismatchError
+    from storage.errors import ManifestError
+
+    try:
+        plan = Cache.open(url).manifest.shard_plan
+    except ManifestError:
+        return  # no cache yet (or a damaged one: create_or_open says which)
+    if plan and "example_start" in plan[0] and "row_start" not in plan[0]:
+        raise CacheMismatchError(
+            f"the cache at {url} was written by an older atkd whose shard plan counts tokenised examples; "
+            "this version plans shards by row ranges and identifies the data by its content, so it can "
+            "neither extend that cache nor check it against the data. Stage two still reads it as it is "
+            "(`atkd student`). To rebuild it for this version, use a new cache.path or delete the old cache.")
+
+
+def explain_mismatch(error, path, identity):
+    """Add what differs between the tokenizers when the fingerprints alone say 'different'."""
+    from storage.cache import Cache, CacheMismatchError
+
+    try:
+        old = Cache.open(path).manifest.identity.get("tokenizer_info")
+    except Exception:
+        return error
+    if not isinstance(old, dict) or old == identity["tokenizer_info"]:
+        return error
+    detail = describe_tokenizer_difference(old, identity["tokenizer_info"])
+    return CacheMismatchError(f"{error}\nTokenizer (cache vs now): {detail or 'differs'}")
+
+
+
+
+def expected_identity(data_cfg, teacher_cfg) -> dict:
+    """The identity a cache built from this config has (no tokenisation of the data)."""
+    tokenizer, vocab_size = check_teacher(teacher_cfg)
+    return cache_identity(data_cfg, teacher_cfg, tokenizer, data_mod.open_source(data_cfg), vocab_size)
+
+
+# Keys an older cache (shard plan by tokenised examples) computed differently: not comparable.
+_LEGACY_DATA_KEYS = ("data_fingerprint", "num_rows", "num_examples", "data_format", "data_fields")
+
+
+def check_for_students(cache, data_cfg, teacher_cfg) -> tuple[int, list[str]]:
+    """Stage two's check that the cache was built from this config's teacher, tokenizer and data.
+
+    Returns (top_k to train with, notes to print). A config top_k below the cache's
+    uses the first top_k entries (said in a note); above it, or any other
+    difference, raises CacheMismatchError naming every key with both values.
+    """
+    from storage.errors import CacheMismatchError
+
+    have = cache.manifest.identity
+    want = expected_identity(data_cfg, teacher_cfg)
+    notes = []
+    legacy = "num_rows" not in have
+    skip = {"top_k", *(_LEGACY_DATA_KEYS if legacy else ())}
+    diffs = [f"{k}: cache has {have.get(k, '<absent>')!r:.120}, config gives {want.get(k, '<absent>')!r:.120}"
+             for k in sorted(set(have) | set(want)) if k not in skip and have.get(k, "<absent>") != want.get(k, "<absent>")]
+    cached_k, k = int(have.get("top_k", want["top_k"])), int(want["top_k"])
+    if k > cached_k:
+        diffs.append(f"top_k: the cache holds the teacher's top-{cached_k}, teacher.top_k={k} asks for more")
+    if diffs:
+        detail = ""
+        if "tokenizer_fingerprint" in {d.split(":")[0] for d in diffs}:
+            detail = "\nTokenizer (cache vs config): " + (describe_tokenizer_difference(
+                have.get("tokenizer_info", {}), want["tokenizer_info"]) or "differs")
+        raise CacheMismatchError(
+            f"the teacher cache at {cache.url} was not built from this config, so the students would learn "
+            "from another teacher or other data:\n  " + "\n  ".join(diffs) + detail
+            + "\nPoint cache.path at the cache of this config, or run `atkd teacher` with a new cache.path.")
+    if k < cached_k:
+        notes.append(f"using the first {k} of the cache's {cached_k} top-k entries per position (teacher.top_k={k})")
+    if legacy:
+        notes.append("the cache was written by an older atkd: its data was not checked against data.path")
+    return k, notes

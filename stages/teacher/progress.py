@@ -1,0 +1,62 @@
+"""One progress line for a whole cache, from the shards themselves.
+
+Used by the parent of several teacher workers (pipeline/workers.py): it owns no
+shard, so it reads progress where every worker leaves it, each committed
+shard's attributes (`data.tokens`), and reports shards done, tokens per second
+since it started watching, and the ETA.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class CacheProgress:
+    def __init__(self, cache_url: str, *, enabled: bool = True):
+        self.url, self.enabled = cache_url, enabled
+        self._cache = None
+        self._seen: set[int] = set()
+        self._tokens = 0
+        self._t0 = time.perf_counter()
+        self._bar = None
+
+    def _open(self):
+        from storage.cache import Cache
+        from storage.errors import ManifestError
+
+        if self._cache is None:
+            try:
+                self._cache = Cache.open(self.url)
+            except ManifestError:  # the workers have not created it yet
+                return None
+            self._seen = set(self._cache.completed_shards())  # done before we started: no rate
+            if self.enabled:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=self._cache.num_shards, initial=len(self._seen), unit="shard",
+                                 desc="teacher", file=sys.stderr, dynamic_ncols=True)
+        return self._cache
+
+    def update(self) -> None:
+        cache = self._open()
+        if cache is None:
+            return
+        new = [i for i in cache.completed_shards() if i not in self._seen]
+        for i in new:
+            attrs = cache.shard_attrs(i) or {}
+            self._tokens += int((attrs.get("data") or {}).get("tokens", 0))
+            self._seen.add(i)
+        if self._bar is not None and new:
+            rate = self._tokens / max(time.perf_counter() - self._t0, 1e-9)
+            self._bar.n = len(self._seen)
+            self._bar.set_postfix_str(f"{rate:,.0f} tok/s (all workers)")
+            self._bar.refresh()
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
