@@ -368,6 +368,10 @@ def validate(cfg: PipelineConfig) -> None:
                               f"{', '.join(sources) or 'none'}")
         if s.init_from and s.init_from not in seen:
             raise ConfigError(f"{where}.init_from: {s.init_from!r} is not a student listed before {s.name!r}")
+        if s.init:
+            from pipeline.model_config import check_init  # imports transformers: only for `init` students
+
+            check_init(s.init, f"{where}.init")
         if not 0.0 <= s.loss.easy_weight <= 1.0:
             raise ConfigError(f"{where}.loss.easy_weight: must be in [0, 1], got {s.loss.easy_weight}")
         if not 0.0 < s.loss.hard_ratio <= 1.0:

@@ -99,6 +99,13 @@ CONFIG_CASES = {
                              ["students[0].name", "not a valid name"]),
     "student_name_absolute": (D + "teacher: {model: m}\nstudents: [{name: /tmp/evil, init: {hidden_size: 8}}]\n", [],
                               ["not a valid name"]),
+    "student_init_misspelled_key": (D + "teacher: {model: m}\nstudents: [{name: a, init: {hiden_size: 64}}]\n", [],
+                                    ["students[0].init.hiden_size: not a field of LlamaConfig",
+                                     "(did you mean hidden_size?)"]),
+    "student_init_invalid_value": (D + "teacher: {model: m}\nstudents: [{name: a, init: {hidden_size: 64}}]\n",
+                                   ["students.a.init.num_attention_heads=3"],
+                                   ["students[0].init: invalid LlamaConfig: The hidden size (64) is not a multiple "
+                                    "of the number of attention heads (3)"]),
 }
 
 
@@ -129,7 +136,7 @@ def test_config_errors_end_to_end(tmp_path):
     rc, err = atkd_subprocess("teacher", str(tmp_path / "missing.yaml"))
     assert rc == 2 and "missing.yaml" in err and "not found" in err
     path.write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{path: x.jsonl}}\nteacher: {{model: m}}\n"
-                    "students: [{name: a, init: {hidden_size: 8}}]\n")
+                    "students: [{name: a, init: {hidden_size: 64, num_attention_heads: 2}}]\n")
     rc, err = atkd_subprocess("student", str(path), "--student", "../escape")
     assert rc == 2 and "no student named '../escape'" in err
 

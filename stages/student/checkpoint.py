@@ -104,6 +104,33 @@ def _dedup_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return unique, aliases
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it: set, then restore
+    os.umask(mask)
+    return mask
+
+
+def usual_permissions(root: str | Path) -> None:
+    """Give every file under `root` the mode a plain open() would (0o666 & ~umask).
+
+    safetensors (and anything built on tempfile.mkstemp) creates its files 0600,
+    so without this the weights were private while every other output was 0644.
+    """
+    mode = 0o666 & ~_umask()
+    for p in [Path(root), *Path(root).rglob("*")]:
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unusable checkpoint to `corrupt-step_NNNNNN` beside it (kept for a look, never resumed)."""
+    target = path.with_name(f"corrupt-{path.name}")
+    if target.exists():
+        target = path.with_name(f"corrupt-{path.name}-{uuid.uuid4().hex[:8]}")
+    path.rename(target)
+    return target
+
+
 def save_checkpoint(out_dir: str | Path, step: int, *, model_state: dict[str, torch.Tensor],
                     optim_state: dict, meta: dict, keep: int) -> Path:
     """Write step `step` atomically, then keep only the newest `keep` complete checkpoints."""
@@ -116,6 +143,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model_state: dict[str, to
     save_file(unique, str(tmp / MODEL_FILE), metadata={"aliases": json.dumps(aliases), "step": str(step)})
     torch.save(optim_state, tmp / OPTIM_FILE)
     (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
+    usual_permissions(tmp)
     files = {}
     for name in (MODEL_FILE, OPTIM_FILE, META_FILE):
         with open(tmp / name, "rb+") as f:

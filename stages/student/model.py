@@ -138,3 +138,41 @@ def check_batch_ids(batch: dict, rows: int) -> None:
             raise VocabularyMismatchError(
                 f"the cache holds token id {int(t.max())} in {key}, but the student's embedding has only "
                 f"{rows} rows; use a student whose vocabulary covers the teacher's")
+
+
+def describe_size(model: torch.nn.Module) -> str:
+    """`0.53M parameters (llama, hidden 128, 2 layers)`: what a user checks first when a run looks off."""
+    count = sum(p.numel() for p in model.parameters())  # tied weights are one parameter, counted once
+    size = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    facts = [getattr(config, "model_type", "") or type(model).__name__]
+    if getattr(text, "hidden_size", None):
+        facts.append(f"hidden {text.hidden_size}")
+    if getattr(text, "num_hidden_layers", None):
+        facts.append(f"{text.num_hidden_layers} layers")
+    return f"{size} parameters ({', '.join(facts)})"
+
+
+UNK_WARN_SHARE = 0.01
+
+
+def unknown_token_share(batches: list[dict], unk_id: int | None) -> float:
+    """The share of real (unpadded) input tokens that are the tokenizer's unknown token."""
+    if unk_id is None:
+        return 0.0
+    total = sum(int(b["attention_mask"].sum()) for b in batches)
+    unk = sum(int(((b["input_ids"] == unk_id) & b["attention_mask"].bool()).sum()) for b in batches)
+    return unk / max(total, 1)
+
+
+def warn_unknown_tokens(batches: list[dict], tokenizer, *, student_name: str = "") -> float:
+    """Warn when more than 1% of a batch's tokens are `unk`: the tokenizer does not cover the data."""
+    share = unknown_token_share(batches, getattr(tokenizer, "unk_token_id", None))
+    if share > UNK_WARN_SHARE:
+        who = f"student {student_name!r}" if student_name else "the student"
+        log.warning("%s: %.1f%% of the tokens in the first batch are the unknown token %r: the tokenizer does "
+                    "not cover this data (or the chat template's role words); the student learns little from "
+                    "them. Use a tokenizer that covers the text (e.g. byte-level BPE) or a template in its "
+                    "vocabulary.", who, 100 * share, tokenizer.unk_token)
+    return share

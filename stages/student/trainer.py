@@ -33,14 +33,18 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from stages.student import checkpoint as ckpt
-from stages.student.model import build_student, check_batch_ids, check_vocabulary, embedding_rows, load_student_tokenizer
+from stages.student import resume
+from stages.student.distributed import Dist, init_distributed, load_states, model_state, optim_state, wrap_model
+from stages.student.export import save_final, training_chat_template, write_json_atomic
+from stages.student.interrupt import StopOnSignal, TrainingStopped
+from stages.student.model import (build_student, check_batch_ids, check_vocabulary, describe_size, embedding_rows,
+                                  load_student_tokenizer, warn_unknown_tokens)
 from stages.student.objective import StudentObjective
 
 log = logging.getLogger(__name__)
@@ -76,66 +80,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------- distributed
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False  # we initialised the process group, so we tear it down
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            values = values.to(self.device)
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values.cpu()
-
-
-def init_distributed() -> Dist:
-    """Join the torchrun process group when RANK/WORLD_SIZE are set (gloo on CPU, nccl on GPU)."""
-    joined = dist.is_available() and dist.is_initialized()  # the caller set up the group: use it
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world <= 1 and not joined:
-        return Dist(device=device)
-    owns = not joined
-    if owns:
-        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
-                device=device, owns_group=owns)
-
-
-def wrap_model(objective: StudentObjective, cfg, d: Dist) -> torch.nn.Module:
-    """DDP for students that fit one device, FSDP2 (fully_shard per decoder layer) otherwise."""
-    if d.world_size <= 1:
-        return objective
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        layers = [m for m in objective.model.modules() if type(m).__name__.endswith("DecoderLayer")]
-        for layer in layers:
-            fully_shard(layer)
-        return fully_shard(objective)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(objective, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
 def autocast_for(cfg, device: torch.device):
@@ -258,46 +202,6 @@ def step_record(step: int, totals: dict, norm: float, lr: float, tokens: int, se
     return rec
 
 
-# ---------------------------------------------------------------- saving
-
-
-def model_state(wrapped: torch.nn.Module, student: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
-    """The student's full state dict on CPU (gathered on every rank under FSDP)."""
-    if cfg.fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in student.state_dict().items()}
-
-
-def optim_state(wrapped, optimizer, cfg) -> dict:
-    if cfg.fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(wrapped, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
-
-
-def save_final(out: Path, student, tokenizer, state: dict[str, torch.Tensor]) -> Path:
-    """save_pretrained (safetensors) + tokenizer into final/, via a temporary directory."""
-    final = out / "final"
-    tmp = out / f".final.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".partial-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -343,6 +247,8 @@ def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: 
     tokenizer = load_student_tokenizer(cfg, tokenizer_path, cache_identity=cache.manifest.identity)
     student = build_student(cfg, tokenizer)
     check_vocabulary(student, tokenizer, cache.manifest.identity, student_name=name)
+    if d.is_main:
+        resume.say(f"{name}: {describe_size(student)}")
     rows = embedding_rows(student)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -357,18 +263,14 @@ def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: 
     # Resume: weights, optimiser, RNG, reader position and step from the newest good checkpoint.
     config_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
     step, loss_tail = 0, []
-    resumed = ckpt.latest_valid_checkpoint(out)
+    resumed = resume.find_checkpoint(out, name, config_dict, is_main=d.is_main)
     if resumed is not None:
-        for line in ckpt.check_resume_config(resumed.meta["config"], config_dict, where=str(out)):
-            if d.is_main:
-                log.warning("student %s: config differs from checkpoint step %d, the current value wins: %s",
-                            name, resumed.step, line)
         if not cfg.fsdp:
             student.load_state_dict(ckpt.load_model_state(resumed.path))
     wrapped = wrap_model(objective, cfg, d)
     optimizer = build_optimizer(student, optim)
     if resumed is not None:
-        _load_states(resumed.path, wrapped, student, optimizer, cfg)
+        load_states(resumed.path, wrapped, student, optimizer, cfg)
         for group, decay in zip(optimizer.param_groups, (optim.weight_decay, 0.0)):
             group.update(betas=tuple(optim.betas), weight_decay=decay)  # the current config wins
         batches.load_state_dict(resumed.meta["reader"])
@@ -376,11 +278,13 @@ def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: 
         ckpt.set_rng_state(resumed.meta["rng"])
         d.barrier()  # every rank has read its files before rank 0 removes the unusable ones
         if d.is_main:
-            log.info("student %s: resumed from %s (step %d)", name, resumed.path, step)
-            for path, problem in resumed.skipped:  # newer, damaged: this run redoes those steps
-                log.warning("student %s: removing unusable checkpoint %s (%s)", name, path, problem)
+            resume.announce_resume(resumed, name, optim, lr_at)
+            for path, _ in resumed.skipped:
                 shutil.rmtree(path, ignore_errors=True)
     else:
+        d.barrier()  # every rank has looked at the checkpoints before rank 0 moves them
+        if d.is_main:
+            resume.start_from_scratch(out, name)
         seed_everything(cfg.seed)
 
     start_step = step
@@ -407,51 +311,63 @@ def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: 
                                  keep=cfg.keep_checkpoints)
         d.barrier()
 
-    while step < optim.max_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro = [_to_device(batches.next(), d.device) for _ in range(optim.grad_accum)]
-        for batch in micro:
-            check_batch_ids(batch, rows)
-        # Global normaliser first, so every micro-batch on every rank divides by the same count:
-        # the summed gradient then equals the single-process gradient of the whole global batch.
-        normaliser = float(d.all_sum(torch.tensor([float(sum(objective.normaliser(b) for b in micro))],
-                                                  dtype=torch.float64))[0])
-        scale = d.world_size / max(normaliser, 1.0)  # DDP/FSDP average over ranks; undo that
-        sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64, device=d.device)
-        for i, batch in enumerate(micro):
-            last = i == len(micro) - 1
-            with _grad_sync(wrapped, last):
-                with amp:
-                    loss_sum, stats = wrapped(batch)
-                (loss_sum * scale).backward()
-            stats["tokens"] = batch["attention_mask"].sum()
-            sums += torch.stack([torch.as_tensor(stats.get(k, 0.0)).to(d.device, torch.float64)
-                                 for k in _SUM_KEYS])  # stays on the device: no sync per micro-batch
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if math.isfinite(norm):
-            optimizer.step()
-        elif d.is_main:
-            log.warning("student %s: step %d has a non-finite gradient norm; update skipped", name, step + 1)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    with StopOnSignal() as stop:
+        while step < optim.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, optim)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [_to_device(batches.next(), d.device) for _ in range(optim.grad_accum)]
+            for batch in micro:
+                check_batch_ids(batch, rows)
+            if step == start_step and d.is_main:
+                warn_unknown_tokens(micro, tokenizer, student_name=name)
+            # Global normaliser first, so every micro-batch on every rank divides by the same count:
+            # the summed gradient then equals the single-process gradient of the whole global batch.
+            normaliser = float(d.all_sum(torch.tensor([float(sum(objective.normaliser(b) for b in micro))],
+                                                      dtype=torch.float64))[0])
+            scale = d.world_size / max(normaliser, 1.0)  # DDP/FSDP average over ranks; undo that
+            sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64, device=d.device)
+            for i, batch in enumerate(micro):
+                last = i == len(micro) - 1
+                with _grad_sync(wrapped, last):
+                    with amp:
+                        loss_sum, stats = wrapped(batch)
+                    (loss_sum * scale).backward()
+                stats["tokens"] = batch["attention_mask"].sum()
+                sums += torch.stack([torch.as_tensor(stats.get(k, 0.0)).to(d.device, torch.float64)
+                                     for k in _SUM_KEYS])  # stays on the device: no sync per micro-batch
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            if math.isfinite(norm):
+                optimizer.step()
+            elif d.is_main:
+                log.warning("student %s: step %d has a non-finite gradient norm; update skipped", name, step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
 
-        totals = dict(zip(_SUM_KEYS, d.all_sum(sums).tolist()))
-        totals["normaliser"] = normaliser
-        tokens = int(totals["tokens"])
-        rec = step_record(step, totals, norm, lr, tokens, time.perf_counter() - t0, cfg.loss.kind)
-        losses.append(rec["loss"])
-        loss_tail.append([step, rec["loss"]])
-        tokens_run += tokens
-        if step % max(cfg.log_every, 1) == 0 or step == optim.max_steps:
-            steplog.write(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if step % cfg.checkpoint_every == 0 or step == optim.max_steps:
-            save(step)
+            totals = dict(zip(_SUM_KEYS, d.all_sum(sums).tolist()))
+            totals["normaliser"] = normaliser
+            tokens = int(totals["tokens"])
+            rec = step_record(step, totals, norm, lr, tokens, time.perf_counter() - t0, cfg.loss.kind)
+            losses.append(rec["loss"])
+            loss_tail.append([step, rec["loss"]])
+            tokens_run += tokens
+            if step % max(cfg.log_every, 1) == 0 or step == optim.max_steps:
+                steplog.write(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if step % cfg.checkpoint_every == 0 or step == optim.max_steps:
+                save(step)
+            if step < optim.max_steps and _stop_requested(stop, d):
+                if step % cfg.checkpoint_every:
+                    save(step)  # the steps since the last regular checkpoint are kept
+                bar.close()
+                steplog.close()
+                if d.is_main:
+                    resume.say(f"{name}: stopped by {stop.name or 'a signal'} after step {step}; checkpoint "
+                               f"{ckpt.step_dir(out, step)} written: rerun the same command to continue from there")
+                raise TrainingStopped(f"student {name} stopped after step {step}")
     bar.close()
     steplog.close()
 
@@ -460,7 +376,8 @@ def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: 
                            start_step=start_step, final_loss=loss_tail[-1][1] if loss_tail else None,
                            losses=losses, tokens=tokens_run, seconds=time.perf_counter() - t_run)
     if d.is_main:
-        save_final(out, student, tokenizer, final_state)
+        save_final(out, student, tokenizer, final_state,
+                   chat_template=training_chat_template(cache.manifest.identity))
         write_json_atomic(out / "done.json", {"name": name, "steps": step, "final_loss": summary.final_loss,
                                               "final_dir": summary.final_dir, "finished_at": time.time()})
     d.barrier()
@@ -468,6 +385,11 @@ def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: 
 
 
 _SUM_KEYS = ("loss", "nll", "tkd_hard", "dkd", "num_positions", "num_hard", "num_easy", "unc", "tokens")
+
+
+def _stop_requested(stop: StopOnSignal, d: Dist) -> bool:
+    """Whether any rank got SIGINT/SIGTERM: every rank must stop (and checkpoint) at the same step."""
+    return bool(d.all_sum(torch.tensor([1.0 if stop.signum else 0.0]))[0] > 0)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -482,17 +404,3 @@ def _grad_sync(wrapped, last: bool):
     if hasattr(wrapped, "no_sync") and not last:  # DDP
         return wrapped.no_sync()
     return contextlib.nullcontext()
-
-
-def _load_states(path: Path, wrapped, student, optimizer, cfg) -> None:
-    if cfg.fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(student, ckpt.load_model_state(path), options=opts)
-        set_optimizer_state_dict(wrapped, optimizer, ckpt.load_optim_state(path), options=opts)
-        return
-    if cfg.fsdp:  # fsdp asked for, single process: the weights were not loaded before wrapping
-        student.load_state_dict(ckpt.load_model_state(path))
-    optimizer.load_state_dict(ckpt.load_optim_state(path))

@@ -58,6 +58,17 @@ def test_repo_pipeline_yaml_is_valid():
         (lambda d: d.update(extra=1), "top level: unknown key(s) 'extra'"),
         (lambda d: d["data"].update(max_seq_len=True), "data.max_seq_len: expected an integer"),
         (lambda d: d.update(students={"kd": {}}), "students: expected a list"),
+        (lambda d: d["students"][1]["init"].update(hiden_size=64),
+         "students[1].init.hiden_size: not a field of LlamaConfig (did you mean hidden_size?)"),
+        (lambda d: d["students"][1]["init"].update(num_attention_heads=3),
+         "students[1].init: invalid LlamaConfig: The hidden size (64) is not a multiple of the number of "
+         "attention heads (3)."),
+        (lambda d: d["students"][1]["init"].update(hidden_size="big"),
+         "students[1].init.hidden_size: invalid LlamaConfig: Field 'hidden_size' expected int"),
+        (lambda d: d["students"][1]["init"].update(model_type="lama"),
+         "students[1].init.model_type: 'lama' is not a transformers model type (did you mean llama?)"),
+        (lambda d: d["students"][1]["init"].update(model_type="vit"),
+         "students[1].init.model_type: 'vit' has no causal language model in transformers"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, mutate, expected):
@@ -140,3 +151,27 @@ def test_missing_data_path_and_teacher_are_named(tmp_path):
     data = dict(MINIMAL, teacher={"top_k": 8})
     with pytest.raises(ConfigError, match="teacher.model: set"):
         load_config(write(tmp_path, data))
+
+
+def test_valid_inits_of_other_model_types_load(tmp_path):
+    data = dict(MINIMAL, students=[
+        {"name": "gpt2", "init": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2}},
+        {"name": "alias", "init": {"model_type": "gpt2", "hidden_size": 64, "num_attention_heads": 2}},
+        {"name": "llama", "init": {"hidden_size": 64, "num_attention_heads": 2, "tie_word_embeddings": True}},
+    ])
+    cfg = load_config(write(tmp_path, data))
+    assert [s.name for s in cfg.students] == ["gpt2", "alias", "llama"]
+
+
+def test_config_without_init_students_does_not_import_transformers(tmp_path):
+    """Checking `init` needs transformers (seconds to import); other configs load without it."""
+    import subprocess
+    import sys
+
+    data = dict(MINIMAL, students=[MINIMAL["students"][0]])
+    code = ("import sys; from pipeline.config import load_config; load_config(sys.argv[1]); "
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(write(tmp_path, data))], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

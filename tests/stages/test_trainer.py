@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import torch
 from pipeline.config import LossConfig, OptimConfig, StudentConfig
 from stages.student import checkpoint as ckpt
 from stages.student.model import VocabularyMismatchError, build_student, check_vocabulary
-from stages.student.trainer import train_student
+from stages.student.trainer import lr_at, train_student
 from tests import fixtures
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,11 +37,12 @@ STUDENT_INIT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 
 
 def build_teacher_cache(root: Path, tokenizer, *, num_sequences: int = 48, num_shards: int = 2,
-                        top_k: int = TOP_K, max_len: int = 24, seed: int = 0) -> str:
+                        top_k: int = TOP_K, max_len: int = 24, seed: int = 0, unk_every: int = 0) -> str:
     """Score generated sentences with a tiny random teacher and write a format-v1 cache.
 
     The last two thirds of each sequence (and its EOS) are the trained targets;
     the teacher's logits are sharpened so its uncertainty varies across positions.
+    `unk_every=n` turns every n-th token into the unknown token (text the tokenizer does not cover).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -55,6 +57,8 @@ def build_teacher_cache(root: Path, tokenizer, *, num_sequences: int = 48, num_s
     records = []
     for i, text in enumerate(fixtures.generated_text(num_sequences, seed=seed + 3)):
         ids = tokenizer(text)["input_ids"][: max_len - 1] + [tokenizer.eos_token_id]
+        if unk_every:
+            ids = [tokenizer.unk_token_id if j % unk_every == 1 else t for j, t in enumerate(ids)]
         positions = np.arange(max(len(ids) // 3, 1) - 1, len(ids) - 1)
         with torch.no_grad():
             logprobs = (4.0 * teacher(torch.tensor([ids])).logits[0].float()).log_softmax(-1)
@@ -69,7 +73,7 @@ def build_teacher_cache(root: Path, tokenizer, *, num_sequences: int = 48, num_s
             for j in range(num_shards)]
     identity = {"teacher": "tiny-random", "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 "vocab_size": len(tokenizer), "top_k": top_k}
-    url = str(root / "cache")
+    url = str(root / ("cache" if not unk_every else f"cache-unk{unk_every}"))
     cache = Cache.create_or_open(url, identity, plan)
     for entry in plan:
         cache.write_shard(entry["index"], ShardData.from_sequences(records[entry["example_start"]:entry["example_end"]]))
@@ -224,6 +228,59 @@ def test_resume_config_changes(setup, reference, caplog):
         run(setup, student_config("kd", max_steps=10), out)
 
 
+def test_raising_max_steps_says_where_it_resumes_and_what_the_lr_does(setup, reference, capsys, caplog):
+    out = setup["root"] / "longer"
+    shutil.copytree(reference[0], out)
+    cfg = student_config(**RESUME_CFG)
+    cfg.optim.max_steps = 12
+    summary = run(setup, cfg, out)
+    assert summary.start_step == 8 and summary.steps == 12
+    printed = capsys.readouterr().out
+    count = sum(p.numel() for p in build_student(cfg, setup["tokenizer"]).parameters())
+    assert f"[student] atkd: {count / 1e6:.2f}M parameters (llama, hidden 64, 2 layers)" in printed
+    assert f"[student] resuming atkd from step 8 (checkpoint {ckpt.step_dir(out, 8)})" in printed
+    old, new = lr_at(8, student_config(**RESUME_CFG).optim), lr_at(8, cfg.optim)
+    assert old < new / 2  # finished: the old cosine sits at its floor, the new one is mid-way
+    assert "the learning-rate schedule changed (optim.max_steps 8 -> 12)" in caplog.text
+    assert f"the learning rate jumps from {old:.3g} to {new:.3g} at step 9" in caplog.text
+
+
+def test_every_checkpoint_corrupt_starts_from_scratch_and_sets_them_aside(setup, reference, capsys):
+    ref_out, _ = reference
+    out = setup["root"] / "all-corrupt"
+    shutil.copytree(ref_out, out)
+    (out / "done.json").unlink()
+    for step in (6, 8):
+        optim_file = ckpt.step_dir(out, step) / ckpt.OPTIM_FILE
+        data = bytearray(optim_file.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        optim_file.write_bytes(bytes(data))
+    capsys.readouterr()
+    summary = run(setup, student_config(**RESUME_CFG), out)
+    assert summary.start_step == 0 and summary.steps == 8
+    printed = capsys.readouterr().out
+    assert (f"[student] starting atkd from scratch: every checkpoint in {out / 'checkpoints'} is unusable (see "
+            "the warnings above); moved aside as corrupt-step_000006, corrupt-step_000008") in printed
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["corrupt-step_000006", "corrupt-step_000008", "step_000006", "step_000008"]
+    assert ckpt.checkpoint_problem(out / "checkpoints" / "corrupt-step_000008") is not None  # kept as it was
+    assert logged_losses(out) == logged_losses(ref_out)
+    assert ckpt.latest_valid_checkpoint(out).step == 8
+
+
+def test_unknown_tokens_in_the_data_are_warned_about(setup, caplog):
+    url = build_teacher_cache(setup["root"], setup["tokenizer"], unk_every=5)
+    train_student(student_config("kd", name="unk", max_steps=1), cache_url=url, out_dir=setup["root"] / "unk",
+                  tokenizer_path=setup["tok_dir"], progress=False)
+    share = re.search(r"student 'unk': (\d+\.\d)% of the tokens in the first batch are the unknown token '<unk>'",
+                      caplog.text)
+    assert share and 15 < float(share.group(1)) < 25, caplog.text  # every 5th token
+    assert "the tokenizer does not cover this data (or the chat template's role words)" in caplog.text
+    caplog.clear()
+    run(setup, student_config("kd", name="no-unk", max_steps=1), setup["root"] / "no-unk")
+    assert "unknown token" not in caplog.text
+
+
 # ---------------------------------------------------------------- vocabulary
 
 
@@ -323,32 +380,54 @@ torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
 from tests.stages.test_trainer import student_config
 from stages.student.trainer import train_student
+batch_size, names = int(sys.argv[1]), sys.argv[2:]
 dist.init_process_group("gloo")  # the trainer joins an existing group and leaves it to us
-for name, fsdp in (("ddp", False), ("fsdp", True)):
-    cfg = student_config("atkd", name=name, max_steps=3, batch_size=2)
-    cfg.fsdp = fsdp
+for name in names:
+    cfg = student_config("atkd", name=name, max_steps=3, batch_size=batch_size)
+    cfg.fsdp = name == "fsdp"
     train_student(cfg, cache_url={url!r}, out_dir={root!r} + "/" + name, tokenizer_path={tok!r}, progress=False)
 dist.destroy_process_group()
 """
+RANKS = 2
+
+
+def torchrun(script: Path, nproc: int, *args: str) -> None:
+    """Run `script` under torchrun on CPU when fewer GPUs than RANKS are visible (one GPU cannot host rank 1)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if torch.cuda.device_count() < RANKS:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # every run of the comparison on the same device type
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def test_ddp_and_fsdp_two_processes_equal_single_process(setup):
-    """2 CPU ranks x 2 sequences == 1 process x 4 sequences (the same global batches)."""
-    single_out = setup["root"] / "single"
-    single = run(setup, student_config("atkd", name="single", max_steps=3, batch_size=4), single_out)
+    """2 ranks x 2 sequences == 1 process x 4 sequences (the same global batches), on CPU unless 2 GPUs."""
     script_file = setup["root"] / "ddp_main.py"
     script_file.write_text(DDP_SCRIPT.format(repo=str(REPO), url=setup["url"], root=str(setup["root"]),
                                              tok=setup["tok_dir"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script_file)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun(script_file, 1, "4", "single")  # the reference, on the same device type as the ranks
+    torchrun(script_file, RANKS, "2", "ddp", "fsdp")
+    single_out = setup["root"] / "single"
     ref_w = final_weights(single_out)
     for name in ("ddp", "fsdp"):
         out = setup["root"] / name
-        np.testing.assert_allclose(logged_losses(out), single.losses, rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(logged_losses(out), logged_losses(single_out), rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
         # Adam turns float noise in near-zero gradients into steps of ~lr * noise / eps-scale:
         # a few elements differ by ~5e-6 after 3 steps; a wrong gradient would differ by ~lr.
         w = final_weights(out)
         for k in ref_w:
             torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=2e-5, msg=f"{name}: {k}")
+
+
+def test_device_is_the_local_gpu_cpu_or_a_clear_error():
+    from stages.student.distributed import pick_device
+
+    assert pick_device(0, 0) == torch.device("cpu") and pick_device(1, 0) == torch.device("cpu")
+    assert pick_device(0, 1) == torch.device("cuda:0") and pick_device(1, 2) == torch.device("cuda:1")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=1 but only 1 CUDA device\(s\) are visible: start at most "
+                                           r"1 process\(es\) per node \(torchrun --nproc_per_node 1\), or hide "
+                                           r"the GPUs \(CUDA_VISIBLE_DEVICES=\)"):
+        pick_device(1, 1)
