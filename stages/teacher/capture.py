@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stages import data as data_mod
+from stages.teacher import provenance
 from stages.fingerprint import (
     data_fingerprint,
     describe_tokenizer_difference,
@@ -232,6 +233,7 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
         cache = Cache.create_or_open(cache_cfg.path, identity, plan)
     except CacheMismatchError as e:
         raise _explain_mismatch(e, cache_cfg.path, identity) from None
+    cache.remove_stale_partials()  # killed writers' shard-N.zarr.partial-* (logged)
 
     summary = CaptureSummary(cache=str(cache_cfg.path), shards_total=len(plan), data=stats.as_dict())
     done_at_start = set(cache.completed_shards())
@@ -257,6 +259,7 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
                         )
                 summary.engine = engine.name
                 summary.engine_reason = getattr(engine, "choice_reason", "")
+                provenance.record_start(cache, teacher_cfg, engine)
                 t_shard = time.perf_counter()
                 with _Heartbeat(lease, teacher_cfg.lease_seconds) as beat:
                     rows = engine.score(part, teacher_cfg.top_k)
@@ -285,6 +288,8 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
             bar.close()
         if own_engine and engine is not None:
             engine.close()
+    if summary.shards_written:
+        provenance.record_end(cache)
     if cache.manifest.shards_done != cache.completed_shards():
         cache.refresh_manifest()  # e.g. a worker was killed between its last commit and the manifest update
     summary.seconds = time.perf_counter() - t_start
@@ -339,6 +344,6 @@ def _release_quietly(lease) -> None:
 def _progress_bar(enabled: bool, total: int, initial: int):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from stages.progress import tqdm
 
     return tqdm(total=total, initial=initial, unit="shard", desc="teacher", file=sys.stderr, dynamic_ncols=True)
