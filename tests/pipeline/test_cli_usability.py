@@ -344,3 +344,25 @@ def test_student_start_removes_partials_of_dead_processes_only(ws):
         assert not p.exists() and f"removed {p} (left by an interrupted save whose process is gone)" in log
     assert (out / f".final.partial-{live}").is_dir()  # its process runs: not ours to delete
     assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.vllm
+def test_vllm_teacher_output_goes_to_the_stage_log(ws):
+    """vLLM's ~60 start-up lines (its engine core is a child process) land in logs/teacher.log."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    cfg = config(ws, "vllm-quiet")
+    proc = atkd_subprocess("teacher", str(cfg), "teacher.backend=vllm")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "\r" not in proc.stderr and "Traceback" not in proc.stderr
+    assert all(line.startswith(("[atkd]", "[teacher]")) for line in lines), proc.stderr
+    assert "[teacher] 8/8 shard (100%)" in proc.stderr
+    log = (ws["root"] / "vllm-quiet" / "logs" / "teacher.log").read_text()
+    assert "Initializing a V1 LLM engine" in log and log.count("vllm[") >= 10
+    prov = json.loads((ws["root"] / "vllm-quiet" / "cache" / "manifest.json").read_text())["provenance"]
+    import vllm
+
+    assert prov["engine"] == "vllm" and prov["engine_version"] == vllm.__version__
