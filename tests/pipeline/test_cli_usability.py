@@ -366,3 +366,10 @@ def test_vllm_teacher_output_goes_to_the_stage_log(ws):
     import vllm
 
     assert prov["engine"] == "vllm" and prov["engine_version"] == vllm.__version__
+
+
+def test_inspect_and_verify_refuse_bad_arguments_with_a_clear_message(ws, capsys):
+    rc, err = atkd_here(capsys, "inspect", str(ws["ref_cache"]), "--shards", "-1")
+    assert rc == 1 and "--shards must be >= 0, got -1" in err
+    rc, err = atkd_here(capsys, "verify", str(ws["ref_cache"]), "teacher.top_k=4")
+    assert rc == 2 and "overrides ['teacher.top_k=4'] only apply to a config file" in err
