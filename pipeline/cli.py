@@ -6,8 +6,11 @@
     atkd eval    [pipeline.yaml] [a.b=c ...]   evaluate students + teacher, write the report
     atkd status  [pipeline.yaml]               what is done
     atkd verify  [CACHE_OR_CONFIG]             check every shard of a cache
+    atkd inspect [CACHE_OR_CONFIG] [--shards N]   counts, size, teacher uncertainty, provenance
 
-The config defaults to ./pipeline.yaml. Arguments containing '=' are overrides.
+The config defaults to ./pipeline.yaml. Arguments containing '=' are overrides,
+anywhere on the line. run/teacher/student take --dry-run; -v shows engine and
+library logs on the console (they always go to <run_dir>/logs/<stage>.log).
 """
 
 from __future__ import annotations
@@ -62,9 +65,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _dry_run(args, cfg: PipelineConfig, only_student: str | None = None) -> bool:
+    """With --dry-run: print the plan and return True (the command then does nothing else)."""
+    if not getattr(args, "dry_run", False):
+        return False
+    from pipeline.dryrun import plan_text
+
+    print(plan_text(cfg, args.command, only_student))
+    return True
+
+
 def cmd_teacher(args) -> int:
     cfg = _load(args.rest)
     _apply_workers(cfg, args)
+    if _dry_run(args, cfg):
+        return 0
     runner.prepare(cfg)
     runner.run_teacher(cfg)
     return 0
@@ -75,6 +90,8 @@ def cmd_student(args) -> int:
     names = [cfg.student(args.student).name] if args.student else [s.name for s in cfg.students]
     if not names:
         raise ConfigError("no students in the config: add a `students:` list to pipeline.yaml")
+    if _dry_run(args, cfg, args.student and names[0]):
+        return 0
     runner.prepare(cfg)
     for name in names:
         runner.run_student(cfg, cfg.student(name))
@@ -92,6 +109,8 @@ def cmd_eval(args) -> int:
 def cmd_run(args) -> int:
     cfg = _load(args.rest)
     _apply_workers(cfg, args)
+    if _dry_run(args, cfg):
+        return 0
     t0 = time.time()
     did_work = runner.run_all(cfg)
     if not did_work:
@@ -110,40 +129,83 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _cache_target(args) -> str:
+    """A cache path/URL, or the cache.path of a config file (with its overrides)."""
+    target = args.target or DEFAULT_CONFIG
+    if target.endswith((".yaml", ".yml")):
+        return load_config(target, args.rest).cache.path
+    if args.rest:
+        raise ConfigError(f"overrides {args.rest} only apply to a config file, and {target!r} is a cache")
+    return target
+
+
 def cmd_verify(args) -> int:
     from storage.verify import verify_cache
 
-    target = args.target or DEFAULT_CONFIG
-    url = target
-    if target.endswith((".yaml", ".yml")):
-        url = load_config(target, args.rest).cache.path
-    report = verify_cache(url)
+    report = verify_cache(_cache_target(args))
     print(report.summary())
     return 0 if report.ok else 1
 
 
+def cmd_inspect(args) -> int:
+    from storage.inspect import inspect_cache
+
+    print(inspect_cache(_cache_target(args), max_shards=args.shards).text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show engine and library logs on the console (always in <run_dir>/logs/)")
     sub = p.add_subparsers(dest="command", required=True)
+    # -v after the subcommand too; SUPPRESS keeps a top-level -v from being reset by the subparser.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    def add(name: str, fn, help_text: str):
-        sp = sub.add_parser(name, help=help_text)
+    def add(name: str, fn, help_text: str, *, dry_run: bool = False):
+        sp = sub.add_parser(name, help=help_text, parents=[verbose])
         sp.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")
+        if dry_run:
+            sp.add_argument("--dry-run", action="store_true",
+                            help="say what would run (data rows, shards, cache size, students) and run nothing")
         sp.set_defaults(fn=fn)
         return sp
 
     workers_help = "teacher worker processes on this node, each on its own GPUs (N or auto; default teacher.num_workers)"
-    add("run", cmd_run, "run every stage that is not done yet").add_argument("--workers", help=workers_help)
-    add("teacher", cmd_teacher, "stage one: cache teacher top-k log-probs").add_argument("--workers", help=workers_help)
-    sp = add("student", cmd_student, "stage two: train the students")
+    add("run", cmd_run, "run every stage that is not done yet", dry_run=True).add_argument("--workers", help=workers_help)
+    add("teacher", cmd_teacher, "stage one: cache teacher top-k log-probs",
+        dry_run=True).add_argument("--workers", help=workers_help)
+    sp = add("student", cmd_student, "stage two: train the students", dry_run=True)
     sp.add_argument("--student", help="train only this student (by name)")
     add("eval", cmd_eval, "evaluate students and teacher, write the report")
     add("status", cmd_status, "show what is done")
-    sp = sub.add_parser("verify", help="verify every shard of a cache")
-    sp.add_argument("target", nargs="?", help="cache path/URL or a config file (default ./pipeline.yaml)")
-    sp.add_argument("rest", nargs="*", metavar="key=value")
-    sp.set_defaults(fn=cmd_verify)
+    for name, fn, help_text in (("verify", cmd_verify, "verify every shard of a cache"),
+                                ("inspect", cmd_inspect, "what a cache holds: counts, size, teacher uncertainty")):
+        sp = sub.add_parser(name, help=help_text, parents=[verbose])
+        sp.add_argument("target", nargs="?", help="cache path/URL or a config file (default ./pipeline.yaml)")
+        sp.add_argument("rest", nargs="*", metavar="key=value")
+        sp.set_defaults(fn=fn)
+    sp.add_argument("--shards", type=int, default=8, metavar="N",
+                    help="read at most N shards for the histogram and top-k mass (default 8)")
     return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but key=value (and the config path) may come anywhere, e.g. after --student NAME.
+
+    argparse stops filling the positional list at the first option; whatever
+    positional text it could not place is handed back here and appended in order.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    options = [a for a in extra if a.startswith("-")]
+    if options:
+        parser.error(f"unrecognized arguments: {' '.join(options)} (see `atkd {args.command} --help`)")
+    if extra and getattr(args, "target", "") is None:
+        args.target, extra = extra[0], extra[1:]
+    args.rest = list(args.rest) + extra
+    return args
 
 
 def _os_error_hint(e: BaseException) -> str:
@@ -162,7 +224,10 @@ def _os_error_hint(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    from stages.logs import set_verbose
+
+    set_verbose(args.verbose)
     try:
         return args.fn(args)
     except ConfigError as e:

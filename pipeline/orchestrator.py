@@ -53,13 +53,25 @@ def results_path(cfg: PipelineConfig) -> Path:
 # ------------------------------------------------------------------ stages
 
 
+def logs_dir(cfg: PipelineConfig) -> Path:
+    return Path(cfg.run_dir) / "logs"
+
+
+def stage_log(cfg: PipelineConfig, stage: str):
+    """Engine and library output of `stage` -> <run_dir>/logs/<stage>.log (see stages/logs.py)."""
+    from stages.logs import stage_log as route
+
+    return route(logs_dir(cfg), stage)
+
+
 def prepare(cfg: PipelineConfig) -> None:
     """Record the resolved config; build the demo task and teacher if the config asks."""
     save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
     if cfg.demo.enabled:
         from stages.demo.teacher import prepare_demo
 
-        prepare_demo(cfg.demo, cfg.run_dir, cfg.data)
+        with stage_log(cfg, "demo"):
+            prepare_demo(cfg.demo, cfg.run_dir, cfg.data)
 
 
 def open_cache(url: str):
@@ -96,6 +108,11 @@ def run_teacher(cfg: PipelineConfig, *, validation: bool = False) -> bool:
     Returns True if it did any work. When both caches are to be written, one
     engine serves both: a vLLM start costs tens of seconds even on a tiny model.
     """
+    with stage_log(cfg, "teacher"):
+        return _run_teacher(cfg, validation)
+
+
+def _run_teacher(cfg: PipelineConfig, validation: bool) -> bool:
     from stages.teacher.capture import run_capture
 
     from pipeline.workers import resolve_workers, run_workers
@@ -166,6 +183,11 @@ def check_training_cache(cfg: PipelineConfig) -> int:
 
 def run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
     """Stage two for one student. Returns True if it did any work."""
+    with stage_log(cfg, "student"):
+        return _run_student(cfg, scfg)
+
+
+def _run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
     from stages.student.trainer import train_student
 
     if student_done(cfg, scfg.name):
@@ -182,11 +204,22 @@ def run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
                               f"trained yet: run `atkd student --student {scfg.init_from}` first (or `atkd run`)")
         scfg = copy.deepcopy(scfg)
         scfg.model = str(student_dir(cfg, scfg.init_from) / "final")
+    _remove_stale_partials(student_dir(cfg, scfg.name))
     _log(f"stage two: training student {scfg.name!r} with loss {scfg.loss.kind}"
          + (f", starting from student {scfg.init_from!r}" if scfg.init_from else ""))
     train_student(scfg, cache_url=cfg.cache.path, out_dir=str(student_dir(cfg, scfg.name)),
                   tokenizer_path=cfg.teacher.model, top_k=top_k)
     return True
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Leftovers of killed saves (final.partial-<pid>, ...); one process per job does it (RANK 0)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from stages.student.checkpoint import remove_stale_partials
+
+    for path in remove_stale_partials(out):
+        _log(f"removed {path} (left by an interrupted save whose process is gone)")
 
 
 def _eval_stale(cfg: PipelineConfig) -> bool:
@@ -203,6 +236,11 @@ def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
     if not force and not _eval_stale(cfg):
         _log(f"evaluation {results_path(cfg)} is up to date; skipping")
         return None
+    with stage_log(cfg, "eval"):
+        return _run_eval(cfg)
+
+
+def _run_eval(cfg: PipelineConfig) -> dict:
     from stages.evaluate import evaluate_models
     from stages.report import write_report
     from stages.teacher.capture import run_capture

@@ -183,13 +183,15 @@ def generate_vllm(model_dir: str, tokenizer, rows: list[dict], data_cfg, *, max_
     from vllm import LLM, SamplingParams
 
     from stages.data import prompt_ids
+    from stages.logs import engine_output
 
     prompts = [{"prompt_token_ids": prompt_ids(row, tokenizer, data_cfg, i)} for i, row in enumerate(rows)]
     max_len = max(len(p["prompt_token_ids"]) for p in prompts) + max_new_tokens
     on_gpu = torch.cuda.is_available()
-    llm = LLM(model=model_dir, tokenizer=model_dir, dtype="auto" if on_gpu else "float32",
-              max_model_len=max_len, gpu_memory_utilization=0.3 if not on_gpu else 0.5,
-              enforce_eager=not on_gpu, enable_prefix_caching=False)
+    with engine_output():  # vLLM's start-up chatter -> the stage log
+        llm = LLM(model=model_dir, tokenizer=model_dir, dtype="auto" if on_gpu else "float32",
+                  max_model_len=max_len, gpu_memory_utilization=0.3 if not on_gpu else 0.5,
+                  enforce_eager=not on_gpu, enable_prefix_caching=False)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
         outputs = llm.generate(prompts, params, use_tqdm=False)

@@ -13,8 +13,9 @@ import time
 from typing import Any
 
 from storage import lease as leases
+from storage import partials
 from storage import shard as shards
-from storage.errors import CacheMismatchError, CorruptShardError, ShardExistsError  # noqa: F401 (re-export)
+from storage.errors import CacheMismatchError, CorruptShardError, ManifestError, ShardExistsError  # noqa: F401
 from storage.fs import CacheFS
 from storage.lease import Lease
 from storage.manifest import MANIFEST_NAME, Manifest, create_manifest, normalize_json, read_manifest, write_manifest
@@ -186,10 +187,39 @@ class Cache:
         for _ in range(3):
             done = self.completed_shards()
             self.manifest.shards_done = done
+            self._merge_disk_provenance()
             write_manifest(self.fs, self.manifest)
             if self.completed_shards() == done:
                 break
         return self.manifest
+
+    def update_provenance(self, values: dict[str, Any]) -> Manifest:
+        """Merge ``values`` into the manifest's provenance and rewrite it atomically.
+
+        Provenance (teacher path, engine, host, times) never changes the
+        fingerprint. The manifest on disk is re-read first, so what other
+        workers recorded is kept; of two writers of one key the last one wins.
+        """
+        self._merge_disk_provenance()
+        self.manifest.provenance.update(normalize_json(values))
+        write_manifest(self.fs, self.manifest)
+        return self.manifest
+
+    def _merge_disk_provenance(self) -> None:
+        try:
+            on_disk = read_manifest(self.fs).provenance
+        except ManifestError:
+            return
+        self.manifest.provenance = {**on_disk, **self.manifest.provenance}
+
+    def remove_stale_partials(self) -> list[str]:
+        """Delete temporary shard directories (``shard-N.zarr.partial-<uuid>``) no writer owns.
+
+        A partial is stale when its shard is complete or when no live lease
+        covers the shard (its writer was killed, or gave the shard up). Returns
+        the locations removed. Object stores write shards in place: nothing to do.
+        """
+        return partials.remove_stale(self)
 
     # ---- reading ----------------------------------------------------------
     def read_shard(self, index: int, *, verify_checksums: bool = True) -> ShardData:

@@ -34,7 +34,10 @@ def normalize_json(value: Any) -> Any:
 class Manifest:
     """identity: teacher, tokenizer fingerprint, top_k, data fingerprint, template,
     max_seq_len, vocab_size, ... (free-form, compared key by key on reopen).
-    shard_plan: one dict per shard, e.g. {"index", "example_start", "example_end"}."""
+    shard_plan: one dict per shard, e.g. {"index", "example_start", "example_end"}.
+    provenance: how it was made (teacher path, engine and version, dtype, host,
+    start/end times); informational only, so never part of the fingerprint or
+    of the identity comparison. Manifests written before it existed read as {}."""
 
     identity: dict[str, Any]
     shard_plan: list[dict[str, Any]]
@@ -43,6 +46,7 @@ class Manifest:
     dtypes: dict[str, str] = field(default_factory=lambda: dict(ARRAY_DTYPES))
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_shards(self) -> int:

@@ -235,7 +235,7 @@ def cache_snapshot(url: str) -> dict:
 
     root = Path(url)
     manifest = json.loads((root / "manifest.json").read_text())
-    for key in ("created_at", "updated_at"):
+    for key in ("created_at", "updated_at", "provenance"):  # when, where and by which engine version
         manifest.pop(key, None)
     shards = {}
     for path in sorted((root / "shards").glob("shard-*.zarr")):

@@ -260,7 +260,7 @@ def train_demo_teacher(demo_cfg, data_cfg, tokenizer, train_path: Path, validati
     stand-in for a kill, used by the resume test)."""
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
+    from stages.progress import tqdm
     from transformers import LlamaForCausalLM
 
     from stages.data import tokenize_examples

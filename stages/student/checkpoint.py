@@ -8,8 +8,8 @@
 
 A checkpoint is written into a hidden temporary directory and renamed into
 place, so a reader sees either nothing or the whole thing. A killed writer
-leaves at most a `.step_*.partial-*` directory, which is ignored and cleaned
-up later. `latest_valid_checkpoint` verifies the `complete` checksums and falls
+leaves at most a `.step_*.partial-<pid>-*` directory, which is ignored and
+removed at the next trainer start once its pid is gone (`remove_stale_partials`). `latest_valid_checkpoint` verifies the `complete` checksums and falls
 back to an older checkpoint when the newest is damaged.
 """
 
@@ -195,6 +195,49 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
     for p in root.iterdir():
         if p.name.startswith(".step_") and (".partial-" in p.name or ".trash-" in p.name):
             shutil.rmtree(p, ignore_errors=True)
+
+
+# Temporary names of interrupted writes: `.final.partial-<pid>`, `log.jsonl.partial-<pid>`,
+# `done.json.partial-<pid>`, `checkpoints/.step_000004.partial-<pid>-<hex>`.
+_PARTIAL = re.compile(r"^.+\.partial-(\d+)(?:-[0-9a-f]+)?$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (a pid of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_partials(out_dir: str | Path) -> list[Path]:
+    """Temporary files/directories of killed saves in a student directory: their pid is not alive here."""
+    out = Path(out_dir)
+    found = []
+    for folder in (out, out / CHECKPOINTS):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            m = _PARTIAL.match(p.name)
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+                found.append(p)
+    return found
+
+
+def remove_stale_partials(out_dir: str | Path) -> list[Path]:
+    """Delete what `stale_partials` finds (call at trainer start, on one process per host); return it."""
+    removed = stale_partials(out_dir)
+    for p in removed:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return removed
 
 
 def checkpoint_problem(path: Path) -> str | None:

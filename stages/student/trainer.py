@@ -232,7 +232,7 @@ def train_student(student_cfg, *, cache_url: str, out_dir: str | os.PathLike, to
 
 def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: bool, d: Dist,
            top_k: int | None = None) -> TrainSummary:
-    from tqdm.auto import tqdm
+    from stages.progress import tqdm
 
     from storage.cache import Cache
     from storage.dataset import CacheDataset

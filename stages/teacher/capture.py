@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from stages import data as data_mod
+from stages.teacher import provenance
 from stages.teacher.identity import cache_identity, check_teacher, explain_mismatch, refuse_legacy, shard_plan
 from stages.teacher.shard_writer import LOGPROB_FLOOR, Heartbeat, ScoredShard, ShardWriter, build_shard  # noqa: F401
 
@@ -85,6 +86,7 @@ def open_for_capture(data_cfg, teacher_cfg, cache_cfg):
         cache = Cache.create_or_open(cache_cfg.path, identity, plan)
     except CacheMismatchError as e:
         raise explain_mismatch(e, cache_cfg.path, identity) from None
+    cache.remove_stale_partials()  # killed writers' shard-N.zarr.partial-* (logged)
     return cache, source, tokenizer, vocab_size
 
 
@@ -126,6 +128,7 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
                 raise RuntimeError(f"engine vocabulary {engine.vocab_size} != model config vocab_size {vocab_size}")
             summary.engine = engine.name
             summary.engine_reason = getattr(engine, "choice_reason", "")
+            provenance.record_start(cache, teacher_cfg, engine)
         return engine
 
     def on_commit(shard: ScoredShard) -> None:
@@ -177,6 +180,8 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
             bar.close()
         if own_engine and engine is not None:
             engine.close()
+    if summary.shards_written:
+        provenance.record_end(cache)
     if cache.manifest.shards_done != cache.completed_shards():
         cache.refresh_manifest()  # e.g. a worker was killed between its last commit and the manifest update
     summary.seconds = time.perf_counter() - t_start
@@ -232,6 +237,6 @@ def _release_quietly(lease) -> None:
 def _progress_bar(enabled: bool, total: int, initial: int):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from stages.progress import tqdm
 
     return tqdm(total=total, initial=initial, unit="shard", desc="teacher", file=sys.stderr, dynamic_ncols=True)

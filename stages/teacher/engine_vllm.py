@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.logs import engine_output
 from stages.teacher.engine_hf import TeacherRows
 
 # Prompt tokens per `LLM.generate` call: bounds the python-side result lists.
@@ -151,7 +152,8 @@ class VLLMTeacherEngine:
         try:
             if in_process:
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            self.llm = LLM(**kwargs)
+            with engine_output():  # start-up chatter of vLLM and its engine processes -> the stage log
+                self.llm = LLM(**kwargs)
         finally:
             if in_process:
                 if saved is None:

@@ -32,7 +32,7 @@ class CacheProgress:
                 return None
             self._seen = set(self._cache.completed_shards())  # done before we started: no rate
             if self.enabled:
-                from tqdm.auto import tqdm
+                from stages.progress import tqdm
 
                 self._bar = tqdm(total=self._cache.num_shards, initial=len(self._seen), unit="shard",
                                  desc="teacher", file=sys.stderr, dynamic_ncols=True)
