@@ -8,7 +8,10 @@ Per engine, on the same token sequences (every position a target, like `text` da
 - bare:    the model's forward pass alone (transformers: full logits at every
            position; vLLM: prefill with no log-probs, one sampled token);
 - score:   engine.score -> top-k ids/log-probs + gold log-prob per position;
-- capture: score + build the shard (float16) + Cache.write_shard (zarr, atomic).
+- capture: stage one's loop: score, then build the shard (float16, checksums) and
+           Cache.write_shard (zarr, atomic) on the background writer thread
+           while the next shard is scored (stages/teacher/shard_writer.py);
+- capture in line: the same with build + write in the scoring thread (before).
 Tokens/s counts input tokens. vLLM runs in a child process (in-process engine
 mode, which pins that process's threads). Prints a markdown table.
 """
@@ -27,12 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build_model(out: Path, vocab: int, hidden: int, layers: int, heads: int) -> str:
+def build_model(out: Path, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int | None = None,
+                intermediate: int | None = None) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, head_dim=hidden // heads,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or hidden * 3,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads or heads, head_dim=hidden // heads,
                          max_position_embeddings=2048, initializer_range=0.1, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
@@ -60,19 +65,32 @@ def timed(fn, repeat: int):
     return best
 
 
-def capture_fn(engine, examples, top_k, per_shard, cache_root):
-    """Score + build + write every shard into a fresh cache; returns a callable."""
-    from stages.teacher.capture import build_shard
+def capture_fn(engine, examples, top_k, per_shard, cache_root, *, overlap: bool = True):
+    """Stage one's loop over every shard into a fresh cache; returns a callable.
+
+    overlap=True is what run_capture does: claim a lease, score in this thread, and
+    hand the shard to the background ShardWriter (build + checksum + zarr write)
+    while the next shard is scored. overlap=False builds and writes in line.
+    """
+    from stages.teacher.shard_writer import Heartbeat, ScoredShard, ShardWriter, build_shard
     from storage.cache import Cache
 
     def run():
         path = tempfile.mkdtemp(dir=cache_root)
-        plan = [{"index": i, "example_start": a, "example_end": min(a + per_shard, len(examples))}
+        plan = [{"index": i, "row_start": a, "row_end": min(a + per_shard, len(examples))}
                 for i, a in enumerate(range(0, len(examples), per_shard))]
         cache = Cache.create_or_open(path, {"top_k": top_k, "vocab_size": engine.vocab_size}, plan)
-        for entry in plan:
-            part = examples[entry["example_start"]:entry["example_end"]]
-            cache.write_shard(entry["index"], build_shard(part, engine.score(part, top_k), top_k))
+        writer = ShardWriter(cache, top_k, on_commit=lambda s: None, on_lost=lambda s, e: None)
+        while (lease := cache.claim_shard("bench", 600.0)) is not None:
+            entry = plan[lease.shard_index]
+            part = examples[entry["row_start"]:entry["row_end"]]
+            rows = engine.score(part, top_k)
+            if overlap:
+                writer.submit(ScoredShard(lease, Heartbeat(lease, 600.0), part, rows))
+            else:
+                cache.write_shard(lease.shard_index, build_shard(part, rows, top_k), lease=lease)
+        writer.close()
+        assert cache.is_complete()
     return run
 
 
@@ -90,6 +108,8 @@ def bench_hf(args, model_dir, examples):
         res["score"] = timed(lambda: engine.score(examples, args.top_k), args.repeat)
         with tempfile.TemporaryDirectory() as root:
             res["capture"] = timed(capture_fn(engine, examples, args.top_k, args.per_shard, root), args.repeat)
+            res["capture_inline"] = timed(capture_fn(engine, examples, args.top_k, args.per_shard, root,
+                                                     overlap=False), args.repeat)
     finally:
         engine.close()
     return res
@@ -119,6 +139,8 @@ def bench_vllm_child(args, model_dir, examples):
         engine._sampling = engine._sampling_params(args.top_k)
         with tempfile.TemporaryDirectory() as root:
             res["capture"] = timed(capture_fn(engine, examples, args.top_k, args.per_shard, root), args.repeat)
+            res["capture_inline"] = timed(capture_fn(engine, examples, args.top_k, args.per_shard, root,
+                                                     overlap=False), args.repeat)
     finally:
         engine.close()
     return res
@@ -131,6 +153,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, help="default: --heads")
+    p.add_argument("--intermediate", type=int, help="default: 3 x --hidden")
     p.add_argument("--seqs", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--top-k", type=int, default=64)
@@ -155,7 +179,8 @@ def main() -> None:
         vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     else:
         model_dir, vocab = str(work / "model"), args.vocab
-        label = build_model(work / "model", args.vocab, args.hidden, args.layers, args.heads)
+        label = build_model(work / "model", args.vocab, args.hidden, args.layers, args.heads, args.kv_heads,
+                            args.intermediate)
     examples = make_examples(args.seqs, args.seq_len, vocab)
     n_tokens = args.seqs * args.seq_len
     results = {}
@@ -172,12 +197,13 @@ def main() -> None:
             results["vllm"] = json.loads(spec.read_text())
     print(f"\nmodel: {label}; {args.seqs} x {args.seq_len} tokens, top_k={args.top_k}, "
           f"{args.per_shard} sequences/shard, best of {args.repeat}\n")
-    print("| engine | bare fwd tok/s | score tok/s | capture tok/s | score/bare | capture/bare |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| engine | bare fwd tok/s | score tok/s | capture tok/s | capture in line tok/s "
+          "| capture/score throughput | capture/bare throughput |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        bare, score, cap = (n_tokens / r[key] for key in ("bare", "score", "capture"))
-        print(f"| {name} | {bare:,.0f} | {score:,.0f} | {cap:,.0f} | {r['score'] / r['bare']:.2f}x time "
-              f"| {r['capture'] / r['bare']:.2f}x time |")
+        bare, score, cap, inline = (n_tokens / r[key] for key in ("bare", "score", "capture", "capture_inline"))
+        print(f"| {name} | {bare:,.0f} | {score:,.0f} | {cap:,.0f} | {inline:,.0f} | {cap / score:.2f}x "
+              f"| {cap / bare:.2f}x |")
     if "transformers" in results and "vllm" in results:
         h, v = results["transformers"], results["vllm"]
         print(f"\nvLLM / transformers capture throughput: {h['capture'] / v['capture']:.2f}x")

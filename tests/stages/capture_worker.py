@@ -31,6 +31,7 @@ _score = engine_hf.HFTeacherEngine.score
 
 
 def run(spec: dict) -> None:
+    torch.set_num_threads(1)  # as the in-process references (test_teacher.one_thread)
     delay = float(spec.get("delay", 0.0))
 
     def slow_score(self, examples, top_k):

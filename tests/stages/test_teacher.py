@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -109,13 +110,29 @@ def assert_caches_equal(a, b):
         assert x.equals(y), f"shard {i} differs"
 
 
+@contextlib.contextmanager
+def one_thread():
+    """In-process captures that are compared bit for bit with worker processes run with one
+    thread, as the workers do (capture_worker.run): another thread count rounds differently,
+    and earlier tests in the session may have changed this process's count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference_cache(tmp_path_factory, data_cfg, tiny_llama_dir, examples):
     """An uninterrupted single-worker capture (5 shards of 8 sequences)."""
     from stages.teacher.capture import run_capture
 
     path = tmp_path_factory.mktemp("ref") / "cache"
-    summary = run_capture(data_cfg, teacher_cfg(tiny_llama_dir), CacheConfig(path=str(path), sequences_per_shard=8))
+    with one_thread():
+        summary = run_capture(data_cfg, teacher_cfg(tiny_llama_dir), CacheConfig(path=str(path), sequences_per_shard=8))
     assert summary.shards_written == summary.shards_total == 5 and summary.engine == "transformers"
     assert summary.sequences == len(examples)
     return path
@@ -217,10 +234,11 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference_cache, da
     proc.join()
     done = Cache.open(str(path)).completed_shards()
     assert 2 <= len(done) < 5
-    summary = run_capture(
-        data_cfg, teacher_cfg(tiny_llama_dir, lease_seconds=1.0), CacheConfig(path=str(path), sequences_per_shard=8),
-        progress=False,
-    )
+    with one_thread():
+        summary = run_capture(
+            data_cfg, teacher_cfg(tiny_llama_dir, lease_seconds=1.0), CacheConfig(path=str(path), sequences_per_shard=8),
+            progress=False,
+        )
     assert summary.shards_skipped == len(done) and summary.shards_written == 5 - len(done)
     assert_caches_equal(path, reference_cache)
 
