@@ -31,15 +31,17 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
         -d .whl "$w"
     fi
   done
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || true
-  du -sh .whl
+  du -sh .whl   # .whl/ is in .gitignore
   exit 0
 fi
 
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}
+# The device image's venv; here (--tiny) the project's .venv; PYTHON overrides both.
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
 [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
+PY=${PYTHON:-$PY}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile .whl/*.whl > "$OUT/install.txt" 2>&1

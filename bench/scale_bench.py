@@ -64,7 +64,7 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def first_shard(work: Path, rows: int, teacher: Path, timeout: float) -> dict:
+def first_shard(work: Path, rows: int, teacher: Path, timeout: float, repo: Path = REPO) -> dict:
     data = work / f"rows-{rows}.jsonl"
     write_rows(data, rows)
     run_dir = work / f"run-{rows}"
@@ -75,10 +75,10 @@ def first_shard(work: Path, rows: int, teacher: Path, timeout: float) -> dict:
            "cache": {"path": str(run_dir / "cache"), "sequences_per_shard": 1000}}
     cfg_path = work / f"cfg-{rows}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(repo), "TOKENIZERS_PARALLELISM": "false"}
     shards = run_dir / "cache" / "shards"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "teacher", str(cfg_path)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "teacher", str(cfg_path)], cwd=repo, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while not (shards.is_dir() and any(p.suffix == ".zarr" for p in shards.iterdir())):
@@ -99,13 +99,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="20000,200000,1000000")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--repo", type=Path, default=REPO,
+                   help="the atkd checkout whose CLI runs (e.g. a worktree of an older commit, for a before/after)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="scale_bench_"))
     build_teacher(work / "teacher")
-    first_shard(work, 2000, work / "teacher", args.timeout)  # warm the page cache and imports
-    results = [first_shard(work, int(n), work / "teacher", args.timeout) for n in args.rows.split(",")]
+    first_shard(work, 2000, work / "teacher", args.timeout, args.repo)  # warm the page cache and imports
+    results = [first_shard(work, int(n), work / "teacher", args.timeout, args.repo) for n in args.rows.split(",")]
     base = results[0]
-    print(f"\nstage one, time to the first committed shard and the worker's peak RSS then "
+    print(f"\n{args.repo}: stage one, time to the first committed shard and the worker's peak RSS then "
           f"(transformers engine, tiny Llama, 1,000 rows/shard, {os.cpu_count()} CPUs)\n")
     print("| rows | jsonl MB | time to first shard s | peak RSS MiB | time vs smallest | RSS vs smallest |")
     print("|---:|---:|---:|---:|---:|---:|")
