@@ -25,6 +25,7 @@ import bisect
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -325,7 +326,18 @@ def _json_array_source(files: list[str]) -> RowSource:
         raise DataError(f"data.path {files[0]!r}: could not read the JSON array ({first}); convert it to "
                         "jsonl (one object per line) to get per-line errors") from None
     fingerprint = _combine(["json", *(_file_sha256(f) for f in files)])
+    _say_where_arrow_went(ds, files)
     return ArrowSource(ds, fmt="json", fingerprint=fingerprint, where=files[0], files=files)
+
+
+def _say_where_arrow_went(ds, files: list[str]) -> None:
+    """`datasets` converts a JSON array file into Arrow files in its cache: say where, and how big."""
+    paths = sorted({c["filename"] for c in ds.cache_files if "filename" in c})
+    if paths:
+        size = sum(os.path.getsize(p) for p in paths if os.path.exists(p))
+        print(f"[data] {files[0]}: read through `datasets`, which keeps an Arrow copy ({size / 1e6:.1f} MB) in "
+              f"{os.path.dirname(paths[0])} (HF_DATASETS_CACHE moves it); jsonl and parquet are read in place",
+              file=sys.stderr, flush=True)
 
 
 def open_rows(path: str, *, fmt: str = "auto", split: str = "train", columns: list[str] | None = None) -> RowSource:

@@ -188,6 +188,10 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
     summary.data = stats_total.as_dict()
     if stats_total.rows:
         _log(f"data: {stats_total.summary()}")
+    if stats_total.dropped:
+        _log(f"WARNING: {stats_total.dropped:,} of {stats_total.rows:,} rows ({stats_total.dropped / stats_total.rows:.1%}) "
+             f"were dropped ({stats_total.skipped_overlong:,} over-long, {stats_total.skipped_bad:,} bad); first reasons: "
+             + "; ".join(stats_total.reasons[:3]))
     _log(
         f"worker {worker_id}: wrote {summary.shards_written} shard(s) ({summary.tokens:,} tokens, "
         f"{summary.tokens_per_second:,.0f} tok/s), {summary.shards_skipped} were already done, "
