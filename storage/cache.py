@@ -15,7 +15,8 @@ from typing import Any
 from storage import lease as leases
 from storage import partials
 from storage import shard as shards
-from storage.errors import CacheMismatchError, CorruptShardError, ManifestError, ShardExistsError  # noqa: F401
+from storage.errors import (CacheMismatchError, CorruptShardError, ManifestError, ShardExistsError,  # noqa: F401
+                            StorageIOError)
 from storage.fs import CacheFS
 from storage.lease import Lease
 from storage.manifest import MANIFEST_NAME, Manifest, create_manifest, normalize_json, read_manifest, write_manifest
@@ -171,9 +172,9 @@ class Cache:
             shards.write_shard(self.fs, rel, data, codec=codec, extra_attrs=extra,
                                before_commit=lease.check if lease is not None else None)
         except OSError as e:  # disk full, read-only, ...: say which shard and that nothing was committed
-            raise OSError(e.errno, f"writing shard {index} to {self.fs.display(rel)} failed "
-                                   f"({e.strerror or e}); nothing of this shard was committed and the "
-                                   "completed shards are intact", e.filename) from e
+            raise StorageIOError(e.errno, f"writing shard {index} to {self.fs.display(rel)} failed "
+                                          f"({e.strerror or e}); nothing of this shard was committed and the "
+                                          "completed shards are intact", e.filename) from e
         leases.remove_leases(self.fs, index)
         self.refresh_manifest()
 
