@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from stages.teacher.config import TeacherConfig
+
 _POLL_SECONDS = 0.5
 
 
@@ -40,7 +42,7 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def resolve_workers(requested, teacher_cfg) -> tuple[int, list[list[str]]]:
+def resolve_workers(requested, teacher_cfg: TeacherConfig) -> tuple[int, list[list[str]]]:
     """(number of workers, the GPU ids of each; empty lists on a CPU machine).
 
     "auto": one worker per group of tensor_parallel_size x pipeline_parallel_size

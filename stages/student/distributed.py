@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from stages.student import checkpoint as ckpt
+from stages.student.config import StudentConfig
 
 
 @dataclass
@@ -73,7 +74,7 @@ def init_distributed() -> Dist:
                 device=device, owns_group=owns)
 
 
-def wrap_model(objective: torch.nn.Module, cfg, d: Dist) -> torch.nn.Module:
+def wrap_model(objective: torch.nn.Module, cfg: StudentConfig, d: Dist) -> torch.nn.Module:
     """DDP for students that fit one device, FSDP2 (fully_shard per decoder layer) otherwise."""
     if d.world_size <= 1:
         return objective
@@ -92,7 +93,7 @@ def wrap_model(objective: torch.nn.Module, cfg, d: Dist) -> torch.nn.Module:
 # ---------------------------------------------------------------- full state dicts
 
 
-def model_state(wrapped: torch.nn.Module, student: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
+def model_state(wrapped: torch.nn.Module, student: torch.nn.Module, cfg: StudentConfig) -> dict[str, torch.Tensor]:
     """The student's full state dict on CPU (gathered on every rank under FSDP)."""
     if cfg.fsdp and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -101,7 +102,7 @@ def model_state(wrapped: torch.nn.Module, student: torch.nn.Module, cfg) -> dict
     return {k: v.detach().cpu() for k, v in student.state_dict().items()}
 
 
-def optim_state(wrapped, optimizer, cfg) -> dict:
+def optim_state(wrapped, optimizer, cfg: StudentConfig) -> dict:
     if cfg.fsdp and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -110,7 +111,7 @@ def optim_state(wrapped, optimizer, cfg) -> dict:
     return optimizer.state_dict()
 
 
-def load_states(path: Path, wrapped, student, optimizer, cfg) -> None:
+def load_states(path: Path, wrapped, student, optimizer, cfg: StudentConfig) -> None:
     if cfg.fsdp and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)

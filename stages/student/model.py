@@ -10,9 +10,10 @@ than the tokenizer (models pad it to a multiple of 8/64, e.g. 50272 rows for
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
+
+from stages.student.config import StudentConfig
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ class VocabularyMismatchError(ValueError):
     """The student cannot read the cache's token ids; the message says what differs."""
 
 
-def load_student_tokenizer(student_cfg: Any, tokenizer_path: str | None = None, *,
+def load_student_tokenizer(student_cfg: StudentConfig, tokenizer_path: str | None = None, *,
                            cache_identity: dict | None = None):
     """The student's tokenizer: its own `tokenizer` setting, else its `model` path,
     else `tokenizer_path` (the pipeline passes the teacher's, which wrote the cache).
@@ -30,18 +31,18 @@ def load_student_tokenizer(student_cfg: Any, tokenizer_path: str | None = None, 
     """
     from transformers import AutoTokenizer
 
-    source = (getattr(student_cfg, "tokenizer", "") or student_cfg.model or tokenizer_path
+    source = (student_cfg.tokenizer or student_cfg.model or tokenizer_path
               or (cache_identity or {}).get("tokenizer") or "")
     if not source:
         raise ValueError(
             f"student {student_cfg.name!r}: no tokenizer to load; it is initialised from `init`, so "
             "pass tokenizer_path (the teacher's tokenizer, which wrote the cache)"
         )
-    trust = bool(getattr(student_cfg, "trust_remote_code", False))
+    trust = student_cfg.trust_remote_code
     return AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
 
 
-def build_student(student_cfg: Any, tokenizer=None) -> torch.nn.Module:
+def build_student(student_cfg: StudentConfig, tokenizer=None) -> torch.nn.Module:
     """A float32 causal LM: pretrained from `model`, or randomly initialised from `init`.
 
     Weights stay float32 (the optimiser's master copy); bf16 comes from autocast
@@ -50,7 +51,7 @@ def build_student(student_cfg: Any, tokenizer=None) -> torch.nn.Module:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-    trust = bool(getattr(student_cfg, "trust_remote_code", False))
+    trust = student_cfg.trust_remote_code
     if student_cfg.model:
         model = AutoModelForCausalLM.from_pretrained(
             student_cfg.model, dtype=torch.float32, trust_remote_code=trust)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import sys
 
+from stages.teacher.config import TeacherConfig
+
 
 def _log(msg: str) -> None:
     print(f"[teacher] {msg}", file=sys.stderr, flush=True)
 
 
-def make_hf_engine(teacher_cfg):
+def make_hf_engine(teacher_cfg: TeacherConfig):
     from stages.teacher.engine_hf import HFTeacherEngine
 
     return HFTeacherEngine(
@@ -30,7 +32,7 @@ def make_hf_engine(teacher_cfg):
     )
 
 
-def make_vllm_engine(teacher_cfg, max_seq_len: int | None = None):
+def make_vllm_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None):
     from stages.teacher.engine_vllm import VLLMTeacherEngine
 
     return VLLMTeacherEngine(
@@ -47,7 +49,7 @@ def make_vllm_engine(teacher_cfg, max_seq_len: int | None = None):
     )
 
 
-def make_engine(teacher_cfg, max_seq_len: int | None = None):
+def make_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None):
     """Start the engine `teacher_cfg.backend` asks for (see module doc for "auto")."""
     backend = teacher_cfg.backend
     if backend == "transformers":
@@ -69,7 +71,7 @@ def make_engine(teacher_cfg, max_seq_len: int | None = None):
     return engine
 
 
-def _auto(teacher_cfg, max_seq_len):
+def _auto(teacher_cfg: TeacherConfig, max_seq_len):
     from stages.teacher.engine_vllm import unsupported_reason
 
     why_not = unsupported_reason(teacher_cfg.model)

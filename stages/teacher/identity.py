@@ -12,6 +12,7 @@ import os
 import socket
 
 from stages import data as data_mod
+from stages.data_config import DataConfig
 from stages.fingerprint import (
     describe_tokenizer_difference,
     fingerprint_json,
@@ -20,6 +21,7 @@ from stages.fingerprint import (
     tokenizer_info,
     tokenizer_summary,
 )
+from stages.teacher.config import TeacherConfig
 
 # Bumped when the code that turns rows into token sequences changes what it produces.
 TOKENIZATION_VERSION = 2
@@ -98,7 +100,7 @@ def model_vocab_size(model: str, trust_remote_code: bool = False) -> int:
     return int(vocab)
 
 
-def data_fields(data_cfg) -> dict:
+def data_fields(data_cfg: DataConfig) -> dict:
     """The row fields the data kind reads (part of what shapes the tokens)."""
     if data_cfg.kind == "prompt_response":
         return {"prompt": data_cfg.prompt_field, "response": data_cfg.response_field}
@@ -107,7 +109,7 @@ def data_fields(data_cfg) -> dict:
     return {"text": data_cfg.text_field}
 
 
-def cache_identity(data_cfg, teacher_cfg, tokenizer, source, vocab_size: int) -> dict:
+def cache_identity(data_cfg: DataConfig, teacher_cfg: TeacherConfig, tokenizer, source, vocab_size: int) -> dict:
     """Everything that decides the cache's content; a rerun must match it key by key.
 
     The data is identified by its source content (a hash of the files, or a hub
@@ -148,7 +150,7 @@ def shard_plan(num_rows: int, sequences_per_shard: int) -> list[dict]:
             for i, start in enumerate(range(0, num_rows, sequences_per_shard))]
 
 
-def check_teacher(teacher_cfg):
+def check_teacher(teacher_cfg: TeacherConfig):
     """The teacher's tokenizer and vocabulary size, checked against each other and top_k."""
     if not teacher_cfg.model:
         raise ValueError("teacher.model is empty: set it to the teacher's path or hub name")
@@ -200,7 +202,7 @@ def explain_mismatch(error, path, identity):
 
 
 
-def expected_identity(data_cfg, teacher_cfg) -> dict:
+def expected_identity(data_cfg: DataConfig, teacher_cfg: TeacherConfig) -> dict:
     """The identity a cache built from this config has (no tokenisation of the data)."""
     tokenizer, vocab_size = check_teacher(teacher_cfg)
     return cache_identity(data_cfg, teacher_cfg, tokenizer, data_mod.open_source(data_cfg), vocab_size)
@@ -210,7 +212,7 @@ def expected_identity(data_cfg, teacher_cfg) -> dict:
 _LEGACY_DATA_KEYS = ("data_fingerprint", "num_rows", "num_examples", "data_format", "data_fields")
 
 
-def check_for_students(cache, data_cfg, teacher_cfg) -> tuple[int, list[str]]:
+def check_for_students(cache, data_cfg: DataConfig, teacher_cfg: TeacherConfig) -> tuple[int, list[str]]:
     """Stage two's check that the cache was built from this config's teacher, tokenizer and data.
 
     Returns (top_k to train with, notes to print). A config top_k below the cache's
