@@ -264,6 +264,11 @@ def validate(cfg: PipelineConfig) -> None:
             raise ConfigError(f"{where}.loss.hard_ratio: must be in (0, 1], got {s.loss.hard_ratio}")
         if s.optim.batch_size <= 0 or s.optim.grad_accum <= 0 or s.optim.max_steps <= 0:
             raise ConfigError(f"{where}.optim: batch_size, grad_accum and max_steps must be > 0")
+        if s.loss.ce_weight < 0.0:
+            raise ConfigError(f"{where}.loss.ce_weight: must be >= 0, got {s.loss.ce_weight}")
+        for key in ("beta", "alpha"):
+            if not 0.0 < getattr(s.loss, key) < 1.0:
+                raise ConfigError(f"{where}.loss.{key}: must be in (0, 1), got {getattr(s.loss, key)}")
         if s.loss.chunk_size <= 0:
             raise ConfigError(f"{where}.loss.chunk_size: must be > 0, got {s.loss.chunk_size}")
         if s.checkpoint_every <= 0:

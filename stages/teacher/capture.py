@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from stages import data as data_mod
 from stages.data_config import DataConfig
+from stages.errors import EngineError
 from stages.teacher import provenance
 from stages.teacher.config import CacheConfig, TeacherConfig
 from stages.teacher.identity import cache_identity, check_teacher, explain_mismatch, refuse_legacy, shard_plan
@@ -128,7 +129,7 @@ def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: Cac
 
             engine = make_engine(teacher_cfg, max_seq_len=data_cfg.max_seq_len)
             if engine.vocab_size != vocab_size:
-                raise RuntimeError(f"engine vocabulary {engine.vocab_size} != model config vocab_size {vocab_size}")
+                raise EngineError(f"engine vocabulary {engine.vocab_size} != model config vocab_size {vocab_size}")
             summary.engine = engine.name
             summary.engine_reason = getattr(engine, "choice_reason", "")
             provenance.record_start(cache, teacher_cfg, engine)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stages.errors import EngineError, TeacherError
+
 
 @dataclass
 class TeacherRows:
@@ -118,7 +120,7 @@ class HFTeacherEngine:
         err = (full - ours).abs().max().item()
         tol = 1e-4 if self.torch_dtype == torch.float32 else 5e-2
         if err > tol:
-            raise RuntimeError(
+            raise EngineError(
                 f"{type(self.model).__name__}: the LM head is not a plain projection of the base model's "
                 f"hidden states (max log-prob difference {err:.3g}); this engine does not support it"
             )
@@ -129,7 +131,7 @@ class HFTeacherEngine:
         import torch
 
         if top_k > self.vocab_size:
-            raise ValueError(f"teacher.top_k={top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
+            raise TeacherError(f"teacher.top_k={top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
         results: list[TeacherRows | None] = [None] * len(examples)
         lengths = [len(ex.input_ids) for ex in examples]
         with torch.inference_mode():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from stages.errors import TeacherError
 from stages.teacher.config import TeacherConfig
 
 
@@ -59,13 +60,13 @@ def make_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None):
 
         why_not = unsupported_reason(teacher_cfg.model)
         if why_not is not None:
-            raise ValueError(f"teacher.backend=vllm cannot serve teacher.model {teacher_cfg.model!r}: {why_not}. "
-                             "Set teacher.backend=transformers (or auto, which falls back by itself)")
+            raise TeacherError(f"teacher.backend=vllm cannot serve teacher.model {teacher_cfg.model!r}: {why_not}. "
+                               "Set teacher.backend=transformers (or auto, which falls back by itself)")
         engine, reason = make_vllm_engine(teacher_cfg, max_seq_len), "teacher.backend=vllm"
     elif backend == "auto":
         engine, reason = _auto(teacher_cfg, max_seq_len)
     else:
-        raise ValueError(f"teacher.backend {backend!r}: expected auto, vllm or transformers")
+        raise TeacherError(f"teacher.backend {backend!r}: expected auto, vllm or transformers")
     engine.choice_reason = reason
     _log(f"engine: {engine.description} ({reason})")
     return engine

@@ -13,6 +13,7 @@ import socket
 
 from stages import data as data_mod
 from stages.data_config import DataConfig
+from stages.errors import ModelError, TeacherError
 from stages.fingerprint import (
     describe_tokenizer_difference,
     fingerprint_json,
@@ -63,11 +64,11 @@ def check_model_reachable(model: str, what: str) -> None:
     if os.path.isdir(os.path.expanduser(model)):
         return
     if _looks_local(model):
-        raise ValueError(f"{what} {model!r}: no such directory; set {what} to the model's directory "
+        raise ModelError(f"{what} {model!r}: no such directory; set {what} to the model's directory "
                          "(saved with save_pretrained) or a hub name")
     if _in_hub_cache(model) or hub_reachable():
         return
-    raise ValueError(f"{what} {model!r}: tried a local directory {os.path.abspath(model)!r} (none), the Hugging "
+    raise ModelError(f"{what} {model!r}: tried a local directory {os.path.abspath(model)!r} (none), the Hugging "
                      f"Face cache (not there) and the hub ({_hub_host()}: offline or unreachable). Point {what} "
                      "at a local model directory, or download the model where the hub is reachable")
 
@@ -81,7 +82,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError, ValueError, ... with long messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(
+        raise ModelError(
             f"teacher.model {model!r}: cannot load its tokenizer ({type(e).__name__}: {first}). The directory "
             "needs the tokenizer files (tokenizer.json / tokenizer_config.json): save them next to the model "
             "with tokenizer.save_pretrained(...)"
@@ -91,12 +92,17 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 def model_vocab_size(model: str, trust_remote_code: bool = False) -> int:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # no config.json, an unknown model type, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"teacher.model {model!r}: cannot load its config ({type(e).__name__}: {first}); the "
+                         "directory needs the model's config.json (save the model with save_pretrained)") from e
     vocab = getattr(config, "vocab_size", None)
     if vocab is None and hasattr(config, "get_text_config"):
         vocab = getattr(config.get_text_config(), "vocab_size", None)
     if vocab is None:
-        raise ValueError(f"teacher.model {model!r}: its config has no vocab_size")
+        raise ModelError(f"teacher.model {model!r}: its config has no vocab_size")
     return int(vocab)
 
 
@@ -153,17 +159,17 @@ def shard_plan(num_rows: int, sequences_per_shard: int) -> list[dict]:
 def check_teacher(teacher_cfg: TeacherConfig):
     """The teacher's tokenizer and vocabulary size, checked against each other and top_k."""
     if not teacher_cfg.model:
-        raise ValueError("teacher.model is empty: set it to the teacher's path or hub name")
+        raise TeacherError("teacher.model is empty: set it to the teacher's path or hub name")
     tokenizer = load_tokenizer(teacher_cfg.model, teacher_cfg.trust_remote_code)
     vocab_size = model_vocab_size(teacher_cfg.model, teacher_cfg.trust_remote_code)
     if len(tokenizer) > vocab_size:
-        raise ValueError(
+        raise ModelError(
             f"teacher.model {teacher_cfg.model!r}: the tokenizer has {len(tokenizer)} tokens but the model "
             f"only {vocab_size} logits; they do not belong together"
         )
     if teacher_cfg.top_k > vocab_size:
-        raise ValueError(f"teacher.top_k={teacher_cfg.top_k} exceeds the vocabulary of teacher.model "
-                         f"{teacher_cfg.model!r} ({vocab_size} tokens); set teacher.top_k to at most {vocab_size}")
+        raise TeacherError(f"teacher.top_k={teacher_cfg.top_k} exceeds the vocabulary of teacher.model "
+                           f"{teacher_cfg.model!r} ({vocab_size} tokens); set teacher.top_k to at most {vocab_size}")
     return tokenizer, vocab_size
 
 
