@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.errors import EngineError, TeacherError
+from stages.errors import EngineError, ModelError, TeacherError
 
 
 @dataclass
@@ -90,9 +90,14 @@ class HFTeacherEngine:
         self.batch_tokens = int(batch_tokens)
         self.logprob_chunk = int(logprob_chunk)
         t0 = time.perf_counter()
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.torch_dtype, trust_remote_code=trust_remote_code
-        ).to(self.device)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.torch_dtype,
+                                                         trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:  # no weights file, an unknown architecture, ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ModelError(f"teacher.model {model_path!r}: cannot load the model ({type(e).__name__}: "
+                             f"{first})") from e
+        self.model = model.to(self.device)
         self.model.eval()
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.description = f"transformers on {self.device} ({str(self.torch_dtype).replace('torch.', '')})"
