@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipeline import orchestrator as runner
 from pipeline.config import ConfigError, PipelineConfig, load_config
+from storage.errors import AtkdError
 
 DEFAULT_CONFIG = "pipeline.yaml"
 
@@ -233,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"atkd: config error: {e}", file=sys.stderr)
         return 2
-    except runner.USER_ERRORS as e:
-        # Data, model and cache problems carry messages written for the user;
-        # ATKD_DEBUG=1 shows the traceback too.
+    except AtkdError as e:
+        # Data, model, cache and disk problems carry messages written for the user; ATKD_DEBUG=1
+        # shows the traceback too. Any other exception is a bug and keeps its traceback.
         if os.environ.get("ATKD_DEBUG"):
             raise
         print(f"atkd: {type(e).__name__}: {e}", file=sys.stderr)

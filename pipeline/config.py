@@ -1,8 +1,12 @@
 """Typed configuration for the whole pipeline, loaded from `pipeline.yaml`.
 
-Every section is a dataclass; `load_config` walks the YAML tree against the
-dataclass fields so an unknown key or a wrong type fails at load time with the
-key's full path (`students[1].optim.lr: expected a number, got 'fast'`).
+Every section is a dataclass defined next to the stage it configures
+(stages/data_config.py, stages/teacher/config.py, stages/student/config.py,
+stages/eval_config.py, stages/demo/config.py); this module only loads the
+YAML, applies overrides and validates into those types (and re-exports them).
+`load_config` walks the YAML tree against the dataclass fields so an unknown
+key or a wrong type fails at load time with the key's full path
+(`students[1].optim.lr: expected a number, got 'fast'`).
 Command-line overrides use `a.b=c` (the value is parsed as YAML) and address
 students by name or index: `students.atkd.optim.lr=3e-4`, `students.0.loss=kd`.
 """
@@ -17,144 +21,26 @@ import typing
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 
+from stages.data_config import DataConfig
+from stages.demo.config import DemoConfig
+from stages.eval_config import EvalConfig
+from stages.student.config import LossConfig, OptimConfig, StudentConfig
+from stages.teacher.config import CacheConfig, TeacherConfig
+from storage.errors import AtkdError
 
-class ConfigError(ValueError):
-    """A problem with pipeline.yaml or an override; the message names the key path."""
-
-
-@dataclass
-class DataConfig:
-    """Where the training data is and how rows become token sequences."""
-
-    path: str = ""  # a .jsonl/.json/.parquet file, a directory of them, or a hub name
-    format: Literal["auto", "jsonl", "json", "parquet", "hub"] = "auto"
-    split: str = "train"
-    kind: Literal["prompt_response", "messages", "text"] = "prompt_response"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str = "messages"
-    text_field: str = "text"
-    # The prompt template; `{prompt}` is replaced by the row's prompt. The
-    # response follows it directly and is closed by the tokenizer's EOS.
-    template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
-    max_seq_len: int = 512
-    overlong: Literal["truncate", "skip"] = "truncate"
-    bad_rows: Literal["error", "skip"] = "error"
-    # Stage one fails when a shard drops (skips as over-long or bad) a larger share of its rows.
-    max_dropped_fraction: float = 0.1
-    limit: Optional[int] = None  # use only the first N rows (quick runs)
+# The section types live next to the stage each configures; re-exported here
+# (`from pipeline.config import DataConfig` keeps working).
+__all__ = ["CacheConfig", "ConfigError", "DataConfig", "DemoConfig", "EvalConfig", "LossConfig", "OptimConfig",
+           "PipelineConfig", "StudentConfig", "TeacherConfig", "check_name", "load_config", "save_resolved",
+           "to_dict", "validate"]
 
 
-@dataclass
-class TeacherConfig:
-    model: str = ""  # path or hub name of the teacher
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
-    top_k: int = 64
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"  # transformers engine: auto | cpu | cuda | cuda:N
-    batch_tokens: int = 16384  # transformers engine: tokens per forward pass
-    logprob_chunk: int = 2048  # transformers engine: positions per log-softmax chunk
-    tensor_parallel_size: int = 1  # vLLM
-    pipeline_parallel_size: int = 1  # vLLM
-    gpu_memory_utilization: float = 0.85  # vLLM; on CPU: fraction of RAM for KV cache
-    max_num_seqs: int = 256  # vLLM scheduler batch size
-    enforce_eager: bool = False  # vLLM: skip CUDA graph capture
-    trust_remote_code: bool = False
-    # Worker processes `atkd teacher` starts on this node, each on its own GPUs; "auto": one
-    # per group of tensor_parallel_size x pipeline_parallel_size visible GPUs.
-    num_workers: Union[int, Literal["auto"]] = 1
-    worker_id: str = ""  # default: host-pid
-    lease_seconds: float = 120.0  # a dead worker's shard is taken over after this (renewed every 1/4)
-
-
-@dataclass
-class CacheConfig:
-    path: str = ""  # local/NFS path or fsspec URL (s3://, memory://); default <run_dir>/cache
-    sequences_per_shard: int = 1024
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = 10
-    max_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    batch_size: int = 8  # sequences per micro-batch per process
-    grad_accum: int = 1
-    clip_grad_norm: float = 1.0
-
-
-@dataclass
-class LossConfig:
-    kind: Literal["sft", "kd", "atkd"] = "atkd"
-    divergence: Literal["forward_kl", "reverse_kl", "tvd", "js", "skew_kl", "skew_rkl"] = "forward_kl"
-    base: Literal["forward_kl", "reverse_kl"] = "forward_kl"  # atkd only
-    easy_weight: float = 0.2
-    hard_ratio: float = 0.5
-    group: Literal["sequence", "batch"] = "sequence"  # atkd split group
-    ce_weight: float = 0.0  # mix of cross-entropy on the gold tokens
-    renormalize_topk: bool = False
-    beta: float = 0.5  # js
-    alpha: float = 0.1  # skew_kl / skew_rkl
-    # Positions per LM-head chunk: peak memory ~ chunk_size x vocab x a few float32
-    # temporaries. 256 kept an ATKD step within 0.73x the memory of plain
-    # fine-tuning at vocab 32k (bench/student_bench.py); use ~128 for 150k vocabularies.
-    chunk_size: int = 256
-
-
-@dataclass
-class StudentConfig:
-    name: str = ""
-    model: str = ""  # path/hub name of a pretrained student ...
-    init: Optional[dict[str, Any]] = None  # ... or a transformers config dict to initialise from
-    # Start from another student's final model (trained first, same run): the
-    # usual "SFT, then distil" recipe; MiniLLM/DistiLLM-style students start SFT'd.
-    init_from: str = ""
-    tokenizer: str = ""  # default: the student's own (model) or the teacher's (init)
-    trust_remote_code: bool = False
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    seed: int = 0
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    num_workers: int = 0  # DataLoader workers
-    fsdp: bool = False
-
-
-@dataclass
-class EvalConfig:
-    path: str = ""  # held-out data (same fields as `data`); empty: skip generation metrics
-    split: str = "test"
-    validation_path: str = ""  # data to cache for KL / top-1 agreement; empty: use a slice of `path`
-    max_examples: int = 200
-    max_new_tokens: int = 64
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
-    batch_size: int = 32
-
-
-@dataclass
-class DemoConfig:
-    """The embedded demo task (issue: `atkd run` works with no download)."""
-
-    enabled: bool = False
-    seed: int = 0
-    train_examples: int = 4000
-    validation_examples: int = 300
-    test_examples: int = 300
-    vocab_size: int = 512
-    teacher: dict[str, Any] = field(default_factory=dict)  # LlamaConfig overrides
-    teacher_steps: int = 600
-    teacher_batch_size: int = 32
-    teacher_lr: float = 1e-3  # 3e-3 stalled at loss ~1.0 on the demo task
+class ConfigError(AtkdError, ValueError):
+    """A problem with pipeline.yaml, an override or a command-line argument; the message names the key path."""
 
 
 @dataclass
@@ -378,6 +264,11 @@ def validate(cfg: PipelineConfig) -> None:
             raise ConfigError(f"{where}.loss.hard_ratio: must be in (0, 1], got {s.loss.hard_ratio}")
         if s.optim.batch_size <= 0 or s.optim.grad_accum <= 0 or s.optim.max_steps <= 0:
             raise ConfigError(f"{where}.optim: batch_size, grad_accum and max_steps must be > 0")
+        if s.loss.ce_weight < 0.0:
+            raise ConfigError(f"{where}.loss.ce_weight: must be >= 0, got {s.loss.ce_weight}")
+        for key in ("beta", "alpha"):
+            if not 0.0 < getattr(s.loss, key) < 1.0:
+                raise ConfigError(f"{where}.loss.{key}: must be in (0, 1), got {getattr(s.loss, key)}")
         if s.loss.chunk_size <= 0:
             raise ConfigError(f"{where}.loss.chunk_size: must be > 0, got {s.loss.chunk_size}")
         if s.checkpoint_every <= 0:

@@ -21,16 +21,8 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.config import ConfigError, PipelineConfig, StudentConfig, check_name, save_resolved
-
-# Errors whose message is written for users: the CLI prints them without a traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from storage.errors import StorageError
-
-    return (StorageError, ValueError, OSError, RuntimeError)
-
-
-USER_ERRORS = _user_errors()
+from pipeline.config import (CacheConfig, ConfigError, DataConfig, PipelineConfig, StudentConfig, check_name,
+                             save_resolved)
 
 
 def _log(msg: str) -> None:
@@ -90,7 +82,7 @@ def cache_complete(url: str) -> bool:
     return cache is not None and cache.is_complete()
 
 
-def capture_jobs(cfg: PipelineConfig, *, validation: bool) -> list[tuple[str, object, object]]:
+def capture_jobs(cfg: PipelineConfig, *, validation: bool) -> list[tuple[str, DataConfig, CacheConfig]]:
     """(label, data config, cache config) of each teacher cache this run needs."""
     jobs = [("training", cfg.data, cfg.cache)]
     if validation and cfg.eval.validation_path:

@@ -20,11 +20,18 @@ import sys
 import time
 from pathlib import Path
 
+from stages.teacher.config import TeacherConfig
+from storage.errors import AtkdError
+
 _POLL_SECONDS = 0.5
 
 
-class WorkerError(RuntimeError):
+class WorkerError(AtkdError, RuntimeError):
     """A teacher worker process failed; the message carries its last lines."""
+
+
+class WorkerCountError(AtkdError, ValueError):
+    """The number of teacher workers asked for cannot run here (below 1, or more GPUs than are visible)."""
 
 
 def visible_gpus() -> list[str]:
@@ -40,7 +47,7 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def resolve_workers(requested, teacher_cfg) -> tuple[int, list[list[str]]]:
+def resolve_workers(requested, teacher_cfg: TeacherConfig) -> tuple[int, list[list[str]]]:
     """(number of workers, the GPU ids of each; empty lists on a CPU machine).
 
     "auto": one worker per group of tensor_parallel_size x pipeline_parallel_size
@@ -53,13 +60,13 @@ def resolve_workers(requested, teacher_cfg) -> tuple[int, list[list[str]]]:
     else:
         n = int(requested)
         if n < 1:
-            raise ValueError(f"teacher workers: must be >= 1 or auto, got {requested!r}")
+            raise WorkerCountError(f"teacher workers: must be >= 1 or auto, got {requested!r}")
     if not gpus:
         return n, [[] for _ in range(n)]
     if n * per_worker > len(gpus):
-        raise ValueError(f"{n} teacher workers x {per_worker} GPUs each (tensor x pipeline parallel) need "
-                         f"{n * per_worker} GPUs, but {len(gpus)} are visible ({','.join(gpus)}); use "
-                         f"--workers {max(1, len(gpus) // per_worker)} or auto")
+        raise WorkerCountError(f"{n} teacher workers x {per_worker} GPUs each (tensor x pipeline parallel) need "
+                               f"{n * per_worker} GPUs, but {len(gpus)} are visible ({','.join(gpus)}); use "
+                               f"--workers {max(1, len(gpus) // per_worker)} or auto")
     return n, [gpus[i * per_worker:(i + 1) * per_worker] for i in range(n)]
 
 

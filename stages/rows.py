@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from storage.errors import AtkdError
+
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 _STRIDE = 1024  # rows between two kept offsets: memory is 16 bytes per 1024 rows
 _READ_BYTES = 8 << 20
@@ -39,7 +41,7 @@ _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
 
 
-class DataError(ValueError):
+class DataError(AtkdError, ValueError):
     """The data (file, row or field) is unusable; the message says where and what to do."""
 
 

@@ -8,6 +8,7 @@ the manifest's ``shards_done`` is a summary rewritten after each commit.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from typing import Any
@@ -15,7 +16,8 @@ from typing import Any
 from storage import lease as leases
 from storage import partials
 from storage import shard as shards
-from storage.errors import CacheMismatchError, CorruptShardError, ManifestError, ShardExistsError  # noqa: F401
+from storage.errors import (CacheMismatchError, CorruptShardError, ManifestError, ShardExistsError,  # noqa: F401
+                            StorageError, StorageIOError)
 from storage.fs import CacheFS
 from storage.lease import Lease
 from storage.manifest import MANIFEST_NAME, Manifest, create_manifest, normalize_json, read_manifest, write_manifest
@@ -24,6 +26,18 @@ from storage.schema import ShardData
 _SHARD_NAME = re.compile(r"^shard-(\d{5,})\.zarr$")
 
 __all__ = ["Cache", "CacheMismatchError", "CorruptShardError", "ShardExistsError", "Lease"]
+
+
+@contextlib.contextmanager
+def _writing(what: str, where: str):
+    """An OSError of a write to the cache (read-only directory, disk full, ...) becomes a
+    StorageIOError saying what was written where; errno and filename are kept for the CLI's advice."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        raise StorageIOError(e.errno, f"{what} in {where} failed ({e.strerror or e})", e.filename) from e
 
 
 class Cache:
@@ -46,7 +60,12 @@ class Cache:
         fs = CacheFS(url, **storage_options)
         wanted = Manifest(identity=normalize_json(identity), shard_plan=normalize_json(shard_plan))
         # Existing cache: compare only (no write, so a read-only complete cache can be checked).
-        if fs.exists(MANIFEST_NAME) or not create_manifest(fs, wanted):
+        if fs.exists(MANIFEST_NAME):
+            created = False
+        else:
+            with _writing("creating the cache manifest", fs.display(MANIFEST_NAME)):
+                created = create_manifest(fs, wanted)
+        if not created:
             existing = read_manifest(fs)
             existing.check_matches(identity, shard_plan, fs.url)
             return cls(fs, existing)
@@ -133,7 +152,8 @@ class Cache:
         for index in range(self.num_shards):
             if index in done:
                 continue
-            lease = leases.try_acquire(self.fs, index, worker_id, lease_seconds)
+            with _writing(f"claiming shard {index} (a lease file)", self.fs.display("leases")):
+                lease = leases.try_acquire(self.fs, index, worker_id, lease_seconds)
             if lease is None:
                 continue
             # The shard may have been committed between our listing and the
@@ -171,9 +191,9 @@ class Cache:
             shards.write_shard(self.fs, rel, data, codec=codec, extra_attrs=extra,
                                before_commit=lease.check if lease is not None else None)
         except OSError as e:  # disk full, read-only, ...: say which shard and that nothing was committed
-            raise OSError(e.errno, f"writing shard {index} to {self.fs.display(rel)} failed "
-                                   f"({e.strerror or e}); nothing of this shard was committed and the "
-                                   "completed shards are intact", e.filename) from e
+            raise StorageIOError(e.errno, f"writing shard {index} to {self.fs.display(rel)} failed "
+                                          f"({e.strerror or e}); nothing of this shard was committed and the "
+                                          "completed shards are intact", e.filename) from e
         leases.remove_leases(self.fs, index)
         self.refresh_manifest()
 
@@ -188,7 +208,8 @@ class Cache:
             done = self.completed_shards()
             self.manifest.shards_done = done
             self._merge_disk_provenance()
-            write_manifest(self.fs, self.manifest)
+            with _writing("updating the cache manifest", self.fs.display(MANIFEST_NAME)):
+                write_manifest(self.fs, self.manifest)
             if self.completed_shards() == done:
                 break
         return self.manifest
@@ -202,7 +223,8 @@ class Cache:
         """
         self._merge_disk_provenance()
         self.manifest.provenance.update(normalize_json(values))
-        write_manifest(self.fs, self.manifest)
+        with _writing("recording provenance", self.fs.display(MANIFEST_NAME)):
+            write_manifest(self.fs, self.manifest)
         return self.manifest
 
     def _merge_disk_provenance(self) -> None:
@@ -219,7 +241,8 @@ class Cache:
         covers the shard (its writer was killed, or gave the shard up). Returns
         the locations removed. Object stores write shards in place: nothing to do.
         """
-        return partials.remove_stale(self)
+        with _writing("removing stale partial shards", self.fs.display("shards")):
+            return partials.remove_stale(self)
 
     # ---- reading ----------------------------------------------------------
     def read_shard(self, index: int, *, verify_checksums: bool = True) -> ShardData:

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from storage.cache import Cache
+from storage.errors import CacheNotReadyError, ReaderStateError
 from storage.order import EpochOrder
 from storage.schema import SequenceRecord, ShardData
 
@@ -79,8 +80,8 @@ class CacheDataset(IterableDataset):
         self.shard_cache_bytes = shard_cache_bytes
         cached_k = self.cache.manifest.identity.get("top_k")
         if top_k is not None and cached_k is not None and not 1 <= top_k <= int(cached_k):
-            raise ValueError(f"top_k={top_k}: the cache at {self.cache.url} holds the teacher's top-{cached_k}; "
-                             f"use at most {cached_k} entries")
+            raise ReaderStateError(f"top_k={top_k}: the cache at {self.cache.url} holds the teacher's top-{cached_k}; "
+                                   f"use at most {cached_k} entries")
         self.top_k = top_k
         self.poll_interval, self.follow_timeout = poll_interval, follow_timeout
         self.fingerprint = self.cache.fingerprint
@@ -101,15 +102,15 @@ class CacheDataset(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` stopped; refuses another cache, seed or order rule."""
         if state.get("fingerprint") != self.fingerprint:
-            raise ValueError(f"reader state is for cache fingerprint {state.get('fingerprint')!r}, but "
-                             f"{self.cache.url} has {self.fingerprint!r}: the checkpoint was trained on "
-                             "another cache. Resume with the original cache or start a fresh run.")
+            raise ReaderStateError(f"reader state is for cache fingerprint {state.get('fingerprint')!r}, but "
+                                   f"{self.cache.url} has {self.fingerprint!r}: the checkpoint was trained on "
+                                   "another cache. Resume with the original cache or start a fresh run.")
         if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"reader state has seed {state['seed']}, this reader seed {self.seed}; "
-                             "the order would differ. Use the checkpoint's seed.")
+            raise ReaderStateError(f"reader state has seed {state['seed']}, this reader seed {self.seed}; "
+                                   "the order would differ. Use the checkpoint's seed.")
         if "order" in state and state["order"] != self._order_key():
-            raise ValueError(f"reader state was made with order settings {state['order']}, this reader uses "
-                             f"{self._order_key()}; use the same shuffle/shuffle_window/follow settings.")
+            raise ReaderStateError(f"reader state was made with order settings {state['order']}, this reader uses "
+                                   f"{self._order_key()}; use the same shuffle/shuffle_window/follow settings.")
         self.start_epoch, self.start_consumed = int(state["epoch"]), int(state["consumed"])
 
     # ---- order ------------------------------------------------------------
@@ -138,14 +139,14 @@ class CacheDataset(IterableDataset):
         if not self.follow:
             done = len(self.cache.completed_shards())
             if done != self.cache.num_shards:
-                raise RuntimeError(f"cache {self.cache.url} has {done}/{self.cache.num_shards} shards complete; "
-                                   "wait for the teacher stage to finish, or read with follow=True")
+                raise CacheNotReadyError(f"cache {self.cache.url} has {done}/{self.cache.num_shards} shards complete; "
+                                         "wait for the teacher stage to finish, or read with follow=True")
         epoch, consumed = self.start_epoch, self.start_consumed
         W, B = self.world_size, self.batch_size
         while self.epochs is None or epoch < self.epochs:
             order = self._epoch_order(epoch)
             if order.available(1) == 0 and order.fully_resolved:
-                raise RuntimeError(f"cache {self.cache.url} holds no sequences; nothing to train on")
+                raise CacheNotReadyError(f"cache {self.cache.url} holds no sequences; nothing to train on")
             lo, produced = consumed, False
             while True:
                 hi = lo + W * B
@@ -163,9 +164,9 @@ class CacheDataset(IterableDataset):
                     break
                 lo = end
             if not produced and consumed == 0:  # would spin through empty epochs forever
-                raise RuntimeError(f"rank {self.rank} gets no batch from {self.cache.url}: "
-                                   f"{order.total()} sequences for world_size {W} x batch_size {B}"
-                                   f"{' with drop_last' if self.drop_last else ''}; use a smaller batch")
+                raise CacheNotReadyError(f"rank {self.rank} gets no batch from {self.cache.url}: "
+                                         f"{order.total()} sequences for world_size {W} x batch_size {B}"
+                                         f"{' with drop_last' if self.drop_last else ''}; use a smaller batch")
             epoch, consumed = epoch + 1, 0
 
     # ---- iteration --------------------------------------------------------

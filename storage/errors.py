@@ -1,11 +1,23 @@
-"""Exceptions raised by the cache storage layer.
+"""Exceptions raised by the cache storage layer, and the root of every atkd error.
 
-They live in one module so that `cache`, `shard`, `verify` and `dataset` raise
-the same types, and callers can catch `StorageError` for any of them.
+`AtkdError` is the base of every error atkd raises for a problem the user can
+fix (config, data, models, the cache, the disk): the CLI prints its message
+without a traceback; any other exception is a bug and keeps its traceback.
+It lives here because `storage` is the bottom layer: `stages` and `pipeline`
+import it from here, and storage imports nothing of theirs.
+
+The storage errors live in one module so that `cache`, `shard`, `verify` and
+`dataset` raise the same types, and callers can catch `StorageError` for any
+of them. Kinds that replaced a builtin (ValueError, RuntimeError, OSError)
+still derive from it, so `except ValueError` callers keep working.
 """
 
 
-class StorageError(Exception):
+class AtkdError(Exception):
+    """Base class of every error whose message is written for the user (what, where, what to do)."""
+
+
+class StorageError(AtkdError):
     """Base class for every error raised by `storage`."""
 
 
@@ -27,3 +39,24 @@ class ShardExistsError(StorageError):
 
 class LeaseLostError(StorageError):
     """The caller's shard lease expired or was taken over by another worker."""
+
+
+class StorageIOError(StorageError, OSError):
+    """A disk or filesystem operation on the cache failed; the message says what and where.
+
+    Built like OSError (`errno, message, filename`), so `errno` and `filename`
+    stay available (the CLI turns ENOSPC/EACCES into advice)."""
+
+
+class ReaderStateError(StorageError, ValueError):
+    """The training reader cannot serve what was asked: a resume state of another cache, seed
+    or order, or more top-k entries than the cache holds."""
+
+
+class CacheNotReadyError(StorageError, RuntimeError):
+    """The cache has nothing (or not enough) to read yet: shards missing, no sequences, or too few
+    sequences for the world size and batch size."""
+
+
+class StorageArgumentError(StorageError, ValueError):
+    """A storage tool was given an argument outside its range (e.g. `inspect --shards -1`)."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from storage import shard as shards
 from storage.cache import Cache
+from storage.errors import StorageArgumentError
 
 HIST_BINS = 10
 BAR_WIDTH = 40
@@ -47,7 +48,7 @@ class InspectReport:
 def inspect_cache(url: str, max_shards: int = 8, **storage_options) -> InspectReport:
     """Read counts, sizes, and the log-probs of at most ``max_shards`` shards (ManifestError if no cache)."""
     if max_shards < 0:
-        raise ValueError(f"--shards must be >= 0, got {max_shards}")
+        raise StorageArgumentError(f"--shards must be >= 0, got {max_shards}")
     cache = Cache.open(url, **storage_options)
     done = cache.completed_shards()
     ident = cache.manifest.identity

@@ -35,7 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stages.data_config import DataConfig
 from stages.demo import task as demo_task
+from stages.demo.config import DemoConfig
+from stages.errors import DemoError
+from storage.errors import AtkdError
 
 DEFAULT_TEACHER = {  # LlamaConfig fields; DemoConfig.teacher overrides any of them
     "hidden_size": 256,
@@ -52,7 +56,7 @@ MIN_LR_RATIO = 0.1
 CHECK_EXAMPLES = 150  # validation examples generated after training (exact-match sanity check)
 
 
-class DemoMismatchError(RuntimeError):
+class DemoMismatchError(AtkdError, RuntimeError):
     """A finished demo step exists but was made with other settings."""
 
 
@@ -130,7 +134,7 @@ def _fresh_tmp(final: Path) -> Path:
 # ---------------------------------------------------------------- steps
 
 
-def _data_settings(demo_cfg) -> dict:
+def _data_settings(demo_cfg: DemoConfig) -> dict:
     return {
         "generator_version": demo_task.GENERATOR_VERSION,
         "seed": demo_cfg.seed,
@@ -140,7 +144,7 @@ def _data_settings(demo_cfg) -> dict:
     }
 
 
-def write_demo_data(demo_cfg, out_dir: str | Path) -> Path:
+def write_demo_data(demo_cfg: DemoConfig, out_dir: str | Path) -> Path:
     """Generate the three splits into out_dir (idempotent)."""
     final = Path(out_dir)
     settings = _data_settings(demo_cfg)
@@ -156,16 +160,16 @@ def write_demo_data(demo_cfg, out_dir: str | Path) -> Path:
     return final
 
 
-def _check_data_cfg(data_cfg) -> None:
+def _check_data_cfg(data_cfg: DataConfig) -> None:
     if data_cfg.kind != "prompt_response" or data_cfg.prompt_field != "prompt" or data_cfg.response_field != "response":
-        raise ValueError(
+        raise DemoError(
             "the demo writes prompt/response rows: set data.kind=prompt_response, data.prompt_field=prompt "
             f"and data.response_field=response (got kind={data_cfg.kind!r}, prompt_field="
             f"{data_cfg.prompt_field!r}, response_field={data_cfg.response_field!r})"
         )
 
 
-def write_demo_tokenizer(demo_cfg, data_cfg, train_path: Path, out_dir: str | Path):
+def write_demo_tokenizer(demo_cfg: DemoConfig, data_cfg: DataConfig, train_path: Path, out_dir: str | Path):
     """Train the tokenizer on the rendered training examples (idempotent); returns it."""
     from transformers import AutoTokenizer
 
@@ -184,16 +188,16 @@ def write_demo_tokenizer(demo_cfg, data_cfg, train_path: Path, out_dir: str | Pa
     return AutoTokenizer.from_pretrained(str(final))
 
 
-def _tokenizer_settings(demo_cfg, data_cfg) -> dict:
+def _tokenizer_settings(demo_cfg: DemoConfig, data_cfg: DataConfig) -> dict:
     return {**_data_settings(demo_cfg), "vocab_size": demo_cfg.vocab_size, "template": data_cfg.template}
 
 
-def _max_positions(demo_cfg, max_seq_len: int) -> int:
+def _max_positions(demo_cfg: DemoConfig, max_seq_len: int) -> int:
     """Room for data.max_seq_len (vLLM refuses a longer max_model_len), at least 512."""
     return int((demo_cfg.teacher or {}).get("max_position_embeddings", max(512, int(max_seq_len))))
 
 
-def teacher_config(demo_cfg, tokenizer, max_seq_len: int):
+def teacher_config(demo_cfg: DemoConfig, tokenizer, max_seq_len: int):
     """The LlamaConfig of the demo teacher (defaults + DemoConfig.teacher overrides)."""
     from transformers import LlamaConfig
 
@@ -203,8 +207,8 @@ def teacher_config(demo_cfg, tokenizer, max_seq_len: int):
     fields = {**DEFAULT_TEACHER, **overrides}
     heads, kv = fields["num_attention_heads"], fields["num_key_value_heads"]
     if heads % kv:
-        raise ValueError(f"demo.teacher: num_attention_heads ({heads}) must be a multiple of "
-                         f"num_key_value_heads ({kv})")
+        raise DemoError(f"demo.teacher: num_attention_heads ({heads}) must be a multiple of "
+                        f"num_key_value_heads ({kv})")
     fields["max_position_embeddings"] = _max_positions(demo_cfg, max_seq_len)
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -240,7 +244,7 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> l
     return out
 
 
-def _teacher_settings(demo_cfg, data_cfg) -> dict:
+def _teacher_settings(demo_cfg: DemoConfig, data_cfg: DataConfig) -> dict:
     return {
         **_tokenizer_settings(demo_cfg, data_cfg),
         "teacher": {**DEFAULT_TEACHER, **dict(demo_cfg.teacher or {})},
@@ -251,8 +255,8 @@ def _teacher_settings(demo_cfg, data_cfg) -> dict:
     }
 
 
-def train_demo_teacher(demo_cfg, data_cfg, tokenizer, train_path: Path, validation_path: Path,
-                       out_dir: str | Path, settings: dict, *, progress: bool = True,
+def train_demo_teacher(demo_cfg: DemoConfig, data_cfg: DataConfig, tokenizer, train_path: Path,
+                       validation_path: Path, out_dir: str | Path, settings: dict, *, progress: bool = True,
                        stop_after: int | None = None, check_examples: int = CHECK_EXAMPLES) -> dict | None:
     """Train (or resume) the teacher and save it to out_dir; returns its metrics.
 
@@ -350,7 +354,7 @@ def _save_checkpoint(path: Path, model, optimizer, step: int, losses: list, seco
     os.replace(tmp, path)
 
 
-def _validation_check(model, tokenizer, data_cfg, validation_path: Path, limit: int) -> dict:
+def _validation_check(model, tokenizer, data_cfg: DataConfig, validation_path: Path, limit: int) -> dict:
     """Greedy exact match on the first `limit` validation rows, per task."""
     from stages.evaluate import generate_greedy, is_exact_match
 
@@ -372,7 +376,8 @@ def _validation_check(model, tokenizer, data_cfg, validation_path: Path, limit: 
 # ---------------------------------------------------------------- entry point
 
 
-def prepare_demo(demo_cfg, run_dir: str | os.PathLike, data_cfg, *, progress: bool = True) -> DemoPaths:
+def prepare_demo(demo_cfg: DemoConfig, run_dir: str | os.PathLike, data_cfg: DataConfig, *,
+                 progress: bool = True) -> DemoPaths:
     """Make (or reuse) the demo data, tokenizer and teacher in run_dir (see the module doc).
 
     `data_cfg` supplies the template, fields and max_seq_len the pipeline will

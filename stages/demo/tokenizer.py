@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from stages.errors import DemoError
+
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0..3 in this order
 
@@ -35,7 +37,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 64:
-        raise ValueError(f"demo vocab_size must be >= 64, got {vocab_size}")
+        raise DemoError(f"demo vocab_size must be >= 64, got {vocab_size}")
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         # Isolate each digit (with its optional leading space) before BPE sees it.

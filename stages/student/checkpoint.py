@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from storage.errors import AtkdError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -53,7 +55,7 @@ FATAL_CONFIG_KEYS = {
 _FATAL_FOR_KIND = {"loss.divergence": "kd", "loss.base": "atkd"}
 
 
-class ResumeError(RuntimeError):
+class ResumeError(AtkdError, RuntimeError):
     """A checkpoint cannot be resumed with the current config; the message says why."""
 
 

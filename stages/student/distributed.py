@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from stages.errors import LaunchError
 from stages.student import checkpoint as ckpt
+from stages.student.config import StudentConfig
 
 
 @dataclass
@@ -48,7 +50,7 @@ def pick_device(local_rank: int, cuda_count: int) -> torch.device:
         return torch.device("cpu")
     if local_rank < cuda_count:
         return torch.device(f"cuda:{local_rank}")
-    raise RuntimeError(
+    raise LaunchError(
         f"this process has LOCAL_RANK={local_rank} but only {cuda_count} CUDA device(s) are visible: start at "
         f"most {cuda_count} process(es) per node (torchrun --nproc_per_node {cuda_count}), or hide the GPUs "
         "(CUDA_VISIBLE_DEVICES=) to train every rank on CPU with gloo"
@@ -73,7 +75,7 @@ def init_distributed() -> Dist:
                 device=device, owns_group=owns)
 
 
-def wrap_model(objective: torch.nn.Module, cfg, d: Dist) -> torch.nn.Module:
+def wrap_model(objective: torch.nn.Module, cfg: StudentConfig, d: Dist) -> torch.nn.Module:
     """DDP for students that fit one device, FSDP2 (fully_shard per decoder layer) otherwise."""
     if d.world_size <= 1:
         return objective
@@ -92,7 +94,7 @@ def wrap_model(objective: torch.nn.Module, cfg, d: Dist) -> torch.nn.Module:
 # ---------------------------------------------------------------- full state dicts
 
 
-def model_state(wrapped: torch.nn.Module, student: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
+def model_state(wrapped: torch.nn.Module, student: torch.nn.Module, cfg: StudentConfig) -> dict[str, torch.Tensor]:
     """The student's full state dict on CPU (gathered on every rank under FSDP)."""
     if cfg.fsdp and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -101,7 +103,7 @@ def model_state(wrapped: torch.nn.Module, student: torch.nn.Module, cfg) -> dict
     return {k: v.detach().cpu() for k, v in student.state_dict().items()}
 
 
-def optim_state(wrapped, optimizer, cfg) -> dict:
+def optim_state(wrapped, optimizer, cfg: StudentConfig) -> dict:
     if cfg.fsdp and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -110,7 +112,7 @@ def optim_state(wrapped, optimizer, cfg) -> dict:
     return optimizer.state_dict()
 
 
-def load_states(path: Path, wrapped, student, optimizer, cfg) -> None:
+def load_states(path: Path, wrapped, student, optimizer, cfg: StudentConfig) -> None:
     if cfg.fsdp and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)

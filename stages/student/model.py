@@ -10,18 +10,21 @@ than the tokenizer (models pad it to a multiple of 8/64, e.g. 50272 rows for
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
+
+from stages.errors import ModelError
+from stages.student.config import StudentConfig
+from storage.errors import AtkdError
 
 log = logging.getLogger(__name__)
 
 
-class VocabularyMismatchError(ValueError):
+class VocabularyMismatchError(AtkdError, ValueError):
     """The student cannot read the cache's token ids; the message says what differs."""
 
 
-def load_student_tokenizer(student_cfg: Any, tokenizer_path: str | None = None, *,
+def load_student_tokenizer(student_cfg: StudentConfig, tokenizer_path: str | None = None, *,
                            cache_identity: dict | None = None):
     """The student's tokenizer: its own `tokenizer` setting, else its `model` path,
     else `tokenizer_path` (the pipeline passes the teacher's, which wrote the cache).
@@ -30,18 +33,21 @@ def load_student_tokenizer(student_cfg: Any, tokenizer_path: str | None = None, 
     """
     from transformers import AutoTokenizer
 
-    source = (getattr(student_cfg, "tokenizer", "") or student_cfg.model or tokenizer_path
+    source = (student_cfg.tokenizer or student_cfg.model or tokenizer_path
               or (cache_identity or {}).get("tokenizer") or "")
     if not source:
-        raise ValueError(
+        raise ModelError(
             f"student {student_cfg.name!r}: no tokenizer to load; it is initialised from `init`, so "
             "pass tokenizer_path (the teacher's tokenizer, which wrote the cache)"
         )
-    trust = bool(getattr(student_cfg, "trust_remote_code", False))
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=student_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:  # missing files, an unreachable hub, an unknown tokenizer class
+        raise ModelError(f"student {student_cfg.name!r}: cannot load the tokenizer {source!r} "
+                         f"({type(e).__name__}: {_first_line(e)})") from e
 
 
-def build_student(student_cfg: Any, tokenizer=None) -> torch.nn.Module:
+def build_student(student_cfg: StudentConfig, tokenizer=None) -> torch.nn.Module:
     """A float32 causal LM: pretrained from `model`, or randomly initialised from `init`.
 
     Weights stay float32 (the optimiser's master copy); bf16 comes from autocast
@@ -50,10 +56,14 @@ def build_student(student_cfg: Any, tokenizer=None) -> torch.nn.Module:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-    trust = bool(getattr(student_cfg, "trust_remote_code", False))
+    trust = student_cfg.trust_remote_code
     if student_cfg.model:
-        model = AutoModelForCausalLM.from_pretrained(
-            student_cfg.model, dtype=torch.float32, trust_remote_code=trust)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                student_cfg.model, dtype=torch.float32, trust_remote_code=trust)
+        except (OSError, ValueError) as e:  # missing files, an unreachable hub, an unknown architecture
+            raise ModelError(f"student {student_cfg.name!r}: cannot load the model {student_cfg.model!r} "
+                             f"({type(e).__name__}: {_first_line(e)})") from e
     elif student_cfg.init is not None:
         init = dict(student_cfg.init)
         # Fill what the tokenizer knows and the config dict left out, so the
@@ -71,8 +81,12 @@ def build_student(student_cfg: Any, tokenizer=None) -> torch.nn.Module:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                      trust_remote_code=trust)
     else:
-        raise ValueError(f"student {student_cfg.name!r}: set `model` (path or hub name) or `init` (a model config)")
+        raise ModelError(f"student {student_cfg.name!r}: set `model` (path or hub name) or `init` (a model config)")
     return model
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
 
 def embedding_rows(model: torch.nn.Module) -> int:

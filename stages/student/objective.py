@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stages.student.config import LossConfig
 from stages.student.losses import atkd_position_weights, bucket_divergence, bucket_logprobs, position_terms
 
 ChunkLoss = Callable[[Tensor, slice, dict], Tensor]
@@ -98,7 +99,7 @@ class StudentObjective(nn.Module):
     the matching count, which the trainer adds up over the global batch.
     """
 
-    def __init__(self, model: nn.Module, loss_cfg) -> None:
+    def __init__(self, model: nn.Module, loss_cfg: LossConfig) -> None:
         super().__init__()
         if loss_cfg.kind not in ("sft", "kd", "atkd"):
             raise ValueError(f"loss.kind: unknown {loss_cfg.kind!r}; expected sft, kd or atkd")

@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import types
 from pathlib import Path
 from typing import Callable
 
 from stages.student import checkpoint as ckpt
+from stages.student.config import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def find_checkpoint(out: Path, name: str, config: dict, *, is_main: bool) -> ckp
     return found
 
 
-def announce_resume(found: ckpt.Checkpoint, name: str, optim, lr_at: Callable) -> None:
+def announce_resume(found: ckpt.Checkpoint, name: str, optim: OptimConfig, lr_at: Callable) -> None:
     say(f"resuming {name} from step {found.step} (checkpoint {found.path})")
     change = schedule_change(found.meta["config"].get("optim", {}), optim, found.step, lr_at)
     if change:
@@ -49,9 +50,9 @@ def announce_resume(found: ckpt.Checkpoint, name: str, optim, lr_at: Callable) -
         log.warning("student %s: removing unusable checkpoint %s (%s)", name, path, problem)
 
 
-def schedule_change(saved_optim: dict, optim, step: int, lr_at: Callable) -> str | None:
+def schedule_change(saved_optim: dict, optim: OptimConfig, step: int, lr_at: Callable) -> str | None:
     """What the learning rate does at `step` when the schedule's settings changed since the checkpoint."""
-    old = types.SimpleNamespace(**{k: saved_optim.get(k, getattr(optim, k)) for k in SCHEDULE_KEYS})
+    old = dataclasses.replace(optim, **{k: saved_optim.get(k, getattr(optim, k)) for k in SCHEDULE_KEYS})
     changed = [k for k in SCHEDULE_KEYS if getattr(old, k) != getattr(optim, k)]
     if not changed:
         return None

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from stages.student import checkpoint as ckpt
 from stages.student import resume
+from stages.student.config import OptimConfig, StudentConfig
 from stages.student.distributed import Dist, init_distributed, load_states, model_state, optim_state, wrap_model
 from stages.student.export import save_final, training_chat_template, write_json_atomic
 from stages.student.interrupt import StopOnSignal, TrainingStopped
@@ -66,7 +67,7 @@ class TrainSummary:
     already_done: bool = False  # done.json was there: nothing trained
 
 
-def lr_at(step: int, optim) -> float:
+def lr_at(step: int, optim: OptimConfig) -> float:
     """Linear warmup for `warmup_steps`, then cosine from lr to lr * min_lr_ratio at max_steps."""
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
@@ -82,14 +83,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_for(cfg, device: torch.device):
+def autocast_for(cfg: StudentConfig, device: torch.device):
     """bf16 autocast on GPU unless dtype: float32; float32 weights stay the optimiser's master copy."""
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on norms, biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -205,9 +206,10 @@ def step_record(step: int, totals: dict, norm: float, lr: float, tokens: int, se
 # ---------------------------------------------------------------- the loop
 
 
-def train_student(student_cfg, *, cache_url: str, out_dir: str | os.PathLike, tokenizer_path: str | None = None,
-                  progress: bool = True, top_k: int | None = None) -> TrainSummary:
-    """Train `student_cfg` (a pipeline.config.StudentConfig) from the cache at `cache_url` into `out_dir`.
+def train_student(student_cfg: StudentConfig, *, cache_url: str, out_dir: str | os.PathLike,
+                  tokenizer_path: str | None = None, progress: bool = True,
+                  top_k: int | None = None) -> TrainSummary:
+    """Train `student_cfg` from the cache at `cache_url` into `out_dir`.
 
     Resumes from the newest valid checkpoint in `out_dir`; returns at once when
     `done.json` says the student already reached `optim.max_steps`. `top_k`: use the first
@@ -230,7 +232,7 @@ def train_student(student_cfg, *, cache_url: str, out_dir: str | os.PathLike, to
             dist.destroy_process_group()
 
 
-def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: bool, d: Dist,
+def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_path, progress: bool, d: Dist,
            top_k: int | None = None) -> TrainSummary:
     from stages.progress import tqdm
 
@@ -261,7 +263,7 @@ def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: 
     batches = Batches(dataset, cfg.num_workers, cfg.seed)
 
     # Resume: weights, optimiser, RNG, reader position and step from the newest good checkpoint.
-    config_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+    config_dict = dataclasses.asdict(cfg)
     step, loss_tail = 0, []
     resumed = resume.find_checkpoint(out, name, config_dict, is_main=d.is_main)
     if resumed is not None:

@@ -29,7 +29,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from stages import data as data_mod
+from stages.data_config import DataConfig
+from stages.errors import EngineError
 from stages.teacher import provenance
+from stages.teacher.config import CacheConfig, TeacherConfig
 from stages.teacher.identity import cache_identity, check_teacher, explain_mismatch, refuse_legacy, shard_plan
 from stages.teacher.shard_writer import LOGPROB_FLOOR, Heartbeat, ScoredShard, ShardWriter, build_shard  # noqa: F401
 
@@ -67,7 +70,7 @@ def _log(msg: str) -> None:
     print(f"[teacher] {msg}", file=sys.stderr, flush=True)
 
 
-def open_for_capture(data_cfg, teacher_cfg, cache_cfg):
+def open_for_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: CacheConfig):
     """(cache, source, tokenizer, vocab_size): the data indexed, the cache created or checked."""
     from storage.cache import Cache, CacheMismatchError
 
@@ -90,7 +93,7 @@ def open_for_capture(data_cfg, teacher_cfg, cache_cfg):
     return cache, source, tokenizer, vocab_size
 
 
-def _preflight(source, tokenizer, data_cfg, entry) -> None:
+def _preflight(source, tokenizer, data_cfg: DataConfig, entry) -> None:
     """Tokenise the first shard's rows before the cache exists, so wrong field names, a
     wrong kind or a max_seq_len that drops most rows fail before anything is written."""
     start, end = int(entry["row_start"]), int(entry["row_end"])
@@ -99,7 +102,8 @@ def _preflight(source, tokenizer, data_cfg, entry) -> None:
     data_mod.check_dropped(stats, data_cfg, f"the first {end - start} rows")
 
 
-def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engine=None) -> CaptureSummary:
+def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: CacheConfig, *, progress: bool = True,
+                engine=None) -> CaptureSummary:
     """Fill the cache at cache_cfg.path with the teacher's top-k (see module doc).
 
     `engine`: an already started engine to use (tests, benchmarks); by default
@@ -125,7 +129,7 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
 
             engine = make_engine(teacher_cfg, max_seq_len=data_cfg.max_seq_len)
             if engine.vocab_size != vocab_size:
-                raise RuntimeError(f"engine vocabulary {engine.vocab_size} != model config vocab_size {vocab_size}")
+                raise EngineError(f"engine vocabulary {engine.vocab_size} != model config vocab_size {vocab_size}")
             summary.engine = engine.name
             summary.engine_reason = getattr(engine, "choice_reason", "")
             provenance.record_start(cache, teacher_cfg, engine)
@@ -200,7 +204,7 @@ def run_capture(data_cfg, teacher_cfg, cache_cfg, *, progress: bool = True, engi
     return summary
 
 
-def _score_shard(lease, beat, entry, source, tokenizer, data_cfg, top_k: int, get_engine) -> ScoredShard:
+def _score_shard(lease, beat, entry, source, tokenizer, data_cfg: DataConfig, top_k: int, get_engine) -> ScoredShard:
     """Read and tokenise one shard's rows, check what was dropped, score them."""
     start, end = int(entry["row_start"]), int(entry["row_end"])
     examples, stats = data_mod.tokenize_rows(source.read(start, end), tokenizer, data_cfg, start=start,

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stages.errors import EngineError, ModelError, TeacherError
+
 
 @dataclass
 class TeacherRows:
@@ -88,9 +90,14 @@ class HFTeacherEngine:
         self.batch_tokens = int(batch_tokens)
         self.logprob_chunk = int(logprob_chunk)
         t0 = time.perf_counter()
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.torch_dtype, trust_remote_code=trust_remote_code
-        ).to(self.device)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.torch_dtype,
+                                                         trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:  # no weights file, an unknown architecture, ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ModelError(f"teacher.model {model_path!r}: cannot load the model ({type(e).__name__}: "
+                             f"{first})") from e
+        self.model = model.to(self.device)
         self.model.eval()
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.description = f"transformers on {self.device} ({str(self.torch_dtype).replace('torch.', '')})"
@@ -118,7 +125,7 @@ class HFTeacherEngine:
         err = (full - ours).abs().max().item()
         tol = 1e-4 if self.torch_dtype == torch.float32 else 5e-2
         if err > tol:
-            raise RuntimeError(
+            raise EngineError(
                 f"{type(self.model).__name__}: the LM head is not a plain projection of the base model's "
                 f"hidden states (max log-prob difference {err:.3g}); this engine does not support it"
             )
@@ -129,7 +136,7 @@ class HFTeacherEngine:
         import torch
 
         if top_k > self.vocab_size:
-            raise ValueError(f"teacher.top_k={top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
+            raise TeacherError(f"teacher.top_k={top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
         results: list[TeacherRows | None] = [None] * len(examples)
         lengths = [len(ex.input_ids) for ex in examples]
         with torch.inference_mode():

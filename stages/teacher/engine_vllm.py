@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.errors import TeacherError
 from stages.logs import engine_output
 from stages.teacher.engine_hf import TeacherRows
 
@@ -188,7 +189,7 @@ class VLLMTeacherEngine:
         sampling = self._sampling if top_k == self.top_k else self._sampling_params(top_k)
         for ex in examples:
             if len(ex.input_ids) >= self.max_model_len:
-                raise ValueError(
+                raise TeacherError(
                     f"example {ex.example_id}: {len(ex.input_ids)} tokens, vLLM max_model_len is "
                     f"{self.max_model_len} (needs one more than the longest sequence)"
                 )

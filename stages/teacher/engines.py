@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import sys
 
+from stages.errors import TeacherError
+from stages.teacher.config import TeacherConfig
+
 
 def _log(msg: str) -> None:
     print(f"[teacher] {msg}", file=sys.stderr, flush=True)
 
 
-def make_hf_engine(teacher_cfg):
+def make_hf_engine(teacher_cfg: TeacherConfig):
     from stages.teacher.engine_hf import HFTeacherEngine
 
     return HFTeacherEngine(
@@ -30,7 +33,7 @@ def make_hf_engine(teacher_cfg):
     )
 
 
-def make_vllm_engine(teacher_cfg, max_seq_len: int | None = None):
+def make_vllm_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None):
     from stages.teacher.engine_vllm import VLLMTeacherEngine
 
     return VLLMTeacherEngine(
@@ -47,7 +50,7 @@ def make_vllm_engine(teacher_cfg, max_seq_len: int | None = None):
     )
 
 
-def make_engine(teacher_cfg, max_seq_len: int | None = None):
+def make_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None):
     """Start the engine `teacher_cfg.backend` asks for (see module doc for "auto")."""
     backend = teacher_cfg.backend
     if backend == "transformers":
@@ -57,19 +60,19 @@ def make_engine(teacher_cfg, max_seq_len: int | None = None):
 
         why_not = unsupported_reason(teacher_cfg.model)
         if why_not is not None:
-            raise ValueError(f"teacher.backend=vllm cannot serve teacher.model {teacher_cfg.model!r}: {why_not}. "
-                             "Set teacher.backend=transformers (or auto, which falls back by itself)")
+            raise TeacherError(f"teacher.backend=vllm cannot serve teacher.model {teacher_cfg.model!r}: {why_not}. "
+                               "Set teacher.backend=transformers (or auto, which falls back by itself)")
         engine, reason = make_vllm_engine(teacher_cfg, max_seq_len), "teacher.backend=vllm"
     elif backend == "auto":
         engine, reason = _auto(teacher_cfg, max_seq_len)
     else:
-        raise ValueError(f"teacher.backend {backend!r}: expected auto, vllm or transformers")
+        raise TeacherError(f"teacher.backend {backend!r}: expected auto, vllm or transformers")
     engine.choice_reason = reason
     _log(f"engine: {engine.description} ({reason})")
     return engine
 
 
-def _auto(teacher_cfg, max_seq_len):
+def _auto(teacher_cfg: TeacherConfig, max_seq_len):
     from stages.teacher.engine_vllm import unsupported_reason
 
     why_not = unsupported_reason(teacher_cfg.model)

@@ -12,6 +12,8 @@ import os
 import socket
 
 from stages import data as data_mod
+from stages.data_config import DataConfig
+from stages.errors import ModelError, TeacherError
 from stages.fingerprint import (
     describe_tokenizer_difference,
     fingerprint_json,
@@ -20,6 +22,7 @@ from stages.fingerprint import (
     tokenizer_info,
     tokenizer_summary,
 )
+from stages.teacher.config import TeacherConfig
 
 # Bumped when the code that turns rows into token sequences changes what it produces.
 TOKENIZATION_VERSION = 2
@@ -61,11 +64,11 @@ def check_model_reachable(model: str, what: str) -> None:
     if os.path.isdir(os.path.expanduser(model)):
         return
     if _looks_local(model):
-        raise ValueError(f"{what} {model!r}: no such directory; set {what} to the model's directory "
+        raise ModelError(f"{what} {model!r}: no such directory; set {what} to the model's directory "
                          "(saved with save_pretrained) or a hub name")
     if _in_hub_cache(model) or hub_reachable():
         return
-    raise ValueError(f"{what} {model!r}: tried a local directory {os.path.abspath(model)!r} (none), the Hugging "
+    raise ModelError(f"{what} {model!r}: tried a local directory {os.path.abspath(model)!r} (none), the Hugging "
                      f"Face cache (not there) and the hub ({_hub_host()}: offline or unreachable). Point {what} "
                      "at a local model directory, or download the model where the hub is reachable")
 
@@ -79,7 +82,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError, ValueError, ... with long messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(
+        raise ModelError(
             f"teacher.model {model!r}: cannot load its tokenizer ({type(e).__name__}: {first}). The directory "
             "needs the tokenizer files (tokenizer.json / tokenizer_config.json): save them next to the model "
             "with tokenizer.save_pretrained(...)"
@@ -89,16 +92,21 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 def model_vocab_size(model: str, trust_remote_code: bool = False) -> int:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # no config.json, an unknown model type, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"teacher.model {model!r}: cannot load its config ({type(e).__name__}: {first}); the "
+                         "directory needs the model's config.json (save the model with save_pretrained)") from e
     vocab = getattr(config, "vocab_size", None)
     if vocab is None and hasattr(config, "get_text_config"):
         vocab = getattr(config.get_text_config(), "vocab_size", None)
     if vocab is None:
-        raise ValueError(f"teacher.model {model!r}: its config has no vocab_size")
+        raise ModelError(f"teacher.model {model!r}: its config has no vocab_size")
     return int(vocab)
 
 
-def data_fields(data_cfg) -> dict:
+def data_fields(data_cfg: DataConfig) -> dict:
     """The row fields the data kind reads (part of what shapes the tokens)."""
     if data_cfg.kind == "prompt_response":
         return {"prompt": data_cfg.prompt_field, "response": data_cfg.response_field}
@@ -107,7 +115,7 @@ def data_fields(data_cfg) -> dict:
     return {"text": data_cfg.text_field}
 
 
-def cache_identity(data_cfg, teacher_cfg, tokenizer, source, vocab_size: int) -> dict:
+def cache_identity(data_cfg: DataConfig, teacher_cfg: TeacherConfig, tokenizer, source, vocab_size: int) -> dict:
     """Everything that decides the cache's content; a rerun must match it key by key.
 
     The data is identified by its source content (a hash of the files, or a hub
@@ -148,20 +156,20 @@ def shard_plan(num_rows: int, sequences_per_shard: int) -> list[dict]:
             for i, start in enumerate(range(0, num_rows, sequences_per_shard))]
 
 
-def check_teacher(teacher_cfg):
+def check_teacher(teacher_cfg: TeacherConfig):
     """The teacher's tokenizer and vocabulary size, checked against each other and top_k."""
     if not teacher_cfg.model:
-        raise ValueError("teacher.model is empty: set it to the teacher's path or hub name")
+        raise TeacherError("teacher.model is empty: set it to the teacher's path or hub name")
     tokenizer = load_tokenizer(teacher_cfg.model, teacher_cfg.trust_remote_code)
     vocab_size = model_vocab_size(teacher_cfg.model, teacher_cfg.trust_remote_code)
     if len(tokenizer) > vocab_size:
-        raise ValueError(
+        raise ModelError(
             f"teacher.model {teacher_cfg.model!r}: the tokenizer has {len(tokenizer)} tokens but the model "
             f"only {vocab_size} logits; they do not belong together"
         )
     if teacher_cfg.top_k > vocab_size:
-        raise ValueError(f"teacher.top_k={teacher_cfg.top_k} exceeds the vocabulary of teacher.model "
-                         f"{teacher_cfg.model!r} ({vocab_size} tokens); set teacher.top_k to at most {vocab_size}")
+        raise TeacherError(f"teacher.top_k={teacher_cfg.top_k} exceeds the vocabulary of teacher.model "
+                           f"{teacher_cfg.model!r} ({vocab_size} tokens); set teacher.top_k to at most {vocab_size}")
     return tokenizer, vocab_size
 
 
@@ -200,7 +208,7 @@ def explain_mismatch(error, path, identity):
 
 
 
-def expected_identity(data_cfg, teacher_cfg) -> dict:
+def expected_identity(data_cfg: DataConfig, teacher_cfg: TeacherConfig) -> dict:
     """The identity a cache built from this config has (no tokenisation of the data)."""
     tokenizer, vocab_size = check_teacher(teacher_cfg)
     return cache_identity(data_cfg, teacher_cfg, tokenizer, data_mod.open_source(data_cfg), vocab_size)
@@ -210,7 +218,7 @@ def expected_identity(data_cfg, teacher_cfg) -> dict:
 _LEGACY_DATA_KEYS = ("data_fingerprint", "num_rows", "num_examples", "data_format", "data_fields")
 
 
-def check_for_students(cache, data_cfg, teacher_cfg) -> tuple[int, list[str]]:
+def check_for_students(cache, data_cfg: DataConfig, teacher_cfg: TeacherConfig) -> tuple[int, list[str]]:
     """Stage two's check that the cache was built from this config's teacher, tokenizer and data.
 
     Returns (top_k to train with, notes to print). A config top_k below the cache's

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 
+from stages.teacher.config import TeacherConfig
 from storage.manifest import read_manifest
 
 
@@ -33,7 +34,7 @@ def teacher_location(model: str) -> str:
     return os.path.abspath(local) if os.path.isdir(local) else model
 
 
-def record_start(cache, teacher_cfg, engine) -> None:
+def record_start(cache, teacher_cfg: TeacherConfig, engine) -> None:
     """Once per worker and cache: teacher, engine, dtype, this host; started_at if nobody set it."""
     if getattr(cache, "_atkd_provenance_started", False):
         return

@@ -1,0 +1,25 @@
+"""DemoConfig: the `demo:` section of pipeline.yaml (stages/demo/teacher.py reads it).
+
+Loaded and validated by pipeline/config.py; the stages only read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DemoConfig:
+    """The embedded demo task (issue: `atkd run` works with no download)."""
+
+    enabled: bool = False
+    seed: int = 0
+    train_examples: int = 4000
+    validation_examples: int = 300
+    test_examples: int = 300
+    vocab_size: int = 512
+    teacher: dict[str, Any] = field(default_factory=dict)  # LlamaConfig overrides
+    teacher_steps: int = 600
+    teacher_batch_size: int = 32
+    teacher_lr: float = 1e-3  # 3e-3 stalled at loss ~1.0 on the demo task

@@ -1,0 +1,36 @@
+"""Errors the stages raise for problems the user can fix; every one derives from
+`storage.errors.AtkdError`, so the CLI prints its message without a traceback.
+
+Next to their raisers live DataError (stages/rows.py), ResumeError
+(stages/student/checkpoint.py), VocabularyMismatchError (stages/student/model.py)
+and DemoMismatchError (stages/demo/teacher.py). Each kind keeps the builtin it
+replaced as a second base, so `except ValueError` callers keep working.
+"""
+
+from __future__ import annotations
+
+from storage.errors import AtkdError
+
+
+class ModelError(AtkdError, ValueError):
+    """A teacher or student model or tokenizer cannot be found or loaded, or the two do not belong together."""
+
+
+class TeacherError(AtkdError, ValueError):
+    """The teacher settings do not fit the teacher model or engine (empty model, top_k, backend, sequence length)."""
+
+
+class EngineError(AtkdError, RuntimeError):
+    """The teacher engine cannot serve this model as it is (an unsupported LM head, another vocabulary size)."""
+
+
+class EvalError(AtkdError, ValueError):
+    """The evaluation settings cannot work here (an unknown backend, or vLLM asked for but not installed)."""
+
+
+class DemoError(AtkdError, ValueError):
+    """The demo settings cannot work (data fields, vocabulary size, attention head counts)."""
+
+
+class LaunchError(AtkdError, RuntimeError):
+    """A training process was started in a way it cannot run (e.g. more ranks per node than visible GPUs)."""

@@ -1,0 +1,62 @@
+"""StudentConfig, LossConfig and OptimConfig: one entry of `students:` in pipeline.yaml (stage two).
+
+Loaded and validated by pipeline/config.py; the stages only read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 10
+    max_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    batch_size: int = 8  # sequences per micro-batch per process
+    grad_accum: int = 1
+    clip_grad_norm: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["sft", "kd", "atkd"] = "atkd"
+    divergence: Literal["forward_kl", "reverse_kl", "tvd", "js", "skew_kl", "skew_rkl"] = "forward_kl"
+    base: Literal["forward_kl", "reverse_kl"] = "forward_kl"  # atkd only
+    easy_weight: float = 0.2
+    hard_ratio: float = 0.5
+    group: Literal["sequence", "batch"] = "sequence"  # atkd split group
+    ce_weight: float = 0.0  # mix of cross-entropy on the gold tokens
+    renormalize_topk: bool = False
+    beta: float = 0.5  # js
+    alpha: float = 0.1  # skew_kl / skew_rkl
+    # Positions per LM-head chunk: peak memory ~ chunk_size x vocab x a few float32
+    # temporaries. 256 kept an ATKD step within 0.73x the memory of plain
+    # fine-tuning at vocab 32k (bench/student_bench.py); use ~128 for 150k vocabularies.
+    chunk_size: int = 256
+
+
+@dataclass
+class StudentConfig:
+    name: str = ""
+    model: str = ""  # path/hub name of a pretrained student ...
+    init: Optional[dict[str, Any]] = None  # ... or a transformers config dict to initialise from
+    # Start from another student's final model (trained first, same run): the
+    # usual "SFT, then distil" recipe; MiniLLM/DistiLLM-style students start SFT'd.
+    init_from: str = ""
+    tokenizer: str = ""  # default: the student's own (model) or the teacher's (init)
+    trust_remote_code: bool = False
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    num_workers: int = 0  # DataLoader workers
+    fsdp: bool = False

@@ -1,0 +1,37 @@
+"""TeacherConfig and CacheConfig: the `teacher:` and `cache:` sections of pipeline.yaml (stage one).
+
+Loaded and validated by pipeline/config.py; the stages only read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+
+@dataclass
+class TeacherConfig:
+    model: str = ""  # path or hub name of the teacher
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    top_k: int = 64
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"  # transformers engine: auto | cpu | cuda | cuda:N
+    batch_tokens: int = 16384  # transformers engine: tokens per forward pass
+    logprob_chunk: int = 2048  # transformers engine: positions per log-softmax chunk
+    tensor_parallel_size: int = 1  # vLLM
+    pipeline_parallel_size: int = 1  # vLLM
+    gpu_memory_utilization: float = 0.85  # vLLM; on CPU: fraction of RAM for KV cache
+    max_num_seqs: int = 256  # vLLM scheduler batch size
+    enforce_eager: bool = False  # vLLM: skip CUDA graph capture
+    trust_remote_code: bool = False
+    # Worker processes `atkd teacher` starts on this node, each on its own GPUs; "auto": one
+    # per group of tensor_parallel_size x pipeline_parallel_size visible GPUs.
+    num_workers: Union[int, Literal["auto"]] = 1
+    worker_id: str = ""  # default: host-pid
+    lease_seconds: float = 120.0  # a dead worker's shard is taken over after this (renewed every 1/4)
+
+
+@dataclass
+class CacheConfig:
+    path: str = ""  # local/NFS path or fsspec URL (s3://, memory://); default <run_dir>/cache
+    sequences_per_shard: int = 1024
