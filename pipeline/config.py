@@ -228,6 +228,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError("teacher.model: set the teacher's path or hub name")
     if cfg.teacher.top_k <= 0:
         raise ConfigError(f"teacher.top_k: must be > 0, got {cfg.teacher.top_k}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.teacher.device):
+        raise ConfigError(f"teacher.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.teacher.device!r}")
     if cfg.data.max_seq_len < 2:
         raise ConfigError(f"data.max_seq_len: must be >= 2, got {cfg.data.max_seq_len}")
     if not 0.0 <= cfg.data.max_dropped_fraction <= 1.0:

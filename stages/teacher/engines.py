@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from stages.errors import TeacherError
+from stages.errors import EngineError, TeacherError
 from stages.teacher.config import TeacherConfig
 
 
@@ -62,7 +62,14 @@ def make_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None):
         if why_not is not None:
             raise TeacherError(f"teacher.backend=vllm cannot serve teacher.model {teacher_cfg.model!r}: {why_not}. "
                                "Set teacher.backend=transformers (or auto, which falls back by itself)")
-        engine, reason = make_vllm_engine(teacher_cfg, max_seq_len), "teacher.backend=vllm"
+        try:
+            engine, reason = make_vllm_engine(teacher_cfg, max_seq_len), "teacher.backend=vllm"
+        except Exception as e:  # vLLM's own start-up errors (memory, CUDA, config): say what and what to do
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise EngineError(f"vLLM failed to start teacher.model {teacher_cfg.model!r} ({type(e).__name__}: "
+                              f"{first}). Its log is in <run_dir>/logs/teacher.log (-v shows it); lower "
+                              "teacher.gpu_memory_utilization or max_num_seqs, or set teacher.backend=auto "
+                              "(falls back to transformers) or transformers") from e
     elif backend == "auto":
         engine, reason = _auto(teacher_cfg, max_seq_len)
     else:

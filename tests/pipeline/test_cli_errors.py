@@ -138,3 +138,23 @@ def test_loss_settings_the_loss_functions_refuse_fail_at_load(cfg_path, override
     with pytest.raises(ConfigError) as e:
         load_config(cfg_path, [override])
     assert str(e.value) == message
+
+
+def test_an_unknown_teacher_device_fails_at_load(cfg_path, capsys):
+    assert cli.main(["teacher", str(cfg_path), "teacher.device=gpu"]) == 2
+    assert "teacher.device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'" in capsys.readouterr().err
+
+
+def test_a_vllm_start_up_failure_is_an_engine_error_saying_what_to_do(monkeypatch):
+    from stages.errors import EngineError
+    from stages.teacher import engines
+    from stages.teacher.config import TeacherConfig
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Engine core initialization failed. See root cause above.")
+
+    monkeypatch.setattr(engines, "make_vllm_engine", fail)
+    monkeypatch.setattr("stages.teacher.engine_vllm.unsupported_reason", lambda model: None)
+    with pytest.raises(EngineError, match=r"vLLM failed to start .*Engine core initialization failed.*"
+                                          r"teacher.backend=auto"):
+        engines.make_engine(TeacherConfig(model="m", backend="vllm"))
