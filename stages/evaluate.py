@@ -36,9 +36,13 @@ from typing import Any
 
 import torch
 
+from stages.lm import collate_for_lm, decode_until_eos, generate_greedy, pad_id, target_logits  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement")
+RESULTS_FILE = "results.json"  # in out_dir: metrics per model
+SETTINGS_FILE = "settings.json"  # in out_dir: what the caller says results.json was computed from
 
 
 # ---------------------------------------------------------------- scoring
@@ -92,70 +96,7 @@ def load_tokenizer(model_dir: str, fallback_dir: str):
     return AutoTokenizer.from_pretrained(model_dir if has_own else fallback_dir)
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def collate_for_lm(examples, pad_id: int):
-    """Right-padded input_ids/attention_mask of TokenizedExamples and the
-    (row, position) of each trained target."""
-    length = max(len(ex.input_ids) for ex in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    rows, positions = [], []
-    for b, ex in enumerate(examples):
-        ids[b, : len(ex.input_ids)] = torch.as_tensor(ex.input_ids)
-        mask[b, : len(ex.input_ids)] = 1
-        rows.extend([b] * len(ex.target_positions))
-        positions.extend(int(t) for t in ex.target_positions)
-    return ids, mask, torch.tensor(rows, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
-
-
-def target_logits(model, input_ids, attention_mask, row_batch, row_pos) -> torch.Tensor:
-    """float32 logits [P, V] at the given positions only (never [B, L, V])."""
-    device = next(model.parameters()).device
-    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                              use_cache=False).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[row_batch.to(device), row_pos.to(device)]).float()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    return softcap * torch.tanh(logits / softcap) if softcap else logits
-
-
-# ---------------------------------------------------------------- generation
-
-
-@torch.no_grad()
-def generate_greedy(model, tokenizer, rows: list[dict], data_cfg, *, max_new_tokens: int = 64,
-                    batch_size: int = 32) -> list[str]:
-    """Greedy continuations (decoded, special tokens dropped) of each row's prompt, via
-    transformers: batches of similar length, left padding, KV cache."""
-    from stages.data import prompt_ids
-
-    prompts = [prompt_ids(row, tokenizer, data_cfg, i) for i, row in enumerate(rows)]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    device = next(model.parameters()).device
-    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
-    texts: list[str] = [""] * len(rows)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        length = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), length), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, i in enumerate(idx):
-            ids[b, length - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[b, length - len(prompts[i]) :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                             use_cache=True)
-        for b, i in enumerate(idx):
-            texts[i] = _decode_until_eos(tokenizer, out[b, length:].tolist(), eos)
-    return texts
-
-
-def _decode_until_eos(tokenizer, ids: list[int], eos: int | None) -> str:
-    if eos is not None and eos in ids:
-        ids = ids[: ids.index(eos)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
+# ---------------------------------------------------------------- generation (transformers: stages.lm)
 
 
 def vllm_available() -> bool:
@@ -195,7 +136,7 @@ def generate_vllm(model_dir: str, tokenizer, rows: list[dict], data_cfg, *, max_
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        return [_decode_until_eos(tokenizer, list(o.outputs[0].token_ids), tokenizer.eos_token_id) for o in outputs]
+        return [decode_until_eos(tokenizer, list(o.outputs[0].token_ids), tokenizer.eos_token_id) for o in outputs]
     finally:
         del llm
         gc.collect()
@@ -209,7 +150,7 @@ def perplexity(model, tokenizer, examples, batch_size: int = 32) -> tuple[float,
     """exp(mean NLL) over the trained targets of TokenizedExamples; (ppl, tokens)."""
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        ids, mask, rows, positions = collate_for_lm(examples[start : start + batch_size], _pad_id(tokenizer))
+        ids, mask, rows, positions = collate_for_lm(examples[start : start + batch_size], pad_id(tokenizer))
         logits = target_logits(model, ids, mask, rows, positions)
         gold = ids[rows, positions + 1].to(logits.device)
         total += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
@@ -303,7 +244,7 @@ def evaluate_models(models: dict[str, str], *, eval_cfg, data_cfg, teacher_dir: 
             if out:
                 _write_generations(out / f"{name}.generations.jsonl", rows, texts, hits)
         if records:
-            res.update(teacher_agreement(model, records, _pad_id(tokenizer), eval_cfg.batch_size))
+            res.update(teacher_agreement(model, records, pad_id(tokenizer), eval_cfg.batch_size))
         res["seconds"] = round(time.perf_counter() - t0, 2)
         results[name] = res
         if progress:

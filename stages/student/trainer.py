@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from stages.lm import pad_id
 from stages.student import checkpoint as ckpt
 from stages.student import resume
 from stages.student.distributed import Dist, init_distributed, load_states, model_state, optim_state, wrap_model
@@ -255,9 +256,8 @@ def _train(cfg, name: str, cache_url: str, out: Path, tokenizer_path, progress: 
     student.to(d.device).train()
     objective = StudentObjective(student, cfg.loss)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     dataset = CacheDataset(cache_url, optim.batch_size, seed=cfg.seed, rank=d.rank,
-                           world_size=d.world_size, shuffle=True, pad_id=pad_id, top_k=top_k)
+                           world_size=d.world_size, shuffle=True, pad_id=pad_id(tokenizer), top_k=top_k)
     batches = Batches(dataset, cfg.num_workers, cfg.seed)
 
     # Resume: weights, optimiser, RNG, reader position and step from the newest good checkpoint.
