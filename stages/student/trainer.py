@@ -197,13 +197,11 @@ def train_student(student_cfg, *, cache_url: str, out_dir: str | os.PathLike, to
     """
     out = Path(out_dir)
     name = student_cfg.name or out.name
-    done_path = out / "done.json"
-    if done_path.is_file():
-        done = json.loads(done_path.read_text())
-        if int(done.get("steps", 0)) >= student_cfg.optim.max_steps:
-            log.info("student %s: %s says it is finished; nothing to do", name, done_path)
-            return TrainSummary(name=name, out_dir=str(out), final_dir=str(out / "final"), steps=done["steps"],
-                                start_step=done["steps"], final_loss=done.get("final_loss"), already_done=True)
+    if ckpt.is_done(out, student_cfg.optim.max_steps):
+        done = ckpt.read_done(out)
+        log.info("student %s: %s says it is finished; nothing to do", name, out / ckpt.DONE_FILE)
+        return TrainSummary(name=name, out_dir=str(out), final_dir=str(out / "final"), steps=done["steps"],
+                            start_step=done["steps"], final_loss=done.get("final_loss"), already_done=True)
     d = init_distributed()
     try:
         return _train(student_cfg, name, cache_url, out, tokenizer_path, progress, d, top_k)
