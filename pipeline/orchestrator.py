@@ -77,12 +77,8 @@ def prepare(cfg: PipelineConfig) -> None:
 def open_cache(url: str):
     """The cache at `url`, or None when stage one has not created it yet."""
     from storage.cache import Cache
-    from storage.fs import CacheFS
-    from storage.manifest import MANIFEST_NAME
 
-    if not CacheFS(url).exists(MANIFEST_NAME):
-        return None
-    return Cache.open(url)
+    return Cache.open(url) if Cache.exists(url) else None
 
 
 def cache_complete(url: str) -> bool:
@@ -152,16 +148,11 @@ def _run_teacher(cfg: PipelineConfig, validation: bool) -> bool:
 
 
 def student_done(cfg: PipelineConfig, name: str) -> bool:
-    """done.json is there and reached the configured max_steps (raising max_steps trains further)."""
-    path = student_dir(cfg, name) / "done.json"
-    if not path.is_file():
-        return False
-    try:
-        steps = int(json.loads(path.read_text()).get("steps", 0))
-    except (ValueError, TypeError, AttributeError):
-        return False  # unreadable: let the trainer decide (it resumes from its checkpoints)
+    """The trainer's own answer (stages.student.layout.is_done) for the configured max_steps."""
+    from stages.student.layout import is_done
+
     wanted = next((s.optim.max_steps for s in cfg.students if s.name == name), 0)
-    return steps >= wanted
+    return is_done(student_dir(cfg, name), wanted)
 
 
 _checked_caches: dict[str, int] = {}
@@ -304,13 +295,18 @@ def status_text(cfg: PipelineConfig) -> str:
             check_training_cache(cfg)
         except CacheMismatchError as e:
             lines.append(f"MISMATCH: {e}")
+    from stages.student.layout import last_checkpoint
+
     for s in cfg.students:
-        d = student_dir(cfg, s.name)
         if student_done(cfg, s.name):
             state = "done"
         else:
-            ckpts = sorted((d / "checkpoints").glob("step_*")) if (d / "checkpoints").is_dir() else []
-            state = f"in progress (last checkpoint {ckpts[-1].name})" if ckpts else "not started"
+            last = last_checkpoint(student_dir(cfg, s.name))
+            state = f"in progress (last checkpoint {last.name})" if last else "not started"
         lines.append(f"student {s.name} ({s.loss.kind}): {state}")
-    lines.append(f"evaluation: {'done' if results_path(cfg).is_file() else 'not run'}")
+    if not results_path(cfg).is_file():
+        lines.append("evaluation: not run")
+    else:
+        lines.append("evaluation: " + ("out of date (settings or students changed since)" if _eval_stale(cfg)
+                                       else "done"))
     return "\n".join(lines)
