@@ -12,7 +12,8 @@ Per model:
   `rouge_l` (ROUGE-L F1 of rouge-score, stemmed);
 - `perplexity` of the reference responses (teacher forcing on the same rows,
   response tokens and EOS only: exp of the mean token NLL);
-- against the teacher, on the validation cache stage one wrote: `kl_to_teacher`
+- against the teacher, on the complete validation cache stage one wrote (the
+  orchestrator runs that stage first; evaluation never does): `kl_to_teacher`
   = mean forward KL(teacher || model) per position on the sparse-teacher bucket
   partition (stages.student.losses.kd_loss, so the same math that trained the
   students), and `top1_agreement` = how often the model's argmax is the
@@ -159,10 +160,17 @@ def perplexity(model, tokenizer, examples, batch_size: int = 32) -> tuple[float,
 
 
 def read_cache_records(cache_url: str, limit: int | None = None) -> list:
-    """SequenceRecords of the completed shards, in shard order (at most `limit`)."""
+    """SequenceRecords of a complete cache, in shard order (at most `limit`).
+
+    Evaluation never runs stage one: an unfinished cache is an error (the orchestrator runs the
+    validation capture before evaluating)."""
     from storage.cache import Cache
 
     cache = Cache.open(cache_url)
+    if not cache.is_complete():
+        raise ValueError(f"the validation cache {cache_url} is not complete ({len(cache.completed_shards())}/"
+                         f"{cache.num_shards} shards): finish stage one over the validation data first "
+                         "(`atkd eval` and `atkd run` do)")
     records = []
     for index in cache.completed_shards():
         for record in cache.read_shard(index).sequences():
@@ -198,11 +206,15 @@ def teacher_agreement(model, records: list, pad_id: int, batch_size: int = 32) -
 
 def evaluate_models(models: dict[str, str], *, eval_cfg, data_cfg, teacher_dir: str,
                     val_cache_url: str | None = None, backend: str | None = None,
-                    out_dir: str | None = None, progress: bool = True) -> dict[str, dict]:
+                    out_dir: str | None = None, settings: dict | None = None,
+                    progress: bool = True) -> dict[str, dict]:
     """Metrics per model name (see the module doc); `backend` None = eval_cfg.backend.
 
     With `out_dir`, each model's generations go to `<out_dir>/<name>.generations.jsonl`
-    and all metrics to `<out_dir>/results.json`.
+    and all metrics to `<out_dir>/results.json` (this is its only writer), in the order
+    of `models`. `settings` (JSON: what the caller needs to tell whether the results are
+    current) then goes to `<out_dir>/settings.json`, written after results.json and
+    removed before it is replaced, so it never vouches for other results.
     """
     from stages.data import load_rows, reference_response, tokenize_examples
 
@@ -252,9 +264,14 @@ def evaluate_models(models: dict[str, str], *, eval_cfg, data_cfg, teacher_dir: 
                   flush=True)
         del model
     if out:
+        (out / SETTINGS_FILE).unlink(missing_ok=True)
         tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-        tmp.replace(out / "results.json")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(out / RESULTS_FILE)
+        if settings is not None:
+            tmp = out / "settings.json.tmp"
+            tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
+            tmp.replace(out / SETTINGS_FILE)
     return results
 
 
