@@ -90,3 +90,31 @@ def test_evaluation_refuses_an_unfinished_validation_cache(run, capsys, tmp_path
     with pytest.raises(ValueError, match="not complete"):
         evaluate.evaluate_models({"teacher": cfg.teacher.model}, eval_cfg=cfg.eval, data_cfg=cfg.data,
                                  teacher_dir=cfg.teacher.model, val_cache_url=str(partial), progress=False)
+
+
+def test_status_of_students_does_not_import_torch(tmp_path):
+    """Whether a student is done, and its last checkpoint, come from stages.student.layout, which stays light
+    (the cache check of `atkd status` may still need a tokenizer; a run without a cache must not)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.fault_harness import REPO
+
+    (tmp_path / "run" / "students" / "s1").mkdir(parents=True)
+    (tmp_path / "run" / "students" / "s1" / "done.json").write_text(json.dumps({"steps": 100}))  # the default
+    (tmp_path / "run" / "students" / "s2" / "checkpoints" / "step_000004").mkdir(parents=True)
+    (tmp_path / "run" / "students" / "s2" / "checkpoints" / "step_000004" / "complete").write_text("{}")
+    (tmp_path / "run" / "students" / "s2" / "checkpoints" / "step_000006").mkdir()  # no marker: not counted
+    code = ("import sys; from pipeline.config import PipelineConfig, StudentConfig; "
+            "from pipeline.orchestrator import status_text; "
+            "cfg = PipelineConfig(run_dir=sys.argv[1], students=[StudentConfig(name='s1', model='m'), "
+            "StudentConfig(name='s2', model='m')]); cfg.cache.path = sys.argv[1] + '/cache'; "
+            "print(status_text(cfg)); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "student s1 (atkd): done" in lines
+    assert "student s2 (atkd): in progress (last checkpoint step_000004)" in lines
+    assert lines[-1] == "False"
