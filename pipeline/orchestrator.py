@@ -4,9 +4,11 @@ Run directory layout (everything a run produces lives under `run_dir`):
 
     <run_dir>/config.yaml              the resolved config of the last command
     <run_dir>/students/<name>/         checkpoints, log.jsonl, tb/, final/, done.json
-    <run_dir>/cache-val/               teacher cache over the validation split (eval)
-    <run_dir>/eval/results.json        metrics per model
-    <run_dir>/report/                  report.md + PNG plots
+    <run_dir>/cache-val/               teacher cache over the validation split (stage one, for eval)
+    <run_dir>/eval/results.json        metrics per model (written by stages.evaluate only)
+    <run_dir>/eval/settings.json       what results.json was computed from (config, models, their done.json)
+    <run_dir>/eval/<model>.generations.jsonl
+    <run_dir>/report/                  report.md + PNG plots (stages.report, from the results)
 The training cache lives at `cache.path` (often `<run_dir>/cache`, but it can be
 shared by many runs or live on an object store).
 
@@ -17,6 +19,7 @@ without importing torch or vLLM.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -40,6 +43,10 @@ def val_cache_path(cfg: PipelineConfig) -> str:
 
 def results_path(cfg: PipelineConfig) -> Path:
     return Path(cfg.run_dir) / "eval" / "results.json"
+
+
+def eval_settings_path(cfg: PipelineConfig) -> Path:
+    return results_path(cfg).with_name("settings.json")
 
 
 # ------------------------------------------------------------------ stages
@@ -69,12 +76,8 @@ def prepare(cfg: PipelineConfig) -> None:
 def open_cache(url: str):
     """The cache at `url`, or None when stage one has not created it yet."""
     from storage.cache import Cache
-    from storage.fs import CacheFS
-    from storage.manifest import MANIFEST_NAME
 
-    if not CacheFS(url).exists(MANIFEST_NAME):
-        return None
-    return Cache.open(url)
+    return Cache.open(url) if Cache.exists(url) else None
 
 
 def cache_complete(url: str) -> bool:
@@ -85,13 +88,19 @@ def cache_complete(url: str) -> bool:
 def capture_jobs(cfg: PipelineConfig, *, validation: bool) -> list[tuple[str, DataConfig, CacheConfig]]:
     """(label, data config, cache config) of each teacher cache this run needs."""
     jobs = [("training", cfg.data, cfg.cache)]
-    if validation and cfg.eval.validation_path:
-        val_data = copy.deepcopy(cfg.data)
-        val_data.path, val_data.limit = cfg.eval.validation_path, None
-        val_cache = copy.deepcopy(cfg.cache)
-        val_cache.path = val_cache_path(cfg)
-        jobs.append(("validation", val_data, val_cache))
-    return jobs
+    val_job = validation_job(cfg) if validation else None
+    return jobs + [val_job] if val_job else jobs
+
+
+def validation_job(cfg: PipelineConfig) -> tuple[str, object, object] | None:
+    """Stage one over `eval.validation_path` into <run_dir>/cache-val (None when no validation data is set)."""
+    if not cfg.eval.validation_path:
+        return None
+    val_data = copy.deepcopy(cfg.data)
+    val_data.path, val_data.limit = cfg.eval.validation_path, None
+    val_cache = copy.deepcopy(cfg.cache)
+    val_cache.path = val_cache_path(cfg)
+    return ("validation", val_data, val_cache)
 
 
 def run_teacher(cfg: PipelineConfig, *, validation: bool = False) -> bool:
@@ -101,17 +110,28 @@ def run_teacher(cfg: PipelineConfig, *, validation: bool = False) -> bool:
     engine serves both: a vLLM start costs tens of seconds even on a tiny model.
     """
     with stage_log(cfg, "teacher"):
-        return _run_teacher(cfg, validation)
+        return _run_teacher(cfg, capture_jobs(cfg, validation=validation))
 
 
-def _run_teacher(cfg: PipelineConfig, validation: bool) -> bool:
+def run_validation_capture(cfg: PipelineConfig) -> bool:
+    """Stage one over the validation data only: what `atkd eval` runs first when `atkd run` has not.
+
+    Returns True if it did any work (False also when no validation data is configured)."""
+    job = validation_job(cfg)
+    if job is None:
+        return False
+    with stage_log(cfg, "teacher"):
+        return _run_teacher(cfg, [job])
+
+
+def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) -> bool:
     from stages.teacher.capture import run_capture
 
     from pipeline.workers import resolve_workers, run_workers
 
     num_workers, gpu_groups = resolve_workers(cfg.teacher.num_workers, cfg.teacher)
     todo = []
-    for label, data_cfg, cache_cfg in capture_jobs(cfg, validation=validation):
+    for label, data_cfg, cache_cfg in jobs:
         if cache_complete(cache_cfg.path):
             # Still compare the cache with the config (teacher, tokenizer, data, top_k, ...): a
             # complete cache of another teacher must be refused, not silently reused. run_capture
@@ -144,16 +164,11 @@ def _run_teacher(cfg: PipelineConfig, validation: bool) -> bool:
 
 
 def student_done(cfg: PipelineConfig, name: str) -> bool:
-    """done.json is there and reached the configured max_steps (raising max_steps trains further)."""
-    path = student_dir(cfg, name) / "done.json"
-    if not path.is_file():
-        return False
-    try:
-        steps = int(json.loads(path.read_text()).get("steps", 0))
-    except (ValueError, TypeError, AttributeError):
-        return False  # unreadable: let the trainer decide (it resumes from its checkpoints)
+    """The trainer's own answer (stages.student.layout.is_done) for the configured max_steps."""
+    from stages.student.layout import is_done
+
     wanted = next((s.optim.max_steps for s in cfg.students if s.name == name), 0)
-    return steps >= wanted
+    return is_done(student_dir(cfg, name), wanted)
 
 
 _checked_caches: dict[str, int] = {}
@@ -214,20 +229,49 @@ def _remove_stale_partials(out: Path) -> None:
         _log(f"removed {path} (left by an interrupted save whose process is gone)")
 
 
+def eval_models(cfg: PipelineConfig) -> dict[str, str]:
+    """What evaluation covers: every trained student's final/ and the teacher."""
+    models = {s.name: str(student_dir(cfg, s.name) / "final") for s in cfg.students if student_done(cfg, s.name)}
+    models["teacher"] = cfg.teacher.model
+    return models
+
+
+def eval_settings(cfg: PipelineConfig) -> dict:
+    """Everything results.json depends on: the eval and data config, the teacher, and each model with
+    the steps and finish time of its done.json (retraining a student changes them). JSON-plain."""
+    from stages.student.layout import read_done
+
+    students, models = {s.name for s in cfg.students}, {}
+    for name, path in eval_models(cfg).items():
+        done = read_done(student_dir(cfg, name)) if name in students else None
+        models[name] = {"dir": path, **({k: done.get(k) for k in ("steps", "finished_at")} if done else {})}
+    settings = {"eval": dataclasses.asdict(cfg.eval), "data": dataclasses.asdict(cfg.data),
+                "teacher": cfg.teacher.model, "models": models}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
 def _eval_stale(cfg: PipelineConfig) -> bool:
-    rp = results_path(cfg)
-    if not rp.is_file():
+    """No results yet, or they were computed with other settings (eval config, models, retrained students)."""
+    if not results_path(cfg).is_file():
         return True
-    done = [student_dir(cfg, s.name) / "done.json" for s in cfg.students]
-    newest = max((p.stat().st_mtime for p in done if p.is_file()), default=0.0)
-    return newest > rp.stat().st_mtime
+    try:
+        recorded = json.loads(eval_settings_path(cfg).read_text())
+    except (OSError, ValueError):
+        return True  # results of an older atkd (no settings.json) or of a killed write: evaluate again
+    return recorded != eval_settings(cfg)
 
 
 def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
-    """Evaluate every trained student and the teacher; write results.json and the report."""
+    """Evaluate every trained student and the teacher (stages.evaluate writes results.json), then the report.
+
+    The validation cache is stage one's: run first, as that stage, when it is missing."""
     if not force and not _eval_stale(cfg):
         _log(f"evaluation {results_path(cfg)} is up to date; skipping")
         return None
+    if validation_job(cfg) is not None and not cache_complete(val_cache_path(cfg)):
+        _log(f"the validation cache {val_cache_path(cfg)} is not complete: running stage one over "
+             f"{cfg.eval.validation_path} first")
+        run_validation_capture(cfg)
     with stage_log(cfg, "eval"):
         return _run_eval(cfg)
 
@@ -235,24 +279,12 @@ def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
 def _run_eval(cfg: PipelineConfig) -> dict:
     from stages.evaluate import evaluate_models
     from stages.report import write_report
-    from stages.teacher.capture import run_capture
 
-    val_url = None
-    if cfg.eval.validation_path:
-        _, val_data, val_cache = capture_jobs(cfg, validation=True)[-1]
-        if not cache_complete(val_cache.path):
-            _log(f"caching the teacher on the validation data into {val_cache.path}")
-            run_capture(val_data, cfg.teacher, val_cache)
-        val_url = val_cache.path
-    models = {s.name: str(student_dir(cfg, s.name) / "final") for s in cfg.students if student_done(cfg, s.name)}
-    models["teacher"] = cfg.teacher.model
-    results = evaluate_models(models, eval_cfg=cfg.eval, data_cfg=cfg.data, teacher_dir=cfg.teacher.model,
-                              val_cache_url=val_url, backend=cfg.eval.backend)
-    rp = results_path(cfg)
-    rp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = rp.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, rp)
+    settings = eval_settings(cfg)  # before evaluating: a student finishing meanwhile makes the results stale
+    val_url = val_cache_path(cfg) if validation_job(cfg) is not None else None
+    results = evaluate_models(eval_models(cfg), eval_cfg=cfg.eval, data_cfg=cfg.data, teacher_dir=cfg.teacher.model,
+                              val_cache_url=val_url, backend=cfg.eval.backend, out_dir=str(results_path(cfg).parent),
+                              settings=settings)
     logs = {s.name: str(student_dir(cfg, s.name) / "log.jsonl") for s in cfg.students}
     report = write_report(cfg.run_dir, results, logs, cfg.cache.path)
     _log(f"report written to {report}")
@@ -296,13 +328,18 @@ def status_text(cfg: PipelineConfig) -> str:
             check_training_cache(cfg)
         except CacheMismatchError as e:
             lines.append(f"MISMATCH: {e}")
+    from stages.student.layout import last_checkpoint
+
     for s in cfg.students:
-        d = student_dir(cfg, s.name)
         if student_done(cfg, s.name):
             state = "done"
         else:
-            ckpts = sorted((d / "checkpoints").glob("step_*")) if (d / "checkpoints").is_dir() else []
-            state = f"in progress (last checkpoint {ckpts[-1].name})" if ckpts else "not started"
+            last = last_checkpoint(student_dir(cfg, s.name))
+            state = f"in progress (last checkpoint {last.name})" if last else "not started"
         lines.append(f"student {s.name} ({s.loss.kind}): {state}")
-    lines.append(f"evaluation: {'done' if results_path(cfg).is_file() else 'not run'}")
+    if not results_path(cfg).is_file():
+        lines.append("evaluation: not run")
+    else:
+        lines.append("evaluation: " + ("out of date (settings or students changed since)" if _eval_stale(cfg)
+                                       else "done"))
     return "\n".join(lines)

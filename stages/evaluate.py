@@ -12,7 +12,8 @@ Per model:
   `rouge_l` (ROUGE-L F1 of rouge-score, stemmed);
 - `perplexity` of the reference responses (teacher forcing on the same rows,
   response tokens and EOS only: exp of the mean token NLL);
-- against the teacher, on the validation cache stage one wrote: `kl_to_teacher`
+- against the teacher, on the complete validation cache stage one wrote (the
+  orchestrator runs that stage first; evaluation never does): `kl_to_teacher`
   = mean forward KL(teacher || model) per position on the sparse-teacher bucket
   partition (stages.student.losses.kd_loss, so the same math that trained the
   students), and `top1_agreement` = how often the model's argmax is the
@@ -39,10 +40,13 @@ import torch
 from stages.data_config import DataConfig
 from stages.errors import EvalError
 from stages.eval_config import EvalConfig
+from stages.lm import collate_for_lm, decode_until_eos, generate_greedy, pad_id, target_logits  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement")
+RESULTS_FILE = "results.json"  # in out_dir: metrics per model
+SETTINGS_FILE = "settings.json"  # in out_dir: what the caller says results.json was computed from
 
 
 # ---------------------------------------------------------------- scoring
@@ -96,70 +100,7 @@ def load_tokenizer(model_dir: str, fallback_dir: str):
     return AutoTokenizer.from_pretrained(model_dir if has_own else fallback_dir)
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def collate_for_lm(examples, pad_id: int):
-    """Right-padded input_ids/attention_mask of TokenizedExamples and the
-    (row, position) of each trained target."""
-    length = max(len(ex.input_ids) for ex in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    rows, positions = [], []
-    for b, ex in enumerate(examples):
-        ids[b, : len(ex.input_ids)] = torch.as_tensor(ex.input_ids)
-        mask[b, : len(ex.input_ids)] = 1
-        rows.extend([b] * len(ex.target_positions))
-        positions.extend(int(t) for t in ex.target_positions)
-    return ids, mask, torch.tensor(rows, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
-
-
-def target_logits(model, input_ids, attention_mask, row_batch, row_pos) -> torch.Tensor:
-    """float32 logits [P, V] at the given positions only (never [B, L, V])."""
-    device = next(model.parameters()).device
-    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                              use_cache=False).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[row_batch.to(device), row_pos.to(device)]).float()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    return softcap * torch.tanh(logits / softcap) if softcap else logits
-
-
-# ---------------------------------------------------------------- generation
-
-
-@torch.no_grad()
-def generate_greedy(model, tokenizer, rows: list[dict], data_cfg: DataConfig, *, max_new_tokens: int = 64,
-                    batch_size: int = 32) -> list[str]:
-    """Greedy continuations (decoded, special tokens dropped) of each row's prompt, via
-    transformers: batches of similar length, left padding, KV cache."""
-    from stages.data import prompt_ids
-
-    prompts = [prompt_ids(row, tokenizer, data_cfg, i) for i, row in enumerate(rows)]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    device = next(model.parameters()).device
-    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
-    texts: list[str] = [""] * len(rows)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        length = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), length), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, i in enumerate(idx):
-            ids[b, length - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[b, length - len(prompts[i]) :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                             use_cache=True)
-        for b, i in enumerate(idx):
-            texts[i] = _decode_until_eos(tokenizer, out[b, length:].tolist(), eos)
-    return texts
-
-
-def _decode_until_eos(tokenizer, ids: list[int], eos: int | None) -> str:
-    if eos is not None and eos in ids:
-        ids = ids[: ids.index(eos)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
+# ---------------------------------------------------------------- generation (transformers: stages.lm)
 
 
 def vllm_available() -> bool:
@@ -200,7 +141,7 @@ def generate_vllm(model_dir: str, tokenizer, rows: list[dict], data_cfg: DataCon
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        return [_decode_until_eos(tokenizer, list(o.outputs[0].token_ids), tokenizer.eos_token_id) for o in outputs]
+        return [decode_until_eos(tokenizer, list(o.outputs[0].token_ids), tokenizer.eos_token_id) for o in outputs]
     finally:
         del llm
         gc.collect()
@@ -214,7 +155,7 @@ def perplexity(model, tokenizer, examples, batch_size: int = 32) -> tuple[float,
     """exp(mean NLL) over the trained targets of TokenizedExamples; (ppl, tokens)."""
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        ids, mask, rows, positions = collate_for_lm(examples[start : start + batch_size], _pad_id(tokenizer))
+        ids, mask, rows, positions = collate_for_lm(examples[start : start + batch_size], pad_id(tokenizer))
         logits = target_logits(model, ids, mask, rows, positions)
         gold = ids[rows, positions + 1].to(logits.device)
         total += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
@@ -223,10 +164,17 @@ def perplexity(model, tokenizer, examples, batch_size: int = 32) -> tuple[float,
 
 
 def read_cache_records(cache_url: str, limit: int | None = None) -> list:
-    """SequenceRecords of the completed shards, in shard order (at most `limit`)."""
+    """SequenceRecords of a complete cache, in shard order (at most `limit`).
+
+    Evaluation never runs stage one: an unfinished cache is an error (the orchestrator runs the
+    validation capture before evaluating)."""
     from storage.cache import Cache
 
     cache = Cache.open(cache_url)
+    if not cache.is_complete():
+        raise ValueError(f"the validation cache {cache_url} is not complete ({len(cache.completed_shards())}/"
+                         f"{cache.num_shards} shards): finish stage one over the validation data first "
+                         "(`atkd eval` and `atkd run` do)")
     records = []
     for index in cache.completed_shards():
         for record in cache.read_shard(index).sequences():
@@ -262,11 +210,15 @@ def teacher_agreement(model, records: list, pad_id: int, batch_size: int = 32) -
 
 def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: DataConfig, teacher_dir: str,
                     val_cache_url: str | None = None, backend: str | None = None,
-                    out_dir: str | None = None, progress: bool = True) -> dict[str, dict]:
+                    out_dir: str | None = None, settings: dict | None = None,
+                    progress: bool = True) -> dict[str, dict]:
     """Metrics per model name (see the module doc); `backend` None = eval_cfg.backend.
 
     With `out_dir`, each model's generations go to `<out_dir>/<name>.generations.jsonl`
-    and all metrics to `<out_dir>/results.json`.
+    and all metrics to `<out_dir>/results.json` (this is its only writer), in the order
+    of `models`. `settings` (JSON: what the caller needs to tell whether the results are
+    current) then goes to `<out_dir>/settings.json`, written after results.json and
+    removed before it is replaced, so it never vouches for other results.
     """
     from stages.data import load_rows, reference_response, tokenize_examples
 
@@ -308,7 +260,7 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
             if out:
                 _write_generations(out / f"{name}.generations.jsonl", rows, texts, hits)
         if records:
-            res.update(teacher_agreement(model, records, _pad_id(tokenizer), eval_cfg.batch_size))
+            res.update(teacher_agreement(model, records, pad_id(tokenizer), eval_cfg.batch_size))
         res["seconds"] = round(time.perf_counter() - t0, 2)
         results[name] = res
         if progress:
@@ -316,9 +268,14 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
                   flush=True)
         del model
     if out:
+        (out / SETTINGS_FILE).unlink(missing_ok=True)
         tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-        tmp.replace(out / "results.json")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(out / RESULTS_FILE)
+        if settings is not None:
+            tmp = out / "settings.json.tmp"
+            tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
+            tmp.replace(out / SETTINGS_FILE)
     return results
 
 

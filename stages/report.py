@@ -1,6 +1,10 @@
 """The run report: a Markdown table of the evaluation and PNG plots.
 
     path = write_report(run_dir, results, students_logs, cache_url)  # <run_dir>/report/report.md
+
+It only reads: the results it is given (stages.evaluate writes results.json),
+the students' logs, the cache and the demo teacher's metrics; it writes
+report.md and the plots, nothing else.
     print(format_table(results))                                     # the same table, for the terminal
 
 Plots (matplotlib, Agg backend, so no display is needed):
@@ -206,7 +210,6 @@ def write_report(run_dir: str | os.PathLike, results: dict[str, dict], students_
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(sections))
     tmp.replace(path)
-    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
     return str(path)
 
 

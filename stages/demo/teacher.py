@@ -9,7 +9,7 @@ students/, eval/ and report/):
     tokenizer/                             save_pretrained + done.json
     teacher/                               save_pretrained (model + tokenizer),
                                            demo_teacher.json (metrics), done.json
-    teacher.work/checkpoint.pt             resume point while the teacher trains
+    teacher.work/checkpoints/step_NNNNNN/  resume point while the teacher trains
 
 Each step is idempotent: a directory is built under a temporary name, its
 `done.json` (the settings it was made with) written last, and then renamed into
@@ -19,15 +19,17 @@ seed and the step). A finished step made with other settings is an error, not
 silently replaced: the teacher cache and students downstream depend on it.
 
 The teacher is a small LlamaConfig causal LM (head_dim 64, which vLLM's CPU
-attention accepts) trained by one explicit loop: AdamW, linear warmup then
-cosine, cross-entropy on exactly the positions stage one caches (the response
-tokens and EOS, from stages.data.tokenize_examples).
+attention accepts) trained with cross-entropy on exactly the positions stage
+one caches (the response tokens and EOS, from stages.data.tokenize_examples).
+The training pieces are the student trainer's: its schedule and AdamW
+(stages.student.optim), its atomic checkpoints (stages.student.checkpoint) and
+the target-only logits of stages.lm; this module only says what the demo
+trains, on which batches, and when it stops.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -39,6 +41,7 @@ from stages.data_config import DataConfig
 from stages.demo import task as demo_task
 from stages.demo.config import DemoConfig
 from stages.errors import DemoError
+from stages.student.config import OptimConfig
 from storage.errors import AtkdError
 
 DEFAULT_TEACHER = {  # LlamaConfig fields; DemoConfig.teacher overrides any of them
@@ -53,6 +56,9 @@ DEFAULT_TEACHER = {  # LlamaConfig fields; DemoConfig.teacher overrides any of t
 }
 WARMUP_FRACTION = 0.05
 MIN_LR_RATIO = 0.1
+WEIGHT_DECAY = 0.01
+BETAS = (0.9, 0.95)
+CLIP_GRAD_NORM = 1.0
 CHECK_EXAMPLES = 150  # validation examples generated after training (exact-match sanity check)
 
 
@@ -219,13 +225,13 @@ def teacher_config(demo_cfg: DemoConfig, tokenizer, max_seq_len: int):
     )
 
 
-def lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warmup over WARMUP_FRACTION of the steps, then cosine to lr * MIN_LR_RATIO."""
-    warmup = max(1, int(WARMUP_FRACTION * steps))
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min((step - warmup) / max(steps - warmup, 1), 1.0)
-    return lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+def teacher_optim(demo_cfg: DemoConfig) -> OptimConfig:
+    """The demo teacher's optimiser settings for stages.student.optim: linear warmup over
+    WARMUP_FRACTION of the steps, then cosine to lr * MIN_LR_RATIO."""
+    steps = demo_cfg.teacher_steps
+    return OptimConfig(lr=demo_cfg.teacher_lr, warmup_steps=max(1, int(WARMUP_FRACTION * steps)),
+                       max_steps=steps, min_lr_ratio=MIN_LR_RATIO, weight_decay=WEIGHT_DECAY, betas=list(BETAS),
+                       clip_grad_norm=CLIP_GRAD_NORM, batch_size=demo_cfg.teacher_batch_size)
 
 
 def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
@@ -264,63 +270,64 @@ def train_demo_teacher(demo_cfg: DemoConfig, data_cfg: DataConfig, tokenizer, tr
     stand-in for a kill, used by the resume test)."""
     import torch
     import torch.nn.functional as F
-    from stages.progress import tqdm
     from transformers import LlamaForCausalLM
 
     from stages.data import tokenize_examples
-    from stages.evaluate import collate_for_lm
+    from stages.lm import collate_for_lm, pad_id, target_logits
+    from stages.progress import tqdm
+    from stages.student import checkpoint as ckpt
+    from stages.student.optim import build_optimizer, clip_and_step, lr_at, set_lr
 
     final = Path(out_dir)
     if _reuse(final, settings, "teacher"):
         return json.loads((final / "demo_teacher.json").read_text())
 
     examples, _ = tokenize_examples(demo_task.read_jsonl(train_path), tokenizer, data_cfg)
-    steps, batch_size, lr = demo_cfg.teacher_steps, demo_cfg.teacher_batch_size, demo_cfg.teacher_lr
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    optim = teacher_optim(demo_cfg)
+    steps, batch_size = optim.max_steps, demo_cfg.teacher_batch_size
 
     torch.manual_seed(demo_cfg.seed)
     model = LlamaForCausalLM(teacher_config(demo_cfg, tokenizer, data_cfg.max_seq_len)).float()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.95))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, optim)
 
+    # Resume from the last checkpoint of a run with the same settings; anything else starts over.
     work = final.with_name(final.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt_path = work / "checkpoint.pt"
+    found = ckpt.latest_valid_checkpoint(work)
     start, losses, seconds = 0, [], 0.0
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never unpickle code
-        if state.get("settings") == settings:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start, losses, seconds = state["step"], state["losses"], state["seconds"]
+    if found is not None and found.meta.get("settings") == json.loads(json.dumps(settings)):
+        model.load_state_dict(ckpt.load_model_state(found.path))
+        optimizer.load_state_dict(ckpt.load_optim_state(found.path))
+        start, losses, seconds = found.step, list(found.meta["losses"]), float(found.meta["seconds"])
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     checkpoint_every = max(50, steps // 5)
+
+    def save(step: int) -> None:
+        meta = {"settings": settings, "losses": losses, "seconds": seconds + time.perf_counter() - t0}
+        ckpt.save_checkpoint(work, step, model_state=model.state_dict(), optim_state=optimizer.state_dict(),
+                             meta=meta, keep=1)
 
     model.train()
     bar = tqdm(total=steps, initial=start, desc="demo teacher", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in range(start, steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
+        set_lr(optimizer, lr_at(step, optim))
         batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), demo_cfg.seed)]
-        ids, mask, rows, positions = collate_for_lm(batch, pad_id)
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = model.lm_head(hidden[rows, positions]).float()  # only the trained positions
+        ids, mask, rows, positions = collate_for_lm(batch, pad_id(tokenizer))
+        logits = target_logits(model, ids, mask, rows, positions)  # only the trained positions
         loss = F.cross_entropy(logits, ids[rows, positions + 1])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(optimizer, params, optim.clip_grad_norm)
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if stop_after is not None and step + 1 >= stop_after and step + 1 < steps:
-            _save_checkpoint(ckpt_path, model, optimizer, step + 1, losses, seconds + time.perf_counter() - t0, settings)
+            save(step + 1)
             bar.close()
             return None
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _save_checkpoint(ckpt_path, model, optimizer, step + 1, losses, seconds + time.perf_counter() - t0, settings)
+            save(step + 1)
     bar.close()
     elapsed = time.perf_counter() - t0
     seconds += elapsed
@@ -345,18 +352,10 @@ def train_demo_teacher(demo_cfg: DemoConfig, data_cfg: DataConfig, tokenizer, tr
     return metrics
 
 
-def _save_checkpoint(path: Path, model, optimizer, step: int, losses: list, seconds: float, settings: dict) -> None:
-    import torch
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "losses": losses, "seconds": seconds, "settings": settings}, tmp)
-    os.replace(tmp, path)
-
-
 def _validation_check(model, tokenizer, data_cfg: DataConfig, validation_path: Path, limit: int) -> dict:
     """Greedy exact match on the first `limit` validation rows, per task."""
-    from stages.evaluate import generate_greedy, is_exact_match
+    from stages.evaluate import is_exact_match
+    from stages.lm import generate_greedy
 
     rows = demo_task.read_jsonl(validation_path)[:limit]
     t0 = time.perf_counter()

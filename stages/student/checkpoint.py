@@ -33,15 +33,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from storage.errors import AtkdError
+from stages.student.layout import (CHECKPOINTS, COMPLETE_FILE, DONE_FILE, is_done, last_checkpoint,  # noqa: F401
+                                   list_checkpoints, read_done, step_dir)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.pt"
 META_FILE = "meta.json"
-COMPLETE_FILE = "complete"
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 # Config keys whose change makes a checkpoint meaningless for the run, and why.
 FATAL_CONFIG_KEYS = {
@@ -65,10 +64,6 @@ class Checkpoint:
     step: int
     meta: dict
     skipped: list[tuple[str, str]] = field(default_factory=list)  # newer (path, reason) passed over
-
-
-def step_dir(out_dir: str | Path, step: int) -> Path:
-    return Path(out_dir) / CHECKPOINTS / f"step_{step:06d}"
 
 
 def _sha256(path: Path) -> str:
@@ -166,19 +161,6 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model_state: dict[str, to
     _fsync_dir(root)
     prune_checkpoints(out_dir, keep)
     return final
-
-
-def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every step directory, complete or not, oldest first."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages.student.config import LossConfig
+from stages.lm import hidden_at_targets
 from stages.student.losses import atkd_position_weights, bucket_divergence, bucket_logprobs, position_terms
 
 ChunkLoss = Callable[[Tensor, slice, dict], Tensor]
@@ -124,10 +125,8 @@ class StudentObjective(nn.Module):
         return int(torch.unique(batch["group_ids"]).numel()) if self.cfg.group == "sequence" else 1
 
     def forward(self, batch: dict) -> tuple[Tensor, dict]:
-        base = self.model.base_model
-        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      use_cache=False).last_hidden_state
-        rows = hidden[batch["row_batch"], batch["row_pos"]]  # [P, H]: only trained targets
+        rows = hidden_at_targets(self.model, batch["input_ids"], batch["attention_mask"], batch["row_batch"],
+                                 batch["row_pos"])  # [P, H]: only trained targets
         if self.logit_scale:
             rows = rows * self.logit_scale
         stats: dict = {}

@@ -38,15 +38,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from stages.lm import pad_id
 from stages.student import checkpoint as ckpt
 from stages.student import resume
-from stages.student.config import OptimConfig, StudentConfig
+from stages.student.config import StudentConfig
 from stages.student.distributed import Dist, init_distributed, load_states, model_state, optim_state, wrap_model
 from stages.student.export import save_final, training_chat_template, write_json_atomic
 from stages.student.interrupt import StopOnSignal, TrainingStopped
 from stages.student.model import (build_student, check_batch_ids, check_vocabulary, describe_size, embedding_rows,
                                   load_student_tokenizer, warn_unknown_tokens)
 from stages.student.objective import StudentObjective
+from stages.student.optim import apply_config, build_optimizer, clip_and_step, lr_at, schedule_meta, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +69,6 @@ class TrainSummary:
     already_done: bool = False  # done.json was there: nothing trained
 
 
-def lr_at(step: int, optim: OptimConfig) -> float:
-    """Linear warmup for `warmup_steps`, then cosine from lr to lr * min_lr_ratio at max_steps."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    span = max(optim.max_steps - optim.warmup_steps, 1)
-    progress = min((step - optim.warmup_steps) / span, 1.0)
-    floor = optim.lr * optim.min_lr_ratio
-    return floor + 0.5 * (optim.lr - floor) * (1.0 + math.cos(math.pi * progress))
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -88,16 +80,6 @@ def autocast_for(cfg: StudentConfig, device: torch.device):
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms, biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), foreach=False)
 
 
 # ---------------------------------------------------------------- data
@@ -217,13 +199,11 @@ def train_student(student_cfg: StudentConfig, *, cache_url: str, out_dir: str | 
     """
     out = Path(out_dir)
     name = student_cfg.name or out.name
-    done_path = out / "done.json"
-    if done_path.is_file():
-        done = json.loads(done_path.read_text())
-        if int(done.get("steps", 0)) >= student_cfg.optim.max_steps:
-            log.info("student %s: %s says it is finished; nothing to do", name, done_path)
-            return TrainSummary(name=name, out_dir=str(out), final_dir=str(out / "final"), steps=done["steps"],
-                                start_step=done["steps"], final_loss=done.get("final_loss"), already_done=True)
+    if ckpt.is_done(out, student_cfg.optim.max_steps):
+        done = ckpt.read_done(out)
+        log.info("student %s: %s says it is finished; nothing to do", name, out / ckpt.DONE_FILE)
+        return TrainSummary(name=name, out_dir=str(out), final_dir=str(out / "final"), steps=done["steps"],
+                            start_step=done["steps"], final_loss=done.get("final_loss"), already_done=True)
     d = init_distributed()
     try:
         return _train(student_cfg, name, cache_url, out, tokenizer_path, progress, d, top_k)
@@ -257,9 +237,8 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
     student.to(d.device).train()
     objective = StudentObjective(student, cfg.loss)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     dataset = CacheDataset(cache_url, optim.batch_size, seed=cfg.seed, rank=d.rank,
-                           world_size=d.world_size, shuffle=True, pad_id=pad_id, top_k=top_k)
+                           world_size=d.world_size, shuffle=True, pad_id=pad_id(tokenizer), top_k=top_k)
     batches = Batches(dataset, cfg.num_workers, cfg.seed)
 
     # Resume: weights, optimiser, RNG, reader position and step from the newest good checkpoint.
@@ -273,8 +252,7 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
     optimizer = build_optimizer(student, optim)
     if resumed is not None:
         load_states(resumed.path, wrapped, student, optimizer, cfg)
-        for group, decay in zip(optimizer.param_groups, (optim.weight_decay, 0.0)):
-            group.update(betas=tuple(optim.betas), weight_decay=decay)  # the current config wins
+        apply_config(optimizer, optim)  # the current config's betas and weight decay win
         batches.load_state_dict(resumed.meta["reader"])
         step, loss_tail = resumed.step, list(resumed.meta.get("loss_tail", []))
         ckpt.set_rng_state(resumed.meta["rng"])
@@ -296,7 +274,6 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
     bar = tqdm(total=optim.max_steps, initial=step, disable=not (progress and d.is_main), desc=name, unit="step")
     amp = autocast_for(cfg, d.device)
     params = [p for p in student.parameters() if p.requires_grad]
-    clip = optim.clip_grad_norm if optim.clip_grad_norm > 0 else float("inf")
     losses, tokens_run, t_run = [], 0, time.perf_counter()
 
     def save(at_step: int) -> None:
@@ -306,9 +283,7 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
             meta = {"name": name, "config": config_dict, "loss_tail": loss_tail[-LOSS_TAIL:],
                     "reader": batches.state_dict(), "rng": ckpt.rng_state(), "world_size": d.world_size,
                     "cache_fingerprint": cache.fingerprint,
-                    "schedule": {"kind": "warmup_cosine", "step": at_step, "lr": lr_at(at_step, optim),
-                                 "warmup_steps": optim.warmup_steps, "max_steps": optim.max_steps,
-                                 "min_lr_ratio": optim.min_lr_ratio}}
+                    "schedule": schedule_meta(at_step, optim)}
             ckpt.save_checkpoint(out, at_step, model_state=model_sd, optim_state=optim_sd, meta=meta,
                                  keep=cfg.keep_checkpoints)
         d.barrier()
@@ -317,8 +292,7 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
         while step < optim.max_steps:
             t0 = time.perf_counter()
             lr = lr_at(step, optim)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             micro = [_to_device(batches.next(), d.device) for _ in range(optim.grad_accum)]
             for batch in micro:
                 check_batch_ids(batch, rows)
@@ -339,13 +313,9 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
                 stats["tokens"] = batch["attention_mask"].sum()
                 sums += torch.stack([torch.as_tensor(stats.get(k, 0.0)).to(d.device, torch.float64)
                                      for k in _SUM_KEYS])  # stays on the device: no sync per micro-batch
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            if math.isfinite(norm):
-                optimizer.step()
-            elif d.is_main:
+            norm = clip_and_step(optimizer, params, optim.clip_grad_norm)
+            if not math.isfinite(norm) and d.is_main:
                 log.warning("student %s: step %d has a non-finite gradient norm; update skipped", name, step + 1)
-            optimizer.zero_grad(set_to_none=True)
             step += 1
 
             totals = dict(zip(_SUM_KEYS, d.all_sum(sums).tolist()))

@@ -183,9 +183,13 @@ def test_teacher_training_resumes_from_its_checkpoint(tmp_path):
 
     # Simulate a kill after step 2 (checkpoint written), then rerun to the end.
     half = demo_teacher.train_demo_teacher(*args, root / "resumed", settings, stop_after=2, **kw)
-    assert half is None and (root / "resumed.work" / "checkpoint.pt").is_file()
+    from stages.student.checkpoint import latest_valid_checkpoint
+
+    assert half is None and latest_valid_checkpoint(root / "resumed.work").step == 2
     resumed = demo_teacher.train_demo_teacher(*args, root / "resumed", settings, **kw)
     assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-4, abs=1e-5)
+    # The trainer's checkpoints keep weights and optimiser state exactly: the same teacher, bit for bit.
+    assert (root / "resumed" / "model.safetensors").read_bytes() == (root / "full" / "model.safetensors").read_bytes()
 
 
 def test_prepare_demo_refuses_non_prompt_response_data(tmp_path):
