@@ -172,9 +172,9 @@ def read_cache_records(cache_url: str, limit: int | None = None) -> list:
 
     cache = Cache.open(cache_url)
     if not cache.is_complete():
-        raise ValueError(f"the validation cache {cache_url} is not complete ({len(cache.completed_shards())}/"
-                         f"{cache.num_shards} shards): finish stage one over the validation data first "
-                         "(`atkd eval` and `atkd run` do)")
+        raise EvalError(f"the validation cache {cache_url} is not complete ({len(cache.completed_shards())}/"
+                        f"{cache.num_shards} shards): finish stage one over the validation data first "
+                        "(`atkd eval` and `atkd run` do)")
     records = []
     for index in cache.completed_shards():
         for record in cache.read_shard(index).sequences():
