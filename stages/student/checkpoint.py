@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from storage.faults import fault_point
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -141,7 +143,9 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model_state: dict[str, to
     tmp.mkdir()
     unique, aliases = _dedup_state(model_state)
     save_file(unique, str(tmp / MODEL_FILE), metadata={"aliases": json.dumps(aliases), "step": str(step)})
+    fault_point("ckpt.model")  # weights written, nothing else yet
     torch.save(optim_state, tmp / OPTIM_FILE)
+    fault_point("ckpt.optim")  # optimiser state written, no meta.json / marker yet
     (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
     usual_permissions(tmp)
     files = {}
@@ -154,6 +158,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model_state: dict[str, to
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
+    fault_point("ckpt.rename")  # complete in its temporary directory, not renamed
     if final.exists():  # a damaged checkpoint of the same step from a killed run: swap it out
         trash = root / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
         final.rename(trash)
@@ -162,6 +167,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model_state: dict[str, to
     else:
         tmp.rename(final)
     _fsync_dir(root)
+    fault_point("ckpt.renamed")  # renamed into place, older ones not yet pruned
     prune_checkpoints(out_dir, keep)
     return final
 
