@@ -3,7 +3,8 @@ non-zero exit, and nothing completed lost. Plus the security rules of issue 6.
 
 End-to-end cases run `python -m pipeline` as a subprocess; the many cheap
 variations call `pipeline.cli.main` in this process (same code, exit code and
-stderr); student runs use the warm forked processes of tests/fault_harness.py.
+stderr); student runs use the warm forked processes of bench/_harness.py. Those
+that start processes are in the integration tier.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from tests import fault_harness as fh
+from bench import _harness as fh
 from tests import fixtures
 
 REPO = Path(__file__).resolve().parents[1]

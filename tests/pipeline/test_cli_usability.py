@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline import cli
-from tests import fault_harness as fh
+from bench import _harness as fh
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench import _harness as fh
 from pipeline.config import LossConfig, OptimConfig, StudentConfig
 from stages.student import checkpoint as ckpt
 from stages.student.model import VocabularyMismatchError, build_student, check_vocabulary
@@ -153,33 +153,19 @@ def test_workers_and_gradient_checkpointing_keep_the_run(setup, reference):
 # ---------------------------------------------------------------- resume
 
 
-KILL_SCRIPT = """
-import os, signal, sys, json
-import torch
-torch.set_num_threads(1)
-sys.path.insert(0, {repo!r})
-from stages.student import checkpoint
-from tests.stages.test_trainer import student_config, RESUME_CFG
-from stages.student.trainer import train_student
-
-real_save = checkpoint.torch.save
-def dying_save(obj, path, *a, **k):
-    # SIGKILL in the middle of writing the step-6 checkpoint (weights written, optimiser not)
-    if "step_000006" in str(path):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, path, *a, **k)
-checkpoint.torch.save = dying_save
-train_student(student_config(**RESUME_CFG), cache_url={url!r}, out_dir={out!r}, tokenizer_path={tok!r},
-              progress=False)
-"""
+def train_child(url: str, out: str, tok: str) -> None:
+    """The resume test's run in a worker process (bench/_harness.call), one thread as in this process."""
+    torch.set_num_threads(1)
+    train_student(student_config(**RESUME_CFG), cache_url=url, out_dir=out, tokenizer_path=tok, progress=False)
 
 
 def test_sigkill_then_resume_is_bit_identical(setup, reference):
     ref_out, _ = reference
     out = setup["root"] / "killed"
-    script = KILL_SCRIPT.format(repo=str(REPO), url=setup["url"], out=str(out), tok=setup["tok_dir"])
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # SIGKILL in the middle of writing the step-6 checkpoint (the 3rd): weights written, optimiser not
+    proc = fh.call(train_child, (setup["url"], str(out), setup["tok_dir"]), setup["root"] / "killed.log",
+                   env={"ATKD_FAULT_POINT": "ckpt.model:3"})
+    assert proc.wait(300) in fh.KILLED, proc.output()[-3000:]
     steps = [s for s, _ in ckpt.list_checkpoints(out)]
     assert steps == [2, 4]  # step 6 never became visible
     assert any(".partial-" in p.name for p in (out / "checkpoints").iterdir())
