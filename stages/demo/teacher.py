@@ -286,7 +286,7 @@ def train_demo_teacher(demo_cfg, data_cfg, tokenizer, train_path: Path, validati
     ckpt_path = work / "checkpoint.pt"
     start, losses, seconds = 0, [], 0.0
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never unpickle code
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # noqa: TID251 - weights_only=True
         if state.get("settings") == settings:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -312,11 +312,13 @@ def train_demo_teacher(demo_cfg, data_cfg, tokenizer, train_path: Path, validati
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if stop_after is not None and step + 1 >= stop_after and step + 1 < steps:
-            _save_checkpoint(ckpt_path, model, optimizer, step + 1, losses, seconds + time.perf_counter() - t0, settings)
+            _save_checkpoint(ckpt_path, model, optimizer, step + 1, losses, seconds + time.perf_counter() - t0,
+                             settings)
             bar.close()
             return None
         if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _save_checkpoint(ckpt_path, model, optimizer, step + 1, losses, seconds + time.perf_counter() - t0, settings)
+            _save_checkpoint(ckpt_path, model, optimizer, step + 1, losses, seconds + time.perf_counter() - t0,
+                             settings)
     bar.close()
     elapsed = time.perf_counter() - t0
     seconds += elapsed

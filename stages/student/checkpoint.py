@@ -9,8 +9,9 @@
 A checkpoint is written into a hidden temporary directory and renamed into
 place, so a reader sees either nothing or the whole thing. A killed writer
 leaves at most a `.step_*.partial-<pid>-*` directory, which is ignored and
-removed at the next trainer start once its pid is gone (`remove_stale_partials`). `latest_valid_checkpoint` verifies the `complete` checksums and falls
-back to an older checkpoint when the newest is damaged.
+removed at the next trainer start once its pid is gone (`remove_stale_partials`).
+`latest_valid_checkpoint` verifies the `complete` checksums and falls back to an
+older checkpoint when the newest is damaged.
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ def load_model_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_optim_state(path: Path) -> dict:
-    return torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
+    return torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)  # noqa: TID251 - weights_only=True
 
 
 # ---------------------------------------------------------------- config differences

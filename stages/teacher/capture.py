@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -230,7 +229,7 @@ def _wait_for_others(cache, lease_seconds: float, bar) -> bool:
 def _release_quietly(lease) -> None:
     try:
         lease.release()
-    except Exception:
+    except Exception:  # noqa: S110 - best effort: an unreleased lease expires (lease_seconds)
         pass
 
 

@@ -181,7 +181,8 @@ def test_inspect_reports_counts_sizes_uncertainty_and_provenance(ws, capsys):
     assert rc == 0, out
     c = shard_counts(cache)
     assert "shards done 8/8" in out and "top_k 8" in out
-    assert f"{c['num_sequences']:,} sequences, {c['num_tokens']:,} tokens, {c['num_positions']:,} target positions" in out
+    assert (f"{c['num_sequences']:,} sequences, {c['num_tokens']:,} tokens, {c['num_positions']:,} target positions"
+            in out)
     assert "B per token" in out and "B per top-k entry (ids + log-probs)" in out
     gold, topk = [], []
     for z in sorted((cache / "shards").glob("shard-*.zarr")):
@@ -190,7 +191,8 @@ def test_inspect_reports_counts_sizes_uncertainty_and_provenance(ws, capsys):
         topk.append(np.asarray(g["topk_logprobs"][...], dtype=np.float64))
     unc = 1 - np.exp(np.concatenate(gold))
     assert f"over {unc.size:,} positions from all 8 complete shards" in out
-    assert f"mean top-8 mass (sum of p over the top-k per position): {np.exp(np.concatenate(topk)).sum(1).mean():.4f}" in out
+    mass = np.exp(np.concatenate(topk)).sum(1).mean()
+    assert f"mean top-8 mass (sum of p over the top-k per position): {mass:.4f}" in out
     bins = np.bincount(np.clip((unc * 10).astype(int), 0, 9), minlength=10)
     rows = [line for line in out.splitlines() if line.startswith("    0.") and "%" in line]
     assert len(rows) == 10
@@ -260,7 +262,8 @@ def test_dry_run_says_what_would_run_and_writes_nothing(ws, capsys):
     c = shard_counts(ws["ref_cache"])
     assert "data " + ws["data"] + ": 40 rows" in out
     assert "shards: 8 of up to 5 sequences" in out
-    assert f"tokens ~{c['num_tokens']:,}, target positions ~{c['num_positions']:,} (scaled from 40 rows tokenised)" in out
+    assert (f"tokens ~{c['num_tokens']:,}, target positions ~{c['num_positions']:,} (scaled from 40 rows tokenised)"
+            in out)
     size = c["num_positions"] * 8 * 2.5 + c["num_positions"] * 4 + c["num_tokens"] * 4
     assert f"estimated cache size ~{size / 1024:,.1f} KiB (an estimate" in out
     torch.manual_seed(0)

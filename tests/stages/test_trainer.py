@@ -76,13 +76,15 @@ def build_teacher_cache(root: Path, tokenizer, *, num_sequences: int = 48, num_s
     url = str(root / ("cache" if not unk_every else f"cache-unk{unk_every}"))
     cache = Cache.create_or_open(url, identity, plan)
     for entry in plan:
-        cache.write_shard(entry["index"], ShardData.from_sequences(records[entry["example_start"]:entry["example_end"]]))
+        rows = records[entry["example_start"]:entry["example_end"]]
+        cache.write_shard(entry["index"], ShardData.from_sequences(rows))
     return url
 
 
 def student_config(kind: str = "atkd", *, name: str | None = None, loss: dict | None = None, **optim) -> StudentConfig:
     optim = {"lr": 3e-3, "warmup_steps": 2, "max_steps": 8, "batch_size": 4, **optim}
-    return StudentConfig(name=name or kind, init=dict(STUDENT_INIT), loss=LossConfig(kind=kind, chunk_size=16, **(loss or {})),
+    return StudentConfig(name=name or kind, init=dict(STUDENT_INIT),
+                         loss=LossConfig(kind=kind, chunk_size=16, **(loss or {})),
                          optim=OptimConfig(**optim), checkpoint_every=2, keep_checkpoints=2, seed=0)
 
 

@@ -91,7 +91,7 @@ def test_two_writer_processes_write_each_shard_exactly_once(local_url):
     sizes = [2, 3, 0, 4, 1, 2, 3, 2, 1, 2]
     procs = [_python(WORKER, local_url, f"worker-{i}", json.dumps(sizes)) for i in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err
     written = [[int(x) for x in out.split()] for out, _ in outs]
     assert sorted(written[0] + written[1]) == list(range(len(sizes))), written
