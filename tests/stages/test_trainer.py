@@ -193,12 +193,16 @@ def test_corrupt_latest_checkpoint_falls_back(setup, reference, caplog):
 
     found = ckpt.latest_valid_checkpoint(out)
     assert found.step == 6 and "sha256" in found.skipped[0][1]
-    assert "falling back" in caplog.text
+    caplog.clear()
     summary = run(setup, student_config(**RESUME_CFG), out)
-    assert summary.start_step == 6
+    # what the user reads: which checkpoint, what is wrong with it, what happens instead
+    assert (f"checkpoint {ckpt.step_dir(out, 8)} is unusable: model.safetensors does not match its sha256"
+            in caplog.text), caplog.text
+    assert "falling back to the previous one" in caplog.text
+    assert summary.start_step == 6 and (out / "done.json").is_file()
     assert logged_losses(out) == logged_losses(ref_out)
     ref_w, w = final_weights(ref_out), final_weights(out)
-    assert all(torch.equal(ref_w[k], w[k]) for k in w)
+    assert ref_w.keys() == w.keys() and all(torch.equal(ref_w[k], w[k]) for k in w)
 
 
 def test_resume_config_changes(setup, reference, caplog):
@@ -210,10 +214,18 @@ def test_resume_config_changes(setup, reference, caplog):
     cfg.optim.lr = 1e-3
     summary = run(setup, cfg, out)
     assert summary.start_step == 6
+    assert "config differs from checkpoint step 6, the current value wins" in caplog.text
     assert "optim.lr: checkpoint 0.003 -> now 0.001" in caplog.text
 
-    with pytest.raises(ckpt.ResumeError, match="loss.kind"):
-        run(setup, student_config("kd", max_steps=10), out)
+    # A change that makes the checkpoint meaningless is refused, naming the key; nothing is deleted.
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    cfg = student_config(**RESUME_CFG, max_steps=10)
+    cfg.loss.kind = "kd"
+    with pytest.raises(ckpt.ResumeError) as e:
+        run(setup, cfg, out)
+    assert "cannot resume" in str(e.value) and "loss.kind: checkpoint 'atkd', now 'kd'" in str(e.value)
+    assert "Train into a new output directory" in str(e.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
 
 
 def test_raising_max_steps_says_where_it_resumes_and_what_the_lr_does(setup, reference, capsys, caplog):
@@ -280,9 +292,16 @@ def test_vocab_mismatch_is_refused(setup):
     other_dir = setup["root"] / "other_tokenizer"
     other.save_pretrained(other_dir)
     cfg = student_config("kd", name="mismatch", max_steps=1)
-    with pytest.raises(VocabularyMismatchError, match=r"tokenizer size 301 vs cache vocab_size 300"):
+    before = fh.cache_snapshot(setup["url"])
+    with pytest.raises(VocabularyMismatchError) as e:
         train_student(cfg, cache_url=setup["url"], out_dir=setup["root"] / "mismatch", tokenizer_path=str(other_dir),
                       progress=False)
+    msg = str(e.value)
+    assert "student 'mismatch' does not match the cache's vocabulary" in msg, msg
+    assert "tokenizer size 301 vs cache vocab_size 300" in msg
+    assert "pass tokenizer_path" in msg  # what to do
+    assert not (setup["root"] / "mismatch" / "checkpoints").exists()  # refused before any training
+    assert fh.compare_caches(fh.cache_snapshot(setup["url"]), before) == []
 
 
 def test_padded_embedding_ok_smaller_refused(setup):
