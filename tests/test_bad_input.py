@@ -126,6 +126,7 @@ def test_config_errors_in_process(tmp_path, capsys, monkeypatch, case):
     assert not (tmp_path / "runs" / "default" / "students").exists()  # nothing was started
 
 
+@pytest.mark.integration
 def test_config_errors_end_to_end(tmp_path):
     """The same through `python -m pipeline`: exit 2, one line on stderr naming file, line and key."""
     path = tmp_path / "pipeline.yaml"
@@ -143,6 +144,7 @@ def test_config_errors_end_to_end(tmp_path):
     assert rc == 2 and "no student named '../escape'" in err
 
 
+@pytest.mark.integration
 def test_top_k_larger_than_vocabulary_is_refused_before_any_shard(ws):
     cfg = config(ws, "topk")
     rc, err = atkd_subprocess("teacher", str(cfg), "teacher.top_k=100000")
@@ -279,6 +281,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 def test_architecture_vllm_does_not_support_falls_back_or_says_so(ws, tmp_path):
     import importlib.util
@@ -342,6 +345,7 @@ def test_damaged_shard_is_named_and_the_advice_repairs_it(ws, capsys, damage):
     assert fh.compare_caches(fh.cache_snapshot(str(cache)), ws["ref_snapshot"]) == []
 
 
+@pytest.mark.integration
 def test_student_on_a_damaged_shard_names_it(ws):
     cache = copy_cache(ws, "student-damaged")
     _flip(cache)
@@ -382,6 +386,7 @@ def test_manifest_of_another_format_version(ws, capsys, command):
     assert json.loads((cache / "manifest.json").read_text())["format_version"] == 99  # not overwritten
 
 
+@pytest.mark.integration
 def test_cache_written_by_another_teacher_is_refused(ws, other_llama_dir):
     cache = copy_cache(ws, "otherteacher")
     cfg = config(ws, "otherteacher", cache=str(cache), model=str(other_llama_dir))
@@ -442,6 +447,7 @@ def immutable(path: Path):
         subprocess.run(["chattr", "-R", "-i", str(path)], check=True)
 
 
+@pytest.mark.integration
 def test_read_only_cache_directory(ws, capsys):
     cache = copy_cache(ws, "readonly")
     shutil.rmtree(cache / "shards" / "shard-00007.zarr")
@@ -608,6 +614,7 @@ def test_student_and_shard_names_cannot_escape(ws, tmp_path):
             opened.shard_rel(bad)
 
 
+@pytest.mark.integration
 def test_student_weights_are_written_as_safetensors(ws, ref_student):
     out = ws["root"] / "ref-student" / "students" / "s1"
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "tb" not in p.parts)
@@ -617,6 +624,7 @@ def test_student_weights_are_written_as_safetensors(ws, ref_student):
     assert [f for f in files if f.endswith((".bin", ".pth", ".pkl", ".pt")) and not f.endswith("/optim.pt")] == []
 
 
+@pytest.mark.integration
 def test_pretrained_student_with_a_pickled_weights_file_runs_no_code(ws, tmp_path):
     """A `model:` student handed over as pytorch_model.bin holding a pickle payload: refused, nothing runs."""
     import pickle

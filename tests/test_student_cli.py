@@ -22,6 +22,8 @@ from stages.student import checkpoint as ckpt
 from bench import _harness as fh
 from tests import fixtures
 
+pytestmark = pytest.mark.integration  # every test runs students as processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -35,13 +35,18 @@ def atkd_subprocess(*args: str, timeout: float = 600) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_llama_dir, train_jsonl):
-    """A complete reference cache (8 shards of 5 sequences) written by `atkd teacher` in a subprocess
-    (stderr is a pipe there, as in CI or `| tee`)."""
+    """A complete reference cache (8 shards of 5 sequences) written by `atkd teacher` in this process
+    with one thread, as the `python -m pipeline` subprocesses below run (so their caches compare bit for bit)."""
+    import torch
+
     root = tmp_path_factory.mktemp("usability")
     ws = {"root": root, "model": str(tiny_llama_dir), "data": str(train_jsonl)}
-    proc = atkd_subprocess("teacher", str(config(ws, "ref")))
-    assert proc.returncode == 0, proc.stderr
-    ws["teacher_stderr"] = proc.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["teacher", str(config(ws, "ref"))]) == 0
+    finally:
+        torch.set_num_threads(threads)
     ws["ref_cache"] = root / "ref" / "cache"
     ws["ref_snapshot"] = fh.cache_snapshot(str(ws["ref_cache"]))
     return ws
@@ -88,6 +93,7 @@ def test_overrides_after_the_student_option_are_accepted(ws, capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_overrides_anywhere_through_python_m_pipeline(ws):
     cfg = config(ws, "anywhere-e2e")
     proc = atkd_subprocess("student", str(cfg), "--student", "s1", "students.s1.optim.max_steps=7", "--dry-run")
@@ -98,15 +104,19 @@ def test_overrides_anywhere_through_python_m_pipeline(ws):
 # ---------------------------------------------------------------- 10: quiet output, progress lines
 
 
+@pytest.mark.integration
 def test_teacher_output_is_concise_off_a_terminal(ws):
-    err = ws["teacher_stderr"]
+    """`atkd teacher` in a subprocess: stderr is a pipe there, as in CI or `| tee`."""
+    proc = atkd_subprocess("teacher", str(config(ws, "concise")))
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
     assert "\r" not in err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) <= 12, err
     assert all(line.startswith(("[atkd]", "[teacher]")) for line in lines), err
     assert "[teacher] 8/8 shard (100%)" in err
-    log = ws["root"] / "ref" / "logs" / "teacher.log"
+    log = ws["root"] / "concise" / "logs" / "teacher.log"
     assert f"engine and library logs go to {log}" in err
     assert log.is_file()
 
@@ -294,6 +304,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.integration
 def test_teacher_removes_partial_shards_no_live_writer_owns(ws, capsys):
     from storage.cache import Cache
 
@@ -330,6 +341,7 @@ def test_a_partial_under_a_live_lease_is_kept(ws):
     assert cache.remove_stale_partials() == [str(partial)] and not partial.exists()
 
 
+@pytest.mark.integration
 def test_student_start_removes_partials_of_dead_processes_only(ws):
     cfg = config(ws, "ckpt-partials", cache=str(ws["ref_cache"]))
     out = ws["root"] / "ckpt-partials" / "students" / "s1"
@@ -349,6 +361,7 @@ def test_student_start_removes_partials_of_dead_processes_only(ws):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 def test_vllm_teacher_output_goes_to_the_stage_log(ws):
     """vLLM's ~60 start-up lines (its engine core is a child process) land in logs/teacher.log."""

@@ -161,6 +161,7 @@ def train_child(url: str, out: str, tok: str) -> None:
     train_student(student_config(**RESUME_CFG), cache_url=url, out_dir=out, tokenizer_path=tok, progress=False)
 
 
+@pytest.mark.integration
 def test_sigkill_then_resume_is_bit_identical(setup, reference):
     ref_out, _ = reference
     out = setup["root"] / "killed"
@@ -409,6 +410,7 @@ def torchrun(script: Path, nproc: int, *args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+@pytest.mark.integration
 def test_ddp_and_fsdp_two_processes_equal_single_process(setup):
     """2 ranks x 2 sequences == 1 process x 4 sequences (the same global batches), on CPU unless 2 GPUs."""
     script_file = setup["root"] / "ddp_main.py"

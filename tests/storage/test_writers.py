@@ -67,6 +67,7 @@ def _python(script: str, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("where", ["arrays", "commit"])
 def test_writer_killed_mid_shard_leaves_nothing_visible(local_url, tmp_path, where):
     cache = build_cache(local_url, [3, 5], write=[0])
@@ -87,6 +88,7 @@ def test_writer_killed_mid_shard_leaves_nothing_visible(local_url, tmp_path, whe
     assert Cache.open(local_url).read_shard(1).equals(data)
 
 
+@pytest.mark.integration
 def test_two_writer_processes_write_each_shard_exactly_once(local_url):
     sizes = [2, 3, 0, 4, 1, 2, 3, 2, 1, 2]
     procs = [_python(WORKER, local_url, f"worker-{i}", json.dumps(sizes)) for i in range(2)]
