@@ -373,6 +373,11 @@ def _forkserver():
         for key, value in BASE_ENV.items():  # inherited by the server, so by every child
             if not key.startswith("ATKD_"):
                 os.environ.setdefault(key, value)
+        # The server imports its modules from its own sys.path (Python < 3.13 ignores the parent's),
+        # which comes from PYTHONPATH: this checkout first, not an installed copy of atkd.
+        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if paths[0] != str(REPO):
+            os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, paths)])
         if str(REPO) not in sys.path:
             sys.path.insert(0, str(REPO))
         ctx = mp.get_context("forkserver")
