@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests import fault_harness as fh  # noqa: E402
+from bench import _harness as fh  # noqa: E402
 
 SHARDS = 8  # 40 rows, 5 per shard
 
@@ -67,11 +67,11 @@ def worker_rounds(ws, ref, args, rng) -> fh.Counts:
         cfg = fh.write_config(ws["root"] / f"{name}.yaml", model=ws["model"], data=ws["data"],
                               run_dir=str(ws["root"] / name), cache=str(ws["root"] / name / "cache"))
         logs = ws["root"] / "logs" / name
-        commits = logs / "commits.txt"
+        trace = logs / "trace.txt"  # every crash-point hit, "shard.committed" ones name their shard
         point = f"{rng.choice(fh.TEACHER_POINTS)}:{rng.randint(1, 2)}"
         envs = [{}, {"ATKD_FAULT_POINT": point}, {}, {}]
-        procs = [fh.AtkdProcess(["teacher", str(cfg)], logs / f"w{i}.log", mode=args.mode,
-                                env={**e, "ATKD_COMMIT_LOG": str(commits)}) for i, e in enumerate(envs)]
+        procs = [fh.atkd(["teacher", str(cfg)], logs / f"w{i}.log", mode=args.mode,
+                         env={**e, "ATKD_FAULT_TRACE": str(trace)}) for i, e in enumerate(envs)]
         time.sleep(rng.uniform(0.3, ref["teacher_s"]))
         procs[2].kill()
         rcs = [p.wait(300) for p in procs]
@@ -81,8 +81,7 @@ def worker_rounds(ws, ref, args, rng) -> fh.Counts:
         # Shards a killed worker held are finished by the survivors; a rerun picks up anything left.
         rc, _ = fh.run_atkd(["teacher", str(cfg)], logs / "rerun.log", mode=args.mode)
         total.resumes += 1
-        written = [int(line.split()[0]) for line in commits.read_text().split("\n") if line.strip()] \
-            if commits.exists() else []
+        written = fh.committed_shards(trace)  # the rerun is not traced
         twice = sorted({i for i in written if written.count(i) > 1})
         diffs = fh.compare_caches(fh.cache_snapshot(str(ws["root"] / name / "cache")), ref["cache"])
         verify_rc = cli.main(["verify", str(ws["root"] / name / "cache")])

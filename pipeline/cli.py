@@ -173,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    workers_help = "teacher worker processes on this node, each on its own GPUs (N or auto; default teacher.num_workers)"
-    add("run", cmd_run, "run every stage that is not done yet", dry_run=True).add_argument("--workers", help=workers_help)
+    workers_help = ("teacher worker processes on this node, each on its own GPUs "
+                    "(N or auto; default teacher.num_workers)")
+    add("run", cmd_run, "run every stage that is not done yet",
+        dry_run=True).add_argument("--workers", help=workers_help)
     add("teacher", cmd_teacher, "stage one: cache teacher top-k log-probs",
         dry_run=True).add_argument("--workers", help=workers_help)
     sp = add("student", cmd_student, "stage two: train the students", dry_run=True)

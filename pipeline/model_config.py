@@ -48,7 +48,7 @@ def config_fields(config_class) -> set[str]:
     names |= set(getattr(config_class, "attribute_map", {}) or {})
     try:
         names |= {k for k in vars(config_class()) if not k.startswith("_")}
-    except Exception:  # noqa: BLE001 - a class without defaults for everything: its signature must do
+    except Exception:  # noqa: BLE001, S110 - a class without defaults for everything: its signature must do
         pass
     return names
 

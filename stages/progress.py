@@ -92,7 +92,8 @@ class LineProgress:
     def line(self) -> str:
         elapsed = max(self._clock() - self._t0, 1e-9)
         rate = (self.n - self._start_n) / elapsed
-        parts = [f"[{self.desc}] {self.n}/{self.total} {self.unit}" if self.total else f"[{self.desc}] {self.n} {self.unit}"]
+        parts = [f"[{self.desc}] {self.n}/{self.total} {self.unit}" if self.total
+                 else f"[{self.desc}] {self.n} {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
         parts.append(f"{rate:.3g} {self.unit}/s")

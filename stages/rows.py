@@ -222,7 +222,7 @@ class JsonlSource(_MultiFile):
     def _read_file(self, i: int, start: int, end: int) -> list[Any]:
         rows: list[Any] = []
         name = self.files[i]
-        for line, raw in self._lines_from(i, start):
+        for _line, raw in self._lines_from(i, start):
             try:
                 rows.append(json.loads(raw))
             except ValueError as e:

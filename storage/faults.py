@@ -2,9 +2,17 @@
 
     ATKD_FAULT_POINT=shard.commit:3      SIGKILL this process at the 3rd hit of "shard.commit"
     ATKD_FAULT_POINT=a:1,b:2             several points; the first one reached kills
+    ATKD_FAULT_TRACE=FILE                append "name detail pid" to FILE at every hit (before any kill)
 
-Code that wants a crash point calls ``fault_point("name")``. Without the
-environment variable the call returns at once.
+Code that wants a crash point calls ``fault_point("name")`` (``detail``: what
+the point is about, e.g. the shard). Without the environment variables the
+call returns at once. The points, both stages:
+
+    shard.write  shard.commit  shard.committed      storage/shard.py (detail: the shard's path)
+    fs.replace.<file>                               storage/fs.py, e.g. fs.replace.manifest.json
+    student.step                                    a step's log line written, its checkpoint not yet
+    ckpt.model  ckpt.optim  ckpt.rename  ckpt.renamed   stages/student/checkpoint.py, in write order
+    log.rewrite                                     a resume's shortened log written aside, not yet renamed
 """
 
 from __future__ import annotations
@@ -15,7 +23,14 @@ import signal
 _hits: dict[str, int] = {}
 
 
-def fault_point(name: str) -> None:
+def fault_point(name: str, detail: str = "") -> None:
+    trace = os.environ.get("ATKD_FAULT_TRACE")
+    if trace:  # one O_APPEND write per line: lines of concurrent processes do not interleave
+        fd = os.open(trace, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, f"{name} {detail or '-'} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
     spec = os.environ.get("ATKD_FAULT_POINT")
     if not spec:
         return

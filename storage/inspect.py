@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from storage import shard as shards
 from storage.cache import Cache
 from storage.errors import StorageArgumentError
 

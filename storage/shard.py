@@ -102,16 +102,16 @@ def write_shard(fs: CacheFS, rel: str, data: ShardData, *, codec: str = "default
         tmp = f"{rel}.partial-{uuid.uuid4().hex}"
         try:
             _write_group(fs.zarr_store(tmp), data, attrs, codec)
-            fault_point("shard.write")  # arrays written, not yet marked complete
+            fault_point("shard.write", rel)  # arrays written, not yet marked complete
             _mark_complete(fs.zarr_store(tmp))
             if before_commit is not None:
                 before_commit()
-            fault_point("shard.commit")  # complete under the temporary name, not renamed
+            fault_point("shard.commit", rel)  # complete under the temporary name, not renamed
             try:
                 fs.rename(tmp, rel)
             except OSError as e:  # ENOTEMPTY/EEXIST: another writer committed first
                 raise ShardExistsError(f"{fs.display(rel)} already exists; not replacing it") from e
-            fault_point("shard.committed")  # visible; leases and manifest not yet updated
+            fault_point("shard.committed", rel)  # visible; leases and manifest not yet updated
         except BaseException:
             _remove_partial(fs, tmp)
             raise

@@ -83,7 +83,8 @@ def verify_cache(url: str, deep: bool = True, **storage_options) -> VerifyReport
     stale = [n for n in cache.fs.list(shards.SHARDS_DIR) if ".partial-" in n]
     if stale:
         report.notes.append(f"{len(stale)} leftover partial shard directories from interrupted writes "
-                            f"under {cache.fs.display(shards.SHARDS_DIR)} (the next `atkd teacher` removes those no live writer owns)")
+                            f"under {cache.fs.display(shards.SHARDS_DIR)} "
+                            "(the next `atkd teacher` removes those no live writer owns)")
     return report
 
 

@@ -16,7 +16,8 @@ mkdir -p "$3/bin"
 cat > "$3/bin/python" <<'X'
 #!/usr/bin/env bash
 for i in $(seq 1 50); do echo "pip says $i"; done
-case "$*" in *"$FAIL_ON"*) [ -n "$FAIL_ON" ] && { echo "ERROR: no matching distribution for $FAIL_ON" >&2; exit 1; } ;; esac
+case "$*" in *"$FAIL_ON"*) [ -n "$FAIL_ON" ] && {
+  echo "ERROR: no matching distribution for $FAIL_ON" >&2; exit 1; } ;; esac
 exit 0
 X
 chmod +x "$3/bin/python"

@@ -3,7 +3,7 @@ the rerun continues them exactly; the exported files have the usual permissions;
 student trained on `messages` data exports the chat template it was trained with.
 
 Stage one runs in this process (tiny teacher, transformers engine); students run as
-real `python -m pipeline` subprocesses or the warm forked ones of tests/fault_harness.py.
+real `python -m pipeline` subprocesses or the warm forked ones of bench/_harness.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import pytest
 
 from pipeline import cli
 from stages.student import checkpoint as ckpt
-from tests import fault_harness as fh
+from bench import _harness as fh
 from tests import fixtures
+
+pytestmark = pytest.mark.integration  # every test runs students as processes
 
 REPO = Path(__file__).resolve().parents[1]
 

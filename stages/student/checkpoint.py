@@ -9,8 +9,9 @@
 A checkpoint is written into a hidden temporary directory and renamed into
 place, so a reader sees either nothing or the whole thing. A killed writer
 leaves at most a `.step_*.partial-<pid>-*` directory, which is ignored and
-removed at the next trainer start once its pid is gone (`remove_stale_partials`). `latest_valid_checkpoint` verifies the `complete` checksums and falls
-back to an older checkpoint when the newest is damaged.
+removed at the next trainer start once its pid is gone (`remove_stale_partials`).
+`latest_valid_checkpoint` verifies the `complete` checksums and falls back to an
+older checkpoint when the newest is damaged.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from storage.errors import AtkdError
 from stages.student.layout import (CHECKPOINTS, COMPLETE_FILE, DONE_FILE, is_done, last_checkpoint,  # noqa: F401
                                    list_checkpoints, read_done, step_dir)
+from storage.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,9 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model_state: dict[str, to
     tmp.mkdir()
     unique, aliases = _dedup_state(model_state)
     save_file(unique, str(tmp / MODEL_FILE), metadata={"aliases": json.dumps(aliases), "step": str(step)})
+    fault_point("ckpt.model")  # weights written, nothing else yet
     torch.save(optim_state, tmp / OPTIM_FILE)
+    fault_point("ckpt.optim")  # optimiser state written, no meta.json / marker yet
     (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
     usual_permissions(tmp)
     files = {}
@@ -151,6 +155,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model_state: dict[str, to
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
+    fault_point("ckpt.rename")  # complete in its temporary directory, not renamed
     if final.exists():  # a damaged checkpoint of the same step from a killed run: swap it out
         trash = root / f".{final.name}.trash-{uuid.uuid4().hex[:8]}"
         final.rename(trash)
@@ -159,6 +164,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model_state: dict[str, to
     else:
         tmp.rename(final)
     _fsync_dir(root)
+    fault_point("ckpt.renamed")  # renamed into place, older ones not yet pruned
     prune_checkpoints(out_dir, keep)
     return final
 
@@ -279,7 +285,7 @@ def load_model_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_optim_state(path: Path) -> dict:
-    return torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
+    return torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)  # noqa: TID251 - weights_only=True
 
 
 # ---------------------------------------------------------------- config differences

@@ -49,6 +49,7 @@ from stages.student.model import (build_student, check_batch_ids, check_vocabula
                                   load_student_tokenizer, warn_unknown_tokens)
 from stages.student.objective import StudentObjective
 from stages.student.optim import apply_config, build_optimizer, clip_and_step, lr_at, schedule_meta, set_lr
+from storage.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class StepLog:
             kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= start_step]
             tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
             tmp.write_text("".join(line + "\n" for line in kept))
+            fault_point("log.rewrite")  # the kept lines written aside, log.jsonl not yet replaced
             tmp.replace(self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -154,6 +156,7 @@ class StepLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        fault_point("student.step")  # the step's log line written, its checkpoint not yet
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

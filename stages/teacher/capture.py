@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -193,9 +192,10 @@ def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: Cac
     if stats_total.rows:
         _log(f"data: {stats_total.summary()}")
     if stats_total.dropped:
-        _log(f"WARNING: {stats_total.dropped:,} of {stats_total.rows:,} rows ({stats_total.dropped / stats_total.rows:.1%}) "
-             f"were dropped ({stats_total.skipped_overlong:,} over-long, {stats_total.skipped_bad:,} bad); first reasons: "
-             + "; ".join(stats_total.reasons[:3]))
+        st = stats_total
+        _log(f"WARNING: {st.dropped:,} of {st.rows:,} rows ({st.dropped / st.rows:.1%}) were dropped "
+             f"({st.skipped_overlong:,} over-long, {st.skipped_bad:,} bad); first reasons: "
+             + "; ".join(st.reasons[:3]))
     _log(
         f"worker {worker_id}: wrote {summary.shards_written} shard(s) ({summary.tokens:,} tokens, "
         f"{summary.tokens_per_second:,.0f} tok/s), {summary.shards_skipped} were already done, "
@@ -238,7 +238,7 @@ def _wait_for_others(cache, lease_seconds: float, bar) -> bool:
 def _release_quietly(lease) -> None:
     try:
         lease.release()
-    except Exception:
+    except Exception:  # noqa: S110 - best effort: an unreleased lease expires (lease_seconds)
         pass
 
 

@@ -233,7 +233,8 @@ def check_for_students(cache, data_cfg: DataConfig, teacher_cfg: TeacherConfig) 
     legacy = "num_rows" not in have
     skip = {"top_k", *(_LEGACY_DATA_KEYS if legacy else ())}
     diffs = [f"{k}: cache has {have.get(k, '<absent>')!r:.120}, config gives {want.get(k, '<absent>')!r:.120}"
-             for k in sorted(set(have) | set(want)) if k not in skip and have.get(k, "<absent>") != want.get(k, "<absent>")]
+             for k in sorted(set(have) | set(want))
+             if k not in skip and have.get(k, "<absent>") != want.get(k, "<absent>")]
     cached_k, k = int(have.get("top_k", want["top_k"])), int(want["top_k"])
     if k > cached_k:
         diffs.append(f"top_k: the cache holds the teacher's top-{cached_k}, teacher.top_k={k} asks for more")

@@ -198,5 +198,5 @@ def _drop(shard: ScoredShard) -> None:
     shard.heartbeat.stop()
     try:
         shard.lease.release()
-    except Exception:
+    except Exception:  # noqa: S110 - best effort: an unreleased lease expires (lease_seconds)
         pass

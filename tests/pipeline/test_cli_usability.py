@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline import cli
-from tests import fault_harness as fh
+from bench import _harness as fh
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,13 +35,18 @@ def atkd_subprocess(*args: str, timeout: float = 600) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_llama_dir, train_jsonl):
-    """A complete reference cache (8 shards of 5 sequences) written by `atkd teacher` in a subprocess
-    (stderr is a pipe there, as in CI or `| tee`)."""
+    """A complete reference cache (8 shards of 5 sequences) written by `atkd teacher` in this process
+    with one thread, as the `python -m pipeline` subprocesses below run (so their caches compare bit for bit)."""
+    import torch
+
     root = tmp_path_factory.mktemp("usability")
     ws = {"root": root, "model": str(tiny_llama_dir), "data": str(train_jsonl)}
-    proc = atkd_subprocess("teacher", str(config(ws, "ref")))
-    assert proc.returncode == 0, proc.stderr
-    ws["teacher_stderr"] = proc.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["teacher", str(config(ws, "ref"))]) == 0
+    finally:
+        torch.set_num_threads(threads)
     ws["ref_cache"] = root / "ref" / "cache"
     ws["ref_snapshot"] = fh.cache_snapshot(str(ws["ref_cache"]))
     return ws
@@ -88,6 +93,7 @@ def test_overrides_after_the_student_option_are_accepted(ws, capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_overrides_anywhere_through_python_m_pipeline(ws):
     cfg = config(ws, "anywhere-e2e")
     proc = atkd_subprocess("student", str(cfg), "--student", "s1", "students.s1.optim.max_steps=7", "--dry-run")
@@ -98,15 +104,19 @@ def test_overrides_anywhere_through_python_m_pipeline(ws):
 # ---------------------------------------------------------------- 10: quiet output, progress lines
 
 
+@pytest.mark.integration
 def test_teacher_output_is_concise_off_a_terminal(ws):
-    err = ws["teacher_stderr"]
+    """`atkd teacher` in a subprocess: stderr is a pipe there, as in CI or `| tee`."""
+    proc = atkd_subprocess("teacher", str(config(ws, "concise")))
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
     assert "\r" not in err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) <= 12, err
     assert all(line.startswith(("[atkd]", "[teacher]")) for line in lines), err
     assert "[teacher] 8/8 shard (100%)" in err
-    log = ws["root"] / "ref" / "logs" / "teacher.log"
+    log = ws["root"] / "concise" / "logs" / "teacher.log"
     assert f"engine and library logs go to {log}" in err
     assert log.is_file()
 
@@ -181,7 +191,8 @@ def test_inspect_reports_counts_sizes_uncertainty_and_provenance(ws, capsys):
     assert rc == 0, out
     c = shard_counts(cache)
     assert "shards done 8/8" in out and "top_k 8" in out
-    assert f"{c['num_sequences']:,} sequences, {c['num_tokens']:,} tokens, {c['num_positions']:,} target positions" in out
+    assert (f"{c['num_sequences']:,} sequences, {c['num_tokens']:,} tokens, {c['num_positions']:,} target positions"
+            in out)
     assert "B per token" in out and "B per top-k entry (ids + log-probs)" in out
     gold, topk = [], []
     for z in sorted((cache / "shards").glob("shard-*.zarr")):
@@ -190,7 +201,8 @@ def test_inspect_reports_counts_sizes_uncertainty_and_provenance(ws, capsys):
         topk.append(np.asarray(g["topk_logprobs"][...], dtype=np.float64))
     unc = 1 - np.exp(np.concatenate(gold))
     assert f"over {unc.size:,} positions from all 8 complete shards" in out
-    assert f"mean top-8 mass (sum of p over the top-k per position): {np.exp(np.concatenate(topk)).sum(1).mean():.4f}" in out
+    mass = np.exp(np.concatenate(topk)).sum(1).mean()
+    assert f"mean top-8 mass (sum of p over the top-k per position): {mass:.4f}" in out
     bins = np.bincount(np.clip((unc * 10).astype(int), 0, 9), minlength=10)
     rows = [line for line in out.splitlines() if line.startswith("    0.") and "%" in line]
     assert len(rows) == 10
@@ -260,7 +272,8 @@ def test_dry_run_says_what_would_run_and_writes_nothing(ws, capsys):
     c = shard_counts(ws["ref_cache"])
     assert "data " + ws["data"] + ": 40 rows" in out
     assert "shards: 8 of up to 5 sequences" in out
-    assert f"tokens ~{c['num_tokens']:,}, target positions ~{c['num_positions']:,} (scaled from 40 rows tokenised)" in out
+    assert (f"tokens ~{c['num_tokens']:,}, target positions ~{c['num_positions']:,} (scaled from 40 rows tokenised)"
+            in out)
     size = c["num_positions"] * 8 * 2.5 + c["num_positions"] * 4 + c["num_tokens"] * 4
     assert f"estimated cache size ~{size / 1024:,.1f} KiB (an estimate" in out
     torch.manual_seed(0)
@@ -291,6 +304,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.integration
 def test_teacher_removes_partial_shards_no_live_writer_owns(ws, capsys):
     from storage.cache import Cache
 
@@ -327,6 +341,7 @@ def test_a_partial_under_a_live_lease_is_kept(ws):
     assert cache.remove_stale_partials() == [str(partial)] and not partial.exists()
 
 
+@pytest.mark.integration
 def test_student_start_removes_partials_of_dead_processes_only(ws):
     cfg = config(ws, "ckpt-partials", cache=str(ws["ref_cache"]))
     out = ws["root"] / "ckpt-partials" / "students" / "s1"
@@ -346,6 +361,7 @@ def test_student_start_removes_partials_of_dead_processes_only(ws):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.integration
 @pytest.mark.vllm
 def test_vllm_teacher_output_goes_to_the_stage_log(ws):
     """vLLM's ~60 start-up lines (its engine core is a child process) land in logs/teacher.log."""

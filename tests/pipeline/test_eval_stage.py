@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from pipeline import cli
-from tests import fault_harness as fh
+from bench import _harness as fh
 
 
 def atkd_here(capsys, *args: str) -> tuple[int, str]:
@@ -99,7 +99,7 @@ def test_status_of_students_does_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    from tests.fault_harness import REPO
+    from bench._harness import REPO
 
     (tmp_path / "run" / "students" / "s1").mkdir(parents=True)
     (tmp_path / "run" / "students" / "s1" / "done.json").write_text(json.dumps({"steps": 100}))  # the default

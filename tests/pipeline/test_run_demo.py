@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.integration  # `python -m pipeline` end to end
+
 REPO = Path(__file__).resolve().parents[2]
 
 STUDENT = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,

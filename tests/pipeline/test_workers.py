@@ -13,14 +13,14 @@ import pytest
 from pipeline import cli
 from pipeline.config import TeacherConfig
 from pipeline.workers import resolve_workers
-from tests import fault_harness as fh
+from bench import _harness as fh
 from tests import fixtures
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def atkd(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=fh._env(None),
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=fh.env_for(),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -208,7 +208,7 @@ def test_kl_decomposes_into_tkd_and_dkd(renorm):
 # ------------------------------------------------------- edge cases / grads
 def extreme_batch():
     """p_g = 1; teacher residual exactly 0; fp16 top-k summing past 1; q_g -> 1; q -> 0."""
-    vocab, k = 8, 3
+    vocab = 8
     f16 = torch.tensor([[0.6, 0.4, 0.01]]).log().half()
     assert f16.float().exp().sum() > 1
     topk_ids = torch.tensor([[0, 1, 2], [1, 2, 3], [0, 1, 2], [3, 4, 5], [5, 6, 7]])

@@ -93,7 +93,13 @@ def test_json_array_files_go_through_datasets(tmp_path):
 
 
 def test_a_missing_path_offline_says_what_was_tried(tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read at import time: without these the hub lookup retries the network for ~20 s
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="file not found"):
         open_rows(str(tmp_path / "nope.jsonl"))
     with pytest.raises(DataError, match="tried as a hub dataset"):

