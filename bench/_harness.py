@@ -191,7 +191,8 @@ def write_config(path: Path, *, model: str, data: str, run_dir: str, cache: str,
         "run_dir": run_dir,
         "data": {"path": data, "max_seq_len": 64},
         "teacher": {"model": model, "backend": "transformers", "top_k": TOP_K, "dtype": "float32",
-                    "device": "cpu", "batch_tokens": 256},
+                    "device": "cpu", "batch_tokens": 256,
+                    "overlap_writes": True},  # the background writer beside scoring, as on a GPU
         "cache": {"path": cache, "sequences_per_shard": sequences_per_shard},
         "students": [{
             "name": "s1", "init": dict(STUDENT_INIT),

@@ -33,7 +33,8 @@ from stages.errors import EngineError
 from stages.teacher import provenance
 from stages.teacher.config import CacheConfig, TeacherConfig
 from stages.teacher.identity import cache_identity, check_teacher, explain_mismatch, refuse_legacy, shard_plan
-from stages.teacher.shard_writer import LOGPROB_FLOOR, Heartbeat, ScoredShard, ShardWriter, build_shard  # noqa: F401
+from stages.teacher.shard_writer import (LOGPROB_FLOOR, Heartbeat, ScoredShard, ShardWriter,  # noqa: F401
+                                         build_shard, engine_overlaps)
 
 
 @dataclass
@@ -132,6 +133,7 @@ def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: Cac
             summary.engine = engine.name
             summary.engine_reason = getattr(engine, "choice_reason", "")
             provenance.record_start(cache, teacher_cfg, engine)
+        writer.overlap = engine_overlaps(engine) if teacher_cfg.overlap_writes == "auto" else teacher_cfg.overlap_writes
         return engine
 
     def on_commit(shard: ScoredShard) -> None:

@@ -29,6 +29,9 @@ class TeacherConfig:
     num_workers: Union[int, Literal["auto"]] = 1
     worker_id: str = ""  # default: host-pid
     lease_seconds: float = 120.0  # a dead worker's shard is taken over after this (renewed every 1/4)
+    # Build and write shard i on a background thread while shard i+1 is scored. auto: when the
+    # engine computes on a GPU (on CPU the writer would compete with the engine's threads).
+    overlap_writes: Union[bool, Literal["auto"]] = "auto"
 
 
 @dataclass

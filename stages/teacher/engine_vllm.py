@@ -165,6 +165,7 @@ class VLLMTeacherEngine:
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         device = "cuda" if on_gpu else "cpu"
+        self.device = device
         self.description = (
             f"vLLM on {device} ({dtype}, tp={tensor_parallel_size}, pp={pipeline_parallel_size}"
             f"{', in-process' if in_process else ''})"

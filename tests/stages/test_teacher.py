@@ -65,7 +65,9 @@ def examples(data_cfg, tiny_tokenizer):
 
 
 def teacher_cfg(model_dir, **kw) -> TeacherConfig:
-    base = dict(model=str(model_dir), backend="transformers", top_k=TOP_K, batch_tokens=256, logprob_chunk=37)
+    # overlap_writes: the background writer runs beside scoring as on a GPU, so kills land in it too
+    base = dict(model=str(model_dir), backend="transformers", top_k=TOP_K, batch_tokens=256, logprob_chunk=37,
+                overlap_writes=True)
     base.update(kw)
     return TeacherConfig(**base)
 
@@ -280,3 +282,14 @@ def test_other_tokenizer_is_refused_with_the_difference(tmp_path, reference_cach
     msg = str(e.value)
     assert "identity.tokenizer_fingerprint" in msg and "identity.teacher_fingerprint" not in msg
     assert "eos token id 1 vs 2" in msg
+
+
+def test_writes_overlap_scoring_only_for_an_engine_on_a_gpu():
+    from types import SimpleNamespace
+
+    from stages.teacher.shard_writer import engine_overlaps
+
+    assert engine_overlaps(SimpleNamespace(device="cuda"))
+    assert engine_overlaps(SimpleNamespace(device="cuda:3"))
+    assert not engine_overlaps(SimpleNamespace(device="cpu"))
+    assert not engine_overlaps(SimpleNamespace())
