@@ -5,7 +5,8 @@ protocols (rename on local paths, "complete last" on object stores) and the
 exclusive-create primitive used by leases live in one place.
 
 Guarantees by backend:
-- local (and NFS): atomic replace via temp file + ``os.replace``; exclusive
+- local (and NFS): atomic replace via temp file + ``os.replace``
+  (``storage.files.atomic_write``, shared with every other layer); exclusive
   create via ``O_CREAT | O_EXCL`` (atomic on local disks and on NFSv3+);
   directory rename is atomic and refuses to overwrite a non-empty directory.
 - fsspec (``memory://``, ``s3://``, ``gs://`` ...): a single ``put`` of the whole
@@ -27,6 +28,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.faults import fault_point
+from storage.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +73,8 @@ class CacheFS:
         if self.is_local:
             target = self.path(rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.partial-{uuid.uuid4().hex}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                fault_point(f"fs.replace.{rel}")  # e.g. fs.replace.manifest.json: new copy written, old in place
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            # e.g. fs.replace.manifest.json: the new copy is written, the old one still in place
+            atomic_write(target, data, before_replace=lambda: fault_point(f"fs.replace.{rel}"))
         else:
             # One put of the whole object: atomic on object stores.
             self.fs.pipe_file(self.path(rel), data)
