@@ -1,0 +1,58 @@
+"""How long reading many shards' group attributes takes (no array decoding).
+
+    python bench/attrs_bench.py [--shards 200]
+
+Builds a cache of small shards on a local directory and on ``memory://`` and
+times what reads only attributes: ``Cache.shard_attrs`` over every shard,
+``Cache.completed_shards`` (object stores read every shard's attributes) and
+``verify_cache(deep=False)``; plus a deep verify, which decodes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from storage.cache import Cache  # noqa: E402
+from storage.verify import verify_cache  # noqa: E402
+from tests.storage.synthetic import build_cache  # noqa: E402
+
+
+def best(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", type=int, default=200)
+    ap.add_argument("--sequences", type=int, default=3, help="sequences per shard (synthetic, <= 24 tokens)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = {"local": os.path.join(tmp, "cache"), "memory": f"memory://attrs-bench-{uuid.uuid4().hex}"}
+        print(f"| backend | shards | shard_attrs x N | completed_shards | verify (attrs only) | verify (deep) |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, url in urls.items():
+            build_cache(url, [args.sequences] * args.shards)
+            cache = Cache.open(url)
+            n = cache.num_shards
+            t_attrs = best(lambda: [cache.shard_attrs(i) for i in range(n)])
+            t_done = best(cache.completed_shards)
+            t_verify = best(lambda: verify_cache(url, deep=False))
+            t_deep = best(lambda: verify_cache(url, deep=True), repeat=1)
+            print(f"| {name} | {n} | {t_attrs * 1e3:.0f} ms | {t_done * 1e3:.0f} ms | "
+                  f"{t_verify * 1e3:.0f} ms | {t_deep * 1e3:.0f} ms |")
+
+
+if __name__ == "__main__":
+    main()
