@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, StudentConfig, check_name, save_resolved
+from storage.files import atomic_write
 
 # Errors whose message is written for users: the CLI prints them without a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -258,9 +259,7 @@ def _run_eval(cfg: PipelineConfig) -> dict:
                               val_cache_url=val_url, backend=cfg.eval.backend)
     rp = results_path(cfg)
     rp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = rp.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, rp)
+    atomic_write(rp, json.dumps(results, indent=2))
     logs = {s.name: str(student_dir(cfg, s.name) / "log.jsonl") for s in cfg.students}
     report = write_report(cfg.run_dir, results, logs, cfg.cache.path)
     _log(f"report written to {report}")

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from storage.files import atomic_open, atomic_write
+
 log = logging.getLogger(__name__)
 
 METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement")
@@ -311,18 +313,14 @@ def evaluate_models(models: dict[str, str], *, eval_cfg, data_cfg, teacher_dir: 
                   flush=True)
         del model
     if out:
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-        tmp.replace(out / "results.json")
+        atomic_write(out / "results.json", json.dumps(results, indent=1, sort_keys=True))
     return results
 
 
 def _write_generations(path: Path, rows: list[dict], texts: list[str], hits: list[bool]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
+    with atomic_open(path) as f:
         for row, text, hit in zip(rows, texts, hits):
             f.write(json.dumps({**row, "generation": text, "exact_match": hit}) + "\n")
-    tmp.replace(path)
 
 
 def _fmt(value) -> str:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from storage.files import atomic_write
+
 COLUMNS = (  # (result key, header, format, better)
     ("exact_match", "exact match", "{:.3f}", "higher"),
     ("rouge_l", "ROUGE-L", "{:.3f}", "higher"),
@@ -203,10 +205,8 @@ def write_report(run_dir: str | os.PathLike, results: dict[str, dict], students_
             sections += [f"### {caption}", "", f"![{caption}]({file})", ""]
 
     path = out / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(sections))
-    tmp.replace(path)
-    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
+    atomic_write(path, "\n".join(sections))
+    atomic_write(out / "results.json", json.dumps(results, indent=1, sort_keys=True, default=str))
     return str(path)
 
 

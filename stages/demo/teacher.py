@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.demo import task as demo_task
+from storage.files import atomic_open, usual_permissions
 
 DEFAULT_TEACHER = {  # LlamaConfig fields; DemoConfig.teacher overrides any of them
     "hidden_size": 256,
@@ -98,6 +99,7 @@ def _finish(tmp: Path, final: Path, settings: dict, extra: dict | None = None) -
     """Write done.json last, then rename into place. If another process finished
     the same step meanwhile (same settings), keep its copy and drop ours."""
     (tmp / "done.json").write_text(json.dumps({"settings": settings, **(extra or {})}, indent=1, sort_keys=True))
+    usual_permissions(tmp)  # safetensors writes 0600
     try:
         os.replace(tmp, final)
     except OSError:
@@ -344,10 +346,9 @@ def train_demo_teacher(demo_cfg, data_cfg, tokenizer, train_path: Path, validati
 def _save_checkpoint(path: Path, model, optimizer, step: int, losses: list, seconds: float, settings: dict) -> None:
     import torch
 
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "losses": losses, "seconds": seconds, "settings": settings}, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "losses": losses, "seconds": seconds, "settings": settings}, f)
 
 
 def _validation_check(model, tokenizer, data_cfg, validation_path: Path, limit: int) -> dict:

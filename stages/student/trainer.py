@@ -46,6 +46,7 @@ from stages.student.interrupt import StopOnSignal, TrainingStopped
 from stages.student.model import (build_student, check_batch_ids, check_vocabulary, describe_size, embedding_rows,
                                   load_student_tokenizer, warn_unknown_tokens)
 from stages.student.objective import StudentObjective
+from storage.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,7 @@ class StepLog:
             # Drop the lines of steps this run redoes; via a temporary file and a
             # rename, so a kill during the rewrite cannot lose the earlier steps.
             kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= start_step]
-            tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
