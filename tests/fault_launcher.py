@@ -9,7 +9,8 @@ they call so that ATKD_FAULT_POINT can also name:
     ckpt.optim      checkpoint: optim.pt written, no meta.json / marker yet
     ckpt.rename     checkpoint: complete in its temporary directory, not renamed
     ckpt.renamed    checkpoint: renamed into place, older ones not yet pruned
-    log.rewrite     resume: log.jsonl truncated, the kept lines not yet written back
+    log.rewrite     resume: the kept lines of log.jsonl written to its temporary copy, not yet
+                    renamed over it (storage.files.atomic_write)
 
 and ATKD_COMMIT_LOG=FILE appends "shard_index pid" to FILE after each shard commit.
 
@@ -82,16 +83,14 @@ def install_fault_points() -> None:
 
     trainer.StepLog.write = write_then_point
 
-    write_text = pathlib.Path.write_text
+    atomic_write = trainer.atomic_write
 
-    def write_text_with_point(self, data, *args, **kwargs):
-        # log.jsonl itself (rewritten in place) or its temporary copy (rewritten, then renamed)
-        if self.name.startswith("log.jsonl") and "log.rewrite" in os.environ.get("ATKD_FAULT_POINT", ""):
-            open(self, "w").close()  # what write_text does first: truncate ...
-            fault_point("log.rewrite")  # ... and be killed before writing
-        return write_text(self, data, *args, **kwargs)
+    def atomic_write_with_point(path, data, **kwargs):
+        if pathlib.Path(path).name == "log.jsonl":  # the resume's rewrite of the step log
+            return atomic_write(path, data, before_replace=lambda: fault_point("log.rewrite"))
+        return atomic_write(path, data, **kwargs)
 
-    pathlib.Path.write_text = write_text_with_point
+    trainer.atomic_write = atomic_write_with_point
 
     from storage import lease as leases
 
