@@ -33,13 +33,33 @@ def best(fn, repeat: int = 3) -> float:
     return min(times)
 
 
+def _register_slow_memory(seconds: float) -> None:
+    """``slowmem://``: memory:// whose file reads take ``seconds`` each, like an object store's GET."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class SlowMemory(MemoryFileSystem):
+        protocol = ("slowmem",)
+
+        def cat_file(self, path, start=None, end=None, **kwargs):
+            time.sleep(seconds)
+            return super().cat_file(path, start=start, end=end, **kwargs)
+
+    fsspec.register_implementation("slowmem", SlowMemory, clobber=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=int, default=200)
     ap.add_argument("--sequences", type=int, default=3, help="sequences per shard (synthetic, <= 24 tokens)")
+    ap.add_argument("--latency-ms", type=float, default=0.0,
+                    help="also time a memory:// store whose every file read sleeps this long (an object store)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         urls = {"local": os.path.join(tmp, "cache"), "memory": f"memory://attrs-bench-{uuid.uuid4().hex}"}
+        if args.latency_ms > 0:
+            _register_slow_memory(args.latency_ms / 1e3)
+            urls[f"memory +{args.latency_ms:g} ms/read"] = f"slowmem://attrs-bench-{uuid.uuid4().hex}"
         print(f"| backend | shards | shard_attrs x N | completed_shards | verify (attrs only) | verify (deep) |")
         print("|---|---:|---:|---:|---:|---:|")
         for name, url in urls.items():

@@ -295,11 +295,21 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True
 
 
 def _read_arrays(group) -> dict[str, Any]:
-    """name -> decoded array, or the exception reading it raised; all arrays concurrently."""
+    """name -> decoded array, or the exception reading it raised; all arrays concurrently.
+
+    The arrays' metadata comes from one ``members()`` call; when that fails (a
+    damaged array's zarr.json), each array is opened by name so the error
+    names the array.
+    """
+    try:
+        nodes = dict(group.members())
+    except Exception:
+        nodes = {}
 
     def one(name: str) -> tuple[str, Any]:
         try:
-            return name, np.asarray(group[name][...])
+            node = nodes[name] if name in nodes else group[name]
+            return name, np.asarray(node[...])
         except Exception as e:
             return name, e
 
