@@ -171,8 +171,8 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-# Temporary names of interrupted writes: `.final.partial-<pid>`, `log.jsonl.partial-<pid>`,
-# `done.json.partial-<pid>`, `checkpoints/.step_000004.partial-<pid>-<hex>`.
+# Temporary names of interrupted writes: `.final.partial-<pid>`, `log.jsonl.partial-<pid>-<hex>` and
+# `done.json.partial-<pid>-<hex>` (storage.files), `checkpoints/.step_000004.partial-<pid>-<hex>`.
 _PARTIAL = re.compile(r"^.+\.partial-(\d+)(?:-[0-9a-f]+)?$")
 
 
