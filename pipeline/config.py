@@ -14,11 +14,9 @@ students by name or index: `students.atkd.optim.lr=3e-4`, `students.0.loss=kd`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import types
 import typing
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +29,8 @@ from stages.eval_config import EvalConfig
 from stages.student.config import LossConfig, OptimConfig, StudentConfig
 from stages.teacher.config import CacheConfig, TeacherConfig
 from storage.errors import AtkdError
+from storage.files import atomic_write
+
 
 # The section types live next to the stage each configures; re-exported here
 # (`from pipeline.config import DataConfig` keeps working).
@@ -291,7 +291,5 @@ def save_resolved(cfg: PipelineConfig, path: str | Path) -> None:
     """Write the fully resolved config (defaults filled in) next to a run's outputs."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    # A private temporary name: several workers started together write this at once.
-    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
+    # Atomic, via a private temporary name: several workers started together write this at once.
+    atomic_write(p, yaml.safe_dump(to_dict(cfg), sort_keys=False))

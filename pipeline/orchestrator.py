@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pipeline.config import (CacheConfig, ConfigError, DataConfig, PipelineConfig, StudentConfig, check_name,
                              save_resolved)
+from storage.files import atomic_write  # noqa: F401
 
 
 def _log(msg: str) -> None:

@@ -41,6 +41,7 @@ from stages.data_config import DataConfig
 from stages.errors import EvalError
 from stages.eval_config import EvalConfig
 from stages.lm import collate_for_lm, decode_until_eos, generate_greedy, pad_id, target_logits  # noqa: F401
+from storage.files import atomic_open, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -269,22 +270,16 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
         del model
     if out:
         (out / SETTINGS_FILE).unlink(missing_ok=True)
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(out / RESULTS_FILE)
+        atomic_write(out / RESULTS_FILE, json.dumps(results, indent=1))
         if settings is not None:
-            tmp = out / "settings.json.tmp"
-            tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
-            tmp.replace(out / SETTINGS_FILE)
+            atomic_write(out / SETTINGS_FILE, json.dumps(settings, indent=1, sort_keys=True))
     return results
 
 
 def _write_generations(path: Path, rows: list[dict], texts: list[str], hits: list[bool]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
+    with atomic_open(path) as f:
         for row, text, hit in zip(rows, texts, hits):
             f.write(json.dumps({**row, "generation": text, "exact_match": hit}) + "\n")
-    tmp.replace(path)
 
 
 def _fmt(value) -> str:

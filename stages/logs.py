@@ -25,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+from storage.files import atomic_write
+
 ENV_FILE = "ATKD_LOG_FILE"
 ENV_VERBOSE = "ATKD_VERBOSE"
 PROJECT_LOGGERS = ("pipeline", "stages", "storage")
@@ -175,7 +177,7 @@ class _Routing:
                   "handlers": handlers,
                   "loggers": {"vllm": {"handlers": sorted(handlers), "level": "INFO", "propagate": False}}}
         out = self.path.with_name(f".{self.path.stem}-vllm-logging.json")
-        out.write_text(json.dumps(config, indent=1))
+        atomic_write(out, json.dumps(config, indent=1))  # several teacher workers may write it at once
         return out
 
     def _import_libraries(self) -> None:

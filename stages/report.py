@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from storage.files import atomic_write
+
 COLUMNS = (  # (result key, header, format, better)
     ("exact_match", "exact match", "{:.3f}", "higher"),
     ("rouge_l", "ROUGE-L", "{:.3f}", "higher"),
@@ -207,9 +209,7 @@ def write_report(run_dir: str | os.PathLike, results: dict[str, dict], students_
             sections += [f"### {caption}", "", f"![{caption}]({file})", ""]
 
     path = out / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(sections))
-    tmp.replace(path)
+    atomic_write(path, "\n".join(sections))
     return str(path)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from storage import lease as leases
 from storage import partials
@@ -119,6 +119,14 @@ class Cache:
         """Group attributes of shard ``index`` (counts, checksums, complete), or None."""
         return shards.read_attrs(self.fs, self.shard_rel(index))
 
+    def iter_shard_attrs(self, indices: Iterable[int], batch: int = 64) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """(index, ``shard_attrs(index)``) for each index; on object stores read
+        ``batch`` at a time concurrently, without holding every shard's attributes."""
+        indices = list(indices)
+        for start in range(0, len(indices), batch):
+            part = indices[start:start + batch]
+            yield from zip(part, shards.read_attrs_many(self.fs, [self.shard_rel(i) for i in part]))
+
     def is_shard_complete(self, index: int) -> bool:
         return shards.is_complete(self.fs, self.shard_rel(index))
 
@@ -127,7 +135,7 @@ class Cache:
 
         Local paths: a final shard name only appears through the commit rename,
         so one directory listing suffices. Object stores write in place, so
-        each shard's ``complete`` attribute is read.
+        each shard's ``complete`` attribute is read (concurrently).
         """
         found = []
         for name in self.fs.list(shards.SHARDS_DIR):
@@ -135,7 +143,9 @@ class Cache:
             if m and int(m.group(1)) < self.num_shards:
                 found.append(int(m.group(1)))
         found.sort()
-        return found if self.fs.is_local else [i for i in found if self.is_shard_complete(i)]
+        if self.fs.is_local:
+            return found
+        return [i for i, attrs in self.iter_shard_attrs(found) if attrs and attrs.get("complete") is True]
 
     def is_complete(self) -> bool:
         return len(self.completed_shards()) == self.num_shards

@@ -5,7 +5,8 @@ protocols (rename on local paths, "complete last" on object stores) and the
 exclusive-create primitive used by leases live in one place.
 
 Guarantees by backend:
-- local (and NFS): atomic replace via temp file + ``os.replace``; exclusive
+- local (and NFS): atomic replace via temp file + ``os.replace``
+  (``storage.files.atomic_write``, shared with every other layer); exclusive
   create via ``O_CREAT | O_EXCL`` (atomic on local disks and on NFSv3+);
   directory rename is atomic and refuses to overwrite a non-empty directory.
 - fsspec (``memory://``, ``s3://``, ``gs://`` ...): a single ``put`` of the whole
@@ -27,6 +28,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.faults import fault_point
+from storage.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,20 @@ class CacheFS:
 
     def __init__(self, url: str | os.PathLike, **storage_options: Any) -> None:
         self.url = str(url)
+        self.storage_options = dict(storage_options)
         self.fs, root = fsspec.url_to_fs(self.url, **storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = root.rstrip("/") if root not in ("/", "") else root
         self._warned_exclusive = False
+        self._afs = None  # the async filesystem for zarr, made on first use (_async_fs)
+        self._afs_pid = 0
 
     def __repr__(self) -> str:
         return f"CacheFS({self.url!r})"
+
+    def __getstate__(self) -> dict:
+        # The async filesystem is bound to zarr's event loop: made again where unpickled.
+        return {**self.__dict__, "_afs": None}
 
     # ---- paths ------------------------------------------------------------
     def path(self, rel: str = "") -> str:
@@ -71,17 +80,8 @@ class CacheFS:
         if self.is_local:
             target = self.path(rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.partial-{uuid.uuid4().hex}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                fault_point(f"fs.replace.{rel}")  # e.g. fs.replace.manifest.json: new copy written, old in place
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            # e.g. fs.replace.manifest.json: the new copy is written, the old one still in place
+            atomic_write(target, data, before_replace=lambda: fault_point(f"fs.replace.{rel}"))
         else:
             # One put of the whole object: atomic on object stores.
             self.fs.pipe_file(self.path(rel), data)
@@ -172,10 +172,30 @@ class CacheFS:
     def zarr_store(self, rel: str, read_only: bool = False):
         """A zarr v3 store rooted at ``rel`` (LocalStore or FsspecStore)."""
         import zarr.storage
-        from zarr.storage._fsspec import _make_async
 
         if self.is_local:
             return zarr.storage.LocalStore(self.path(rel), read_only=read_only)
-        # FsspecStore needs an async filesystem; sync ones such as memory://
-        # are wrapped by zarr's own helper (AsyncFileSystemWrapper).
-        return zarr.storage.FsspecStore(_make_async(self.fs), path=self.path(rel), read_only=read_only)
+        return zarr.storage.FsspecStore(self._async_fs(), path=self.path(rel), read_only=read_only)
+
+    def _async_fs(self):
+        """The asynchronous filesystem zarr's FsspecStore requires, made once per CacheFS.
+
+        Filesystems with an async implementation (s3fs, gcsfs, ...) are opened
+        again with ``asynchronous=True``; synchronous ones such as memory:// are
+        wrapped in fsspec's ``AsyncFileSystemWrapper`` (the documented way, and
+        what FsspecStore.from_url does). Made once: the wrapper is costly to
+        build and an attribute read would otherwise pay for it every time.
+        Made again in a forked child (a reader's worker process), whose event
+        loop is not the parent's.
+        """
+        if self._afs is None or self._afs_pid != os.getpid():
+            self._afs_pid = os.getpid()
+            if self.fs.async_impl and self.fs.asynchronous:
+                self._afs = self.fs
+            elif self.fs.async_impl:
+                self._afs = fsspec.url_to_fs(self.url, **{**self.storage_options, "asynchronous": True})[0]
+            else:
+                from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+                self._afs = AsyncFileSystemWrapper(self.fs, asynchronous=True)
+        return self._afs

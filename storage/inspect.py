@@ -75,8 +75,8 @@ def sample_shards(done: list[int], n: int) -> list[int]:
 
 def _counts(cache: Cache, done: list[int]) -> dict[str, int]:
     total = {"num_sequences": 0, "num_tokens": 0, "num_positions": 0}
-    for index in done:
-        counts = (cache.shard_attrs(index) or {}).get("counts", {})
+    for _, attrs in cache.iter_shard_attrs(done):
+        counts = (attrs or {}).get("counts", {})
         for key in total:
             total[key] += int(counts.get(key, 0))
     return total

@@ -1,6 +1,6 @@
 """Cache format v1: the arrays of one shard, their dtypes, and their validation.
 
-A shard holds n sequences packed end to end (DESIGN.md, "Cache format v1"):
+A shard holds n sequences packed end to end (docs/cache-format.md):
 
 - ``input_ids`` int32 [T], ``seq_offsets`` int64 [n+1], ``example_ids`` int64 [n]
 - ``target_positions`` int32 [P]: position t inside its sequence; the trained

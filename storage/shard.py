@@ -10,23 +10,29 @@ Commit protocol (a half-written shard is never read):
 
 Group attributes: ``format_version``, ``counts`` (sequences, tokens, positions,
 top_k), ``checksums`` (sha256 of each decoded array's C-order bytes, so the
-check is independent of codec and chunking), ``codec``, ``complete``.
+check is independent of codec and chunking), ``codec``, ``complete``, plus
+what the writers add (``shard_index``, ``written_at``, ``worker_id``; stage one: ``data``, ``rows``);
+see docs/cache-format.md.
+
+Only zarr's public API is used (zarr.open_group, Group.create_array, group
+attributes; tests/storage/test_public_api.py checks it), so a zarr upgrade
+cannot break the format through a private helper.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
+import os
+import threading
 import time
 import uuid
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import zarr
-import zarr.api.asynchronous as zarr_async
 from zarr.codecs import BloscCodec, BloscShuffle
-from zarr.core.sync import sync
+from zarr.errors import GroupNotFoundError
 
 from storage.errors import CorruptShardError, ShardExistsError
 from storage.faults import fault_point
@@ -144,20 +150,52 @@ def _remove_partial(fs: CacheFS, tmp: str, settle_seconds: float = 5.0) -> None:
             return
 
 
+# zarr's synchronous API runs every call on zarr's own event loop thread and
+# may be called from many threads at once; calls made from a small pool of
+# threads therefore overlap their I/O like one asyncio.gather would (one round
+# trip of latency for eight arrays on object stores), with zarr's public API only.
+_POOL_THREADS = 8
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child (a reader's worker process) has none of its parent's threads."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def _concurrently(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """[fn(item) ...] run on a shared thread pool, in order; the first exception is raised
+    after every call has finished (so no write of a failed shard is still landing)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="atkd-zarr")
+        pool = _pool
+    futures = [pool.submit(fn, item) for item in items]
+    errors = [f.exception() for f in futures]
+    for e in errors:
+        if e is not None:
+            raise e
+    return [f.result() for f in futures]
+
+
 def _write_group(store, data: ShardData, attrs: dict[str, Any], codec: str) -> None:
-    """Create the group and all arrays; the arrays are written concurrently
-    (one round trip of latency instead of eight on object stores)."""
+    """Create the group and all arrays; the arrays are written concurrently."""
+    # mode="w" clears leftovers of an interrupted in-place write first.
+    group = zarr.open_group(store, mode="w", zarr_format=3, attributes={**attrs, "complete": False})
 
-    async def write() -> None:
-        # mode="w" clears leftovers of an interrupted in-place write first.
-        group = await zarr_async.open_group(store=store, mode="w", zarr_format=3,
-                                            attributes={**attrs, "complete": False})
-        await asyncio.gather(*(
-            group.create_array(name, data=np.ascontiguousarray(a), chunks=_chunks(a),
-                               compressors=[_compressor(a.dtype, codec)], fill_value=0)
-            for name, a in data.arrays().items()))
+    def write(item: tuple[str, np.ndarray]) -> None:
+        name, a = item
+        group.create_array(name, data=np.ascontiguousarray(a), chunks=_chunks(a),
+                           compressors=[_compressor(a.dtype, codec)], fill_value=0)
 
-    sync(write())
+    _concurrently(write, data.arrays().items())
 
 
 def _mark_complete(store) -> None:
@@ -165,15 +203,37 @@ def _mark_complete(store) -> None:
     zarr.open_group(store, mode="r+", zarr_format=3).attrs.update({"complete": True})
 
 
-def read_attrs(fs: CacheFS, rel: str) -> dict[str, Any] | None:
-    """The shard group's attributes, or None if there is no group metadata."""
+UNREADABLE = "_unreadable"  # key read_attrs sets when zarr.json exists but cannot be parsed
+
+
+def _open_group(fs: CacheFS, rel: str) -> tuple[Any, dict[str, Any] | None]:
+    """(the read-only zarr group, its attributes); (None, None) when there is no group
+    metadata, (None, {"_unreadable": True}) when there is but it is not a readable
+    zarr v3 group (truncated or overwritten JSON, an array's metadata)."""
     try:
-        meta = json.loads(fs.read_bytes(f"{rel}/zarr.json"))
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
-    except ValueError:
-        return {"_unreadable": True}
-    return meta.get("attributes", {}) if isinstance(meta, dict) else {"_unreadable": True}
+        group = zarr.open_group(fs.zarr_store(rel, read_only=True), mode="r", zarr_format=3)
+    except (GroupNotFoundError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None, None
+    except Exception:  # JSONDecodeError, ContainsArrayError, TypeError/ValueError on malformed metadata
+        return None, {UNREADABLE: True}
+    attrs = group.attrs.asdict()
+    return (group, attrs) if isinstance(attrs, dict) else (None, {UNREADABLE: True})
+
+
+def read_attrs(fs: CacheFS, rel: str) -> dict[str, Any] | None:
+    """The shard group's attributes, or None if there is no group metadata.
+
+    Reads only the group's zarr.json (no array is touched); metadata that is
+    there but unreadable gives ``{"_unreadable": True}``.
+    """
+    return _open_group(fs, rel)[1]
+
+
+def read_attrs_many(fs: CacheFS, rels: list[str]) -> list[dict[str, Any] | None]:
+    """``read_attrs`` of each of ``rels``, concurrently (object stores: about one latency, not N)."""
+    if len(rels) <= 1:
+        return [read_attrs(fs, rel) for rel in rels]
+    return _concurrently(lambda rel: read_attrs(fs, rel), rels)
 
 
 def is_complete(fs: CacheFS, rel: str) -> bool:
@@ -198,17 +258,17 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True
 
     Returns (arrays, problems); shared by read_shard (raises) and verify (reports).
     """
-    attrs = read_attrs(fs, rel)
+    group, attrs = _open_group(fs, rel)
     if attrs is None:
         return {}, ["no zarr.json: the shard is missing or was never committed"]
-    if attrs.get("_unreadable"):
+    if attrs.get(UNREADABLE):
         return {}, ["zarr.json is not valid JSON (truncated or overwritten)"]
     if attrs.get("complete") is not True:
         return {}, ["group attribute complete is not true (a half-written shard)"]
     if attrs.get("format_version") != FORMAT_VERSION:
         return {}, [f"format_version {attrs.get('format_version')!r}, this reader supports {FORMAT_VERSION}"]
     try:
-        decoded = sync(_read_arrays(fs.zarr_store(rel, read_only=True)))
+        decoded = _read_arrays(group)
     except Exception as e:  # zarr raises various types on broken group metadata
         return {}, [f"cannot open the zarr group ({type(e).__name__}: {e})"]
     checksums = attrs.get("checksums", {})
@@ -234,18 +294,26 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True
     return arrays, problems
 
 
-async def _read_arrays(store) -> dict[str, Any]:
-    """name -> decoded array, or the exception reading it raised; all arrays concurrently."""
-    group = await zarr_async.open_group(store=store, mode="r", zarr_format=3)
+def _read_arrays(group) -> dict[str, Any]:
+    """name -> decoded array, or the exception reading it raised; all arrays concurrently.
 
-    async def one(name: str) -> tuple[str, Any]:
+    The arrays' metadata comes from one ``members()`` call; when that fails (a
+    damaged array's zarr.json), each array is opened by name so the error
+    names the array.
+    """
+    try:
+        nodes = dict(group.members())
+    except Exception:
+        nodes = {}
+
+    def one(name: str) -> tuple[str, Any]:
         try:
-            node = await group.getitem(name)
-            return name, np.asarray(await node.getitem(...))
+            node = nodes[name] if name in nodes else group[name]
+            return name, np.asarray(node[...])
         except Exception as e:
             return name, e
 
-    return dict(await asyncio.gather(*(one(name) for name in ARRAY_NAMES)))
+    return dict(_concurrently(one, ARRAY_NAMES))
 
 
 def _check_counts(arrays: dict[str, np.ndarray], counts: dict[str, int]) -> list[str]:

@@ -64,14 +64,13 @@ def verify_cache(url: str, deep: bool = True, **storage_options) -> VerifyReport
     vocab, top_k = cache.vocab_size, cache.manifest.identity.get("top_k")
     if vocab is None:
         report.notes.append("manifest identity has no vocab_size; ids were only checked to be >= 0")
-    for index in range(cache.num_shards):
-        attrs = cache.shard_attrs(index)
-        if attrs is None or (attrs.get("complete") is not True and not attrs.get("_unreadable")):
+    for index, attrs in cache.iter_shard_attrs(range(cache.num_shards)):
+        if attrs is None or (attrs.get("complete") is not True and not attrs.get(shards.UNREADABLE)):
             report.pending.append(index)
             if index in cache.manifest.shards_done:
                 report.bad[index] = ["manifest lists it as done but the shard is missing or incomplete"]
             continue
-        problems = _check_shard(cache, index, deep, vocab, top_k)
+        problems = _check_shard(cache, index, attrs, deep, vocab, top_k)
         if problems:
             report.bad[index] = problems
             report.locations[index] = cache.shard_location(index)
@@ -88,12 +87,11 @@ def verify_cache(url: str, deep: bool = True, **storage_options) -> VerifyReport
     return report
 
 
-def _check_shard(cache: Cache, index: int, deep: bool, vocab: int | None, top_k) -> list[str]:
+def _check_shard(cache: Cache, index: int, attrs: dict, deep: bool, vocab: int | None, top_k) -> list[str]:
     rel = cache.shard_rel(index)
     if not deep:
-        attrs = cache.shard_attrs(index) or {}
         problems = [] if attrs.get("counts") and attrs.get("checksums") else ["attrs lack counts or checksums"]
-        if attrs.get("_unreadable"):
+        if attrs.get(shards.UNREADABLE):
             problems.append("zarr.json is not valid JSON")
         return problems
     arrays, problems = shards.load_arrays(cache.fs, rel, verify_checksums=True)
@@ -114,8 +112,8 @@ def status_summary(url: str, **storage_options) -> str:
         return str(e)
     done = cache.completed_shards()
     seqs = positions = 0
-    for index in done:
-        counts = (cache.shard_attrs(index) or {}).get("counts", {})
+    for _, attrs in cache.iter_shard_attrs(done):
+        counts = (attrs or {}).get("counts", {})
         seqs += int(counts.get("num_sequences", 0))
         positions += int(counts.get("num_positions", 0))
     now, held = time.time(), []

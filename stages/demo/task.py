@@ -24,11 +24,12 @@ teacher learns them in a few CPU minutes.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from storage.files import atomic_open
 
 # Bump when the generator changes what it writes: cached data made by an older
 # generator is then refused instead of silently mixed.
@@ -149,11 +150,9 @@ def generate_splits(seed: int, train: int, validation: int, test: int) -> dict[s
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
     """Write rows as JSON lines, atomically (temporary file, then rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

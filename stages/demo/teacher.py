@@ -43,6 +43,7 @@ from stages.demo.config import DemoConfig
 from stages.errors import DemoError
 from stages.student.config import OptimConfig
 from storage.errors import AtkdError
+from storage.files import usual_permissions
 
 DEFAULT_TEACHER = {  # LlamaConfig fields; DemoConfig.teacher overrides any of them
     "hidden_size": 256,
@@ -108,6 +109,7 @@ def _finish(tmp: Path, final: Path, settings: dict, extra: dict | None = None) -
     """Write done.json last, then rename into place. If another process finished
     the same step meanwhile (same settings), keep its copy and drop ours."""
     (tmp / "done.json").write_text(json.dumps({"settings": settings, **(extra or {})}, indent=1, sort_keys=True))
+    usual_permissions(tmp)  # safetensors writes 0600
     try:
         os.replace(tmp, final)
     except OSError:

@@ -37,6 +37,8 @@ from storage.errors import AtkdError
 from stages.student.layout import (CHECKPOINTS, COMPLETE_FILE, DONE_FILE, is_done, last_checkpoint,  # noqa: F401
                                    list_checkpoints, read_done, step_dir)
 from storage.faults import fault_point
+from storage.files import fsync_dir as _fsync_dir
+from storage.files import usual_permissions  # noqa: F401 - the permission helper of every layer; export uses it
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +78,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _dedup_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Drop tensors that alias an earlier one (tied embeddings): safetensors refuses shared storage."""
     seen: dict[tuple, str] = {}
@@ -101,24 +92,6 @@ def _dedup_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             seen[key] = name
         unique[name] = t.detach().to("cpu").contiguous()
     return unique, aliases
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it: set, then restore
-    os.umask(mask)
-    return mask
-
-
-def usual_permissions(root: str | Path) -> None:
-    """Give every file under `root` the mode a plain open() would (0o666 & ~umask).
-
-    safetensors (and anything built on tempfile.mkstemp) creates its files 0600,
-    so without this the weights were private while every other output was 0644.
-    """
-    mode = 0o666 & ~_umask()
-    for p in [Path(root), *Path(root).rglob("*")]:
-        if p.is_file() and not p.is_symlink():
-            os.chmod(p, mode)
 
 
 def set_aside(path: Path) -> Path:
@@ -187,8 +160,8 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-# Temporary names of interrupted writes: `.final.partial-<pid>`, `log.jsonl.partial-<pid>`,
-# `done.json.partial-<pid>`, `checkpoints/.step_000004.partial-<pid>-<hex>`.
+# Temporary names of interrupted writes: `.final.partial-<pid>`, `log.jsonl.partial-<pid>-<hex>` and
+# `done.json.partial-<pid>-<hex>` (storage.files), `checkpoints/.step_000004.partial-<pid>-<hex>`.
 _PARTIAL = re.compile(r"^.+\.partial-(\d+)(?:-[0-9a-f]+)?$")
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from stages.student import checkpoint as ckpt
+from storage.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,4 @@ def save_final(out: Path, student, tokenizer, state: dict[str, torch.Tensor], *,
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".partial-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True))

@@ -1,6 +1,6 @@
 """Distillation losses on a sparse (top-k) teacher: plain KD baselines and ATKD.
 
-Every loss here works on the *bucket partition* of DESIGN.md. At a position
+Every loss here works on the *bucket partition* of docs/method.md. At a position
 with gold next token g and cached teacher top-k ids S the buckets are
 
     [ {g},  each id of S (the slot holding g, if any, is dropped),  residual ]
@@ -373,7 +373,7 @@ def atkd_loss(
     ce_weight: float = 0.0,
     reduction: str = "mean",
 ) -> Tensor:
-    """ATKD (DESIGN.md): per group, easy_weight * mean_easy(DKD) + (1 - easy_weight)
+    """ATKD (docs/method.md): per group, easy_weight * mean_easy(DKD) + (1 - easy_weight)
     * mean_hard(TKD + DKD), split by the teacher's UNC = 1 - p_g, no UNC factor.
 
     ``group_ids`` [N] (e.g. the sequence index) or None for one group. "mean"

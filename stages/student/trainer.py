@@ -50,6 +50,7 @@ from stages.student.model import (build_student, check_batch_ids, check_vocabula
 from stages.student.objective import StudentObjective
 from stages.student.optim import apply_config, build_optimizer, clip_and_step, lr_at, schedule_meta, set_lr
 from storage.faults import fault_point
+from storage.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +141,8 @@ class StepLog:
             # Drop the lines of steps this run redoes; via a temporary file and a
             # rename, so a kill during the rewrite cannot lose the earlier steps.
             kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= start_step]
-            tmp = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            fault_point("log.rewrite")  # the kept lines written aside, log.jsonl not yet replaced
-            tmp.replace(self.path)
+            atomic_write(self.path, "".join(line + "\n" for line in kept),
+                         before_replace=lambda: fault_point("log.rewrite"))  # kept lines aside, not yet replaced
         try:
             from torch.utils.tensorboard import SummaryWriter
 

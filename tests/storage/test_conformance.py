@@ -13,7 +13,7 @@ from storage.cache import Cache, CacheMismatchError, CorruptShardError, ShardExi
 from storage.errors import LeaseLostError, ManifestError
 from storage.fs import CacheFS
 from storage.verify import status_summary, verify_cache
-from tests.storage.synthetic import build_cache, make_identity, make_plan, shard_for_plan
+from bench._synthetic import build_cache, make_identity, make_plan, shard_for_plan
 
 SIZES = [6, 0, 9, 4]
 
@@ -184,3 +184,28 @@ def test_expired_lease_is_taken_over(cache_url):
     taker.renew(30)
     cache.write_shard(0, data, lease=taker)
     assert cache.read_shard(0).equals(data)
+
+
+# ---- group attributes without decoding ---------------------------------------
+@pytest.mark.parametrize("damage", ["truncated", "not_an_object", "array_metadata"])
+def test_shard_attrs_missing_readable_and_unreadable(cache_url, damage):
+    cache = build_cache(cache_url, SIZES, write=[0, 2])
+    assert cache.shard_attrs(1) is None  # never written
+    assert not cache.fs.exists(cache.shard_rel(1))  # and reading did not create it
+    # Attributes come from zarr.json alone: no array needs to be there.
+    fs = cache.fs
+    fs.remove(f"{cache.shard_rel(0)}/topk_ids", recursive=True)
+    attrs = cache.shard_attrs(0)
+    assert attrs["complete"] is True and attrs["counts"]["num_sequences"] == SIZES[0]
+    assert [i for i, _ in cache.iter_shard_attrs([2, 0, 1])] == [2, 0, 1]
+    assert [a is None for _, a in cache.iter_shard_attrs([2, 0, 1], batch=2)] == [False, False, True]
+    meta = f"{cache.shard_rel(2)}/zarr.json"
+    fs.write_bytes_atomic(meta, {"truncated": fs.read_bytes(meta)[:40], "not_an_object": b"[1, 2]",
+                                 "array_metadata": b'{"zarr_format": 3, "node_type": "array"}'}[damage])
+    assert cache.shard_attrs(2) == {"_unreadable": True}
+    report = verify_cache(cache_url)
+    assert list(report.bad) == [0, 2] and "zarr.json is not valid JSON" in " ".join(report.bad[2])
+    assert "zarr.json is not valid JSON" in " ".join(verify_cache(cache_url, deep=False).bad[2])
+    with pytest.raises(CorruptShardError, match=r"shard-00002\.zarr is unusable: zarr.json is not valid JSON"):
+        cache.read_shard(2)
+    assert Cache.open(cache_url).completed_shards() == ([0, 2] if cache.fs.is_local else [0])

@@ -33,3 +33,15 @@ def test_rename_only_on_local(cache_url):
     else:
         with pytest.raises(NotImplementedError, match="object stores"):
             fs.rename("d", "e")
+
+
+def test_zarr_store_of_a_sync_filesystem_is_made_once_and_not_pickled(cache_url):
+    import pickle
+
+    fs = CacheFS(cache_url)
+    a, b = fs.zarr_store("x"), fs.zarr_store("y", read_only=True)
+    if fs.is_local:
+        return
+    assert a.fs is b.fs and a.fs.async_impl and a.fs.asynchronous  # one async wrapper per CacheFS
+    clone = pickle.loads(pickle.dumps(fs))  # noqa: S301 - our own object, pickled in this test
+    assert clone._afs is None and clone.zarr_store("x").fs.async_impl

@@ -1,4 +1,4 @@
-"""Small random caches for the storage tests: valid format v1 data, built with numpy."""
+"""Small random caches (valid format v1 data, built with numpy) for the storage tests and benches."""
 
 from __future__ import annotations
 
