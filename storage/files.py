@@ -130,3 +130,17 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *,
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     with atomic_open(path, "wb", before_replace=before_replace) as f:
         f.write(payload)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one of another user counts as alive).
+    Temporary files and leases name their writer's pid, so a dead writer's can be cleaned up."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

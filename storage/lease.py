@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass
 
 from storage.errors import LeaseLostError
+from storage.files import pid_alive
 from storage.fs import CacheFS
 
 LEASES_DIR = "leases"
@@ -64,13 +65,7 @@ class LeaseRecord:
         """
         if not self.pid or self.host != socket.gethostname():
             return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # exists, owned by someone else
-            return False
-        return False
+        return not pid_alive(self.pid)
 
 
 def _read_record(fs: CacheFS, index: int, generation: int) -> LeaseRecord | None:

@@ -43,7 +43,7 @@ from stages.demo.config import DemoConfig
 from stages.errors import DemoError
 from stages.student.config import OptimConfig
 from storage.errors import AtkdError
-from storage.files import usual_permissions
+from storage.files import pid_alive, usual_permissions
 
 DEFAULT_TEACHER = {  # LlamaConfig fields; DemoConfig.teacher overrides any of them
     "hidden_size": 256,
@@ -118,21 +118,11 @@ def _finish(tmp: Path, final: Path, settings: dict, extra: dict | None = None) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _fresh_tmp(final: Path) -> Path:
     """An empty `<final>.tmp-<pid>`; leftovers of dead processes on this host are removed."""
     for old in final.parent.glob(f"{final.name}.tmp-*"):
         pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
             shutil.rmtree(old, ignore_errors=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)

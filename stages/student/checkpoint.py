@@ -38,6 +38,7 @@ from stages.student.layout import (CHECKPOINTS, COMPLETE_FILE, DONE_FILE, is_don
                                    list_checkpoints, read_done, step_dir)
 from storage.faults import fault_point
 from storage.files import fsync_dir as _fsync_dir
+from storage.files import pid_alive
 from storage.files import usual_permissions  # noqa: F401 - the permission helper of every layer; export uses it
 
 log = logging.getLogger(__name__)
@@ -163,19 +164,6 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
 # Temporary names of interrupted writes: `.final.partial-<pid>`, `log.jsonl.partial-<pid>-<hex>` and
 # `done.json.partial-<pid>-<hex>` (storage.files), `checkpoints/.step_000004.partial-<pid>-<hex>`.
 _PARTIAL = re.compile(r"^.+\.partial-(\d+)(?:-[0-9a-f]+)?$")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (a pid of another user counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stale_partials(out_dir: str | Path) -> list[Path]:
