@@ -238,8 +238,11 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.limit: must be >= 1 (or null for all rows), got {cfg.data.limit}")
     if cfg.cache.sequences_per_shard <= 0:
         raise ConfigError("cache.sequences_per_shard: must be > 0")
-    if cfg.data.kind == "prompt_response" and "{prompt}" not in cfg.data.template:
-        raise ConfigError("data.template: must contain {prompt}")
+    if cfg.data.kind == "prompt_response":
+        from stages.template import template_names, used_names
+
+        if not used_names(cfg.data.template, template_names(cfg.data)):
+            raise ConfigError("data.template: must contain {prompt} or one of data.template_fields as {name}")
     seen: set[str] = set()
     for i, s in enumerate(cfg.students):
         where = f"students[{i}]"

@@ -27,6 +27,7 @@ import numpy as np
 
 from stages.data_config import DataConfig
 from stages.rows import BadRow, DataError, RowSource, open_rows
+from stages.template import fill_template
 
 __all__ = ["DataError", "open_source", "load_rows", "tokenize_examples", "tokenize_rows", "load_examples"]
 
@@ -91,7 +92,8 @@ class DataStats:
 def open_source(data_cfg: DataConfig, path: str | None = None, split: str | None = None) -> RowSource:
     """The data's RowSource (`path`/`split` override data_cfg's: evaluation reads other files
     with the same field settings). Nothing is read beyond one indexing pass."""
-    columns = [data_cfg.prompt_field, data_cfg.response_field, data_cfg.messages_field, data_cfg.text_field]
+    columns = [data_cfg.prompt_field, data_cfg.response_field, data_cfg.messages_field, data_cfg.text_field,
+               *data_cfg.template_fields]
     return open_rows(path if path is not None else data_cfg.path, fmt=data_cfg.format,
                      split=split if split is not None else data_cfg.split, columns=columns)
 
@@ -134,11 +136,6 @@ def _encode_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:
         batch = list(texts[i : i + _TOKENIZE_BATCH])
         out.extend(list(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
     return out
-
-
-def _fill_template(template: str, prompt: str) -> str:
-    # str.replace, not str.format: templates may contain other braces (JSON, code).
-    return template.replace("{prompt}", prompt)
 
 
 def _chat_template(tokenizer) -> str:
@@ -188,7 +185,7 @@ def _messages(row: Any, where: str, name: str, need_assistant: bool = True) -> l
 
 def _segments_prompt_response(rows, tokenizer, data_cfg: DataConfig, indices, where):
     prefix, eos = special_prefix(tokenizer), _require_eos(tokenizer)
-    prompts = [_fill_template(data_cfg.template, _field(rows[i], where(i), data_cfg.prompt_field)) for i in indices]
+    prompts = [fill_template(data_cfg, rows[i], where(i), _field) for i in indices]
     responses = [_field(rows[i], where(i), data_cfg.response_field) for i in indices]
     p_ids, r_ids = _encode_many(tokenizer, prompts), _encode_many(tokenizer, responses)
     out = {}
@@ -368,10 +365,10 @@ def _skip_overlong(stats: DataStats, reason: str) -> None:
 
 
 def _prompt_pieces(row: dict, tokenizer, data_cfg: DataConfig, index: int) -> list[str]:
-    where = f"row {index}"
     """Text pieces of the generation prompt, split exactly as training splits them."""
+    where = f"row {index}"
     if data_cfg.kind == "prompt_response":
-        return [_fill_template(data_cfg.template, _field(row, where, data_cfg.prompt_field))]
+        return [fill_template(data_cfg, row, where, _field)]
     if data_cfg.kind == "messages":
         if tokenizer is None:
             raise ValueError("a prompt for messages data needs the tokenizer (its chat template)")

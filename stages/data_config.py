@@ -5,7 +5,7 @@ Loaded and validated by pipeline/config.py; the stages only read it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 
@@ -24,6 +24,9 @@ class DataConfig:
     # The prompt template; `{prompt}` is replaced by the row's prompt. The
     # response follows it directly and is closed by the tokenizer's EOS.
     template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    # More row fields the template may name as {field} (Dolly: instruction, context); a part
+    # in [[ ... ]] that names a field disappears when the field is empty (stages/template.py).
+    template_fields: list[str] = field(default_factory=list)
     max_seq_len: int = 512
     overlong: Literal["truncate", "skip"] = "truncate"
     bad_rows: Literal["error", "skip"] = "error"

@@ -109,7 +109,10 @@ def model_vocab_size(model: str, trust_remote_code: bool = False) -> int:
 def data_fields(data_cfg: DataConfig) -> dict:
     """The row fields the data kind reads (part of what shapes the tokens)."""
     if data_cfg.kind == "prompt_response":
-        return {"prompt": data_cfg.prompt_field, "response": data_cfg.response_field}
+        fields = {"prompt": data_cfg.prompt_field, "response": data_cfg.response_field}
+        if data_cfg.template_fields:
+            fields["template_fields"] = list(data_cfg.template_fields)
+        return fields
     if data_cfg.kind == "messages":
         return {"messages": data_cfg.messages_field}
     return {"text": data_cfg.text_field}
