@@ -269,6 +269,8 @@ def validate(cfg: PipelineConfig) -> None:
             raise ConfigError(f"{where}.loss.hard_ratio: must be in (0, 1], got {s.loss.hard_ratio}")
         if s.optim.batch_size <= 0 or s.optim.grad_accum <= 0 or s.optim.max_steps <= 0:
             raise ConfigError(f"{where}.optim: batch_size, grad_accum and max_steps must be > 0")
+        if s.optim.epochs is not None and s.optim.epochs <= 0:
+            raise ConfigError(f"{where}.optim.epochs: must be > 0 (or null to use max_steps), got {s.optim.epochs}")
         if s.loss.ce_weight < 0.0:
             raise ConfigError(f"{where}.loss.ce_weight: must be >= 0, got {s.loss.ce_weight}")
         for key in ("beta", "alpha"):

@@ -160,7 +160,8 @@ def student_lines(cfg: PipelineConfig, students: list[StudentConfig]) -> list[st
         if runner.student_done(cfg, s.name):
             state = "done"
         else:
-            state = f"would train {s.optim.max_steps} steps"
+            state = (f"would train {s.optim.epochs:g} epoch(s) (steps from the cache's size)"
+                     if s.optim.epochs is not None else f"would train {s.optim.max_steps} steps")
         lines.append(f"  student {s.name} ({s.loss.kind}, {describe_params(cfg, s)}): {state}")
     return lines
 

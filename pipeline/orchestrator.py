@@ -168,8 +168,8 @@ def student_done(cfg: PipelineConfig, name: str) -> bool:
     """The trainer's own answer (stages.student.layout.is_done) for the configured max_steps."""
     from stages.student.layout import is_done
 
-    wanted = next((s.optim.max_steps for s in cfg.students if s.name == name), 0)
-    return is_done(student_dir(cfg, name), wanted)
+    optim = next((s.optim for s in cfg.students if s.name == name), None)
+    return optim is not None and is_done(student_dir(cfg, name), optim.max_steps, optim.epochs)
 
 
 _checked_caches: dict[str, int] = {}

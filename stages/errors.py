@@ -34,3 +34,7 @@ class DemoError(AtkdError, ValueError):
 
 class LaunchError(AtkdError, RuntimeError):
     """A training process was started in a way it cannot run (e.g. more ranks per node than visible GPUs)."""
+
+
+class TrainingError(AtkdError, ValueError):
+    """The student's training settings do not fit its cache (e.g. optim.epochs with too few sequences)."""

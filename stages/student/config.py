@@ -16,6 +16,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 10
     max_steps: int = 100
+    # Instead of max_steps: passes over the cache's sequences, resolved to steps when training
+    # starts (full global batches of batch_size x grad_accum x ranks per epoch) and logged.
+    epochs: Optional[float] = None
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1

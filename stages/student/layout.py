@@ -57,11 +57,14 @@ def read_done(out_dir: str | Path) -> dict | None:
     return done if isinstance(done, dict) else None
 
 
-def is_done(out_dir: str | Path, max_steps: int) -> bool:
-    """Whether the student reached `max_steps` (an unreadable done.json is not done: the trainer then
-    resumes from its checkpoints and writes a new one)."""
+def is_done(out_dir: str | Path, max_steps: int, epochs: float | None = None) -> bool:
+    """Whether the student reached `max_steps`, or with `epochs` (optim.epochs) that many epochs,
+    which done.json records (its steps depend on the number of ranks). An unreadable done.json is
+    not done: the trainer then resumes from its checkpoints and writes a new one."""
     done = read_done(out_dir)
     try:
+        if epochs is not None:
+            return done is not None and float(done.get("epochs") or 0) >= epochs
         return done is not None and int(done.get("steps", 0)) >= max_steps
     except (TypeError, ValueError):
         return False

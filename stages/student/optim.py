@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from stages.errors import TrainingError
 from stages.student.config import OptimConfig
 
 
@@ -66,3 +67,14 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list, max_norm: floa
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def steps_for_epochs(epochs: float, num_sequences: int, per_step: int) -> int:
+    """Optimizer steps for `epochs` passes over `num_sequences` with `per_step` sequences per
+    step (batch_size x grad_accum x ranks); an epoch is its full global batches, as the reader
+    gives them (a last partial batch is dropped)."""
+    per_epoch = num_sequences // per_step
+    if per_epoch < 1:
+        raise TrainingError(f"optim.epochs: the cache holds {num_sequences} sequences, fewer than one step's "
+                         f"{per_step} (batch_size x grad_accum x ranks); lower batch_size or use max_steps")
+    return max(1, math.ceil(epochs * per_epoch))

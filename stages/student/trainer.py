@@ -48,7 +48,8 @@ from stages.student.interrupt import StopOnSignal, TrainingStopped
 from stages.student.model import (build_student, check_batch_ids, check_vocabulary, describe_size, embedding_rows,
                                   load_student_tokenizer, warn_unknown_tokens)
 from stages.student.objective import StudentObjective
-from stages.student.optim import apply_config, build_optimizer, clip_and_step, lr_at, schedule_meta, set_lr
+from stages.student.optim import (apply_config, build_optimizer, clip_and_step, lr_at, schedule_meta, set_lr,
+                                  steps_for_epochs)
 from storage.faults import fault_point
 from storage.files import atomic_write
 
@@ -201,7 +202,7 @@ def train_student(student_cfg: StudentConfig, *, cache_url: str, out_dir: str | 
     """
     out = Path(out_dir)
     name = student_cfg.name or out.name
-    if ckpt.is_done(out, student_cfg.optim.max_steps):
+    if ckpt.is_done(out, student_cfg.optim.max_steps, student_cfg.optim.epochs):
         done = ckpt.read_done(out)
         log.info("student %s: %s says it is finished; nothing to do", name, out / ckpt.DONE_FILE)
         return TrainSummary(name=name, out_dir=str(out), final_dir=str(out / "final"), steps=done["steps"],
@@ -242,6 +243,13 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
     dataset = CacheDataset(cache_url, optim.batch_size, seed=cfg.seed, rank=d.rank,
                            world_size=d.world_size, shuffle=True, pad_id=pad_id(tokenizer), top_k=top_k)
     batches = Batches(dataset, cfg.num_workers, cfg.seed)
+    if optim.epochs is not None:  # optim.epochs: resolved to steps from this cache and world size
+        total = sum(cache.shard_num_sequences(i) for i in range(cache.num_shards))
+        per_step = optim.batch_size * optim.grad_accum * d.world_size
+        optim = dataclasses.replace(optim, max_steps=steps_for_epochs(optim.epochs, total, per_step))
+        if d.is_main:
+            resume.say(f"{name}: optim.epochs={optim.epochs:g} -> {optim.max_steps} steps "
+                       f"({total:,} sequences in the cache, {per_step} per step)")
 
     # Resume: weights, optimiser, RNG, reader position and step from the newest good checkpoint.
     config_dict = dataclasses.asdict(cfg)
@@ -352,8 +360,9 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
     if d.is_main:
         save_final(out, student, tokenizer, final_state,
                    chat_template=training_chat_template(cache.manifest.identity))
-        write_json_atomic(out / "done.json", {"name": name, "steps": step, "final_loss": summary.final_loss,
-                                              "final_dir": summary.final_dir, "finished_at": time.time()})
+        write_json_atomic(out / "done.json", {"name": name, "steps": step, "epochs": optim.epochs,
+                                              "final_loss": summary.final_loss, "final_dir": summary.final_dir,
+                                              "finished_at": time.time()})
     d.barrier()
     return summary
 

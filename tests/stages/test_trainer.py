@@ -440,3 +440,21 @@ def test_device_is_the_local_gpu_cpu_or_a_clear_error():
                                            r"1 process\(es\) per node \(torchrun --nproc_per_node 1\), or hide "
                                            r"the GPUs \(CUDA_VISIBLE_DEVICES=\)"):
         pick_device(1, 1)
+
+
+def test_epochs_resolve_to_steps_from_the_cache_and_mark_done_by_epochs(setup, tmp_path, capsys):
+    from stages.errors import TrainingError
+    from stages.student.layout import is_done, read_done
+    from stages.student.optim import steps_for_epochs
+
+    cfg = student_config("sft", name="epochs", batch_size=8, grad_accum=2)
+    cfg.optim.epochs = 1.5
+    run(setup, cfg, tmp_path / "epochs")
+    done = read_done(tmp_path / "epochs")
+    assert done["steps"] == steps_for_epochs(1.5, 48, 16) == 5  # 48 sequences: 3 full steps per epoch
+    assert done["epochs"] == 1.5 and len(logged_losses(tmp_path / "epochs")) == 5
+    assert "optim.epochs=1.5 -> 5 steps (48 sequences in the cache, 16 per step)" in capsys.readouterr().out
+    assert is_done(tmp_path / "epochs", max_steps=1000, epochs=1.5)  # done by epochs, whatever max_steps says
+    assert not is_done(tmp_path / "epochs", max_steps=1, epochs=2.0)
+    with pytest.raises(TrainingError, match="holds 48 sequences, fewer than one step's 64"):
+        steps_for_epochs(1, 48, 64)
