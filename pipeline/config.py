@@ -208,7 +208,8 @@ def derive_paths(cfg: PipelineConfig) -> None:
     """Fill paths left empty from run_dir, so `atkd run run_dir=X` keeps everything under X.
 
     With the demo on, the data, teacher and eval paths point at what the demo
-    builds under run_dir (data/, teacher/); set any of them to override.
+    builds under run_dir (data/, teacher/) and `eval.answer_rule: auto` is the
+    demo's answer check; set any of them to override. Without it, auto is "exact".
     """
     run = Path(cfg.run_dir)
     if not cfg.cache.path:
@@ -218,6 +219,8 @@ def derive_paths(cfg: PipelineConfig) -> None:
         cfg.teacher.model = cfg.teacher.model or str(run / "teacher")
         cfg.eval.path = cfg.eval.path or str(run / "data" / "test.jsonl")
         cfg.eval.validation_path = cfg.eval.validation_path or str(run / "data" / "validation.jsonl")
+    if cfg.eval.answer_rule == "auto":
+        cfg.eval.answer_rule = "demo" if cfg.demo.enabled else "exact"
 
 
 def validate(cfg: PipelineConfig) -> None:

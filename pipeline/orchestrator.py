@@ -277,6 +277,27 @@ def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
         return _run_eval(cfg)
 
 
+def answer_rule(cfg: PipelineConfig):
+    """The exact-match rule `eval.answer_rule` names (None: stages.evaluate's default, the whole response)."""
+    rule = cfg.eval.answer_rule
+    if rule == "auto":  # a config built in code, not by load_config
+        rule = "demo" if cfg.demo.enabled else "exact"
+    if rule == "demo":
+        from stages.demo.evaluation import DemoAnswer
+
+        return DemoAnswer()
+    return None
+
+
+def report_sections(cfg: PipelineConfig) -> list[str]:
+    """What the run adds to the report beyond the evaluation: the demo teacher's numbers."""
+    if not cfg.demo.enabled:
+        return []
+    from stages.demo.evaluation import teacher_section
+
+    return [teacher_section(cfg.run_dir)]
+
+
 def _run_eval(cfg: PipelineConfig) -> dict:
     from stages.evaluate import evaluate_models
     from stages.report import write_report
@@ -285,9 +306,9 @@ def _run_eval(cfg: PipelineConfig) -> dict:
     val_url = val_cache_path(cfg) if validation_job(cfg) is not None else None
     results = evaluate_models(eval_models(cfg), eval_cfg=cfg.eval, data_cfg=cfg.data, teacher_dir=cfg.teacher.model,
                               val_cache_url=val_url, backend=cfg.eval.backend, out_dir=str(results_path(cfg).parent),
-                              settings=settings)
+                              settings=settings, answer_rule=answer_rule(cfg))
     logs = {s.name: str(student_dir(cfg, s.name) / "log.jsonl") for s in cfg.students}
-    report = write_report(cfg.run_dir, results, logs, cfg.cache.path)
+    report = write_report(cfg.run_dir, results, logs, cfg.cache.path, sections=report_sections(cfg))
     _log(f"report written to {report}")
     return results
 

@@ -18,3 +18,7 @@ class EvalConfig:
     max_new_tokens: int = 64
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     batch_size: int = 32
+    # What counts as an exact match: "exact" = the whole response after strip (any data), "demo" =
+    # the demo's answer inside any phrasing, per task (stages.demo.evaluation). "auto" (the default)
+    # is resolved when the config is loaded: "demo" with demo.enabled, else "exact".
+    answer_rule: Literal["auto", "exact", "demo"] = "auto"

@@ -7,9 +7,11 @@ Per model:
 - generation metrics on the first `eval_cfg.max_examples` rows of
   `eval_cfg.path`: greedy decoding from the project's own prompt template
   (stages.data.prompt_ids, the exact training prompt tokens), then
-  `exact_match` (demo rows: the extracted answer equals the row's `answer`;
-  other data: the whole response equals the reference after strip) and
-  `rouge_l` (ROUGE-L F1 of rouge-score, stemmed);
+  `exact_match` by the caller's `AnswerRule` (default `ExactResponse`: the
+  whole generated text equals the row's reference response after strip; the
+  demo supplies its own, stages.demo.evaluation) with `exact_match_by_task`
+  when the rule groups every row, and `rouge_l` (ROUGE-L F1 of rouge-score,
+  stemmed);
 - `perplexity` of the reference responses (teacher forcing on the same rows,
   response tokens and EOS only: exp of the mean token NLL);
 - against the teacher, on the complete validation cache stage one wrote (the
@@ -17,7 +19,9 @@ Per model:
   = mean forward KL(teacher || model) per position on the sparse-teacher bucket
   partition (stages.student.losses.kd_loss, so the same math that trained the
   students), and `top1_agreement` = how often the model's argmax is the
-  teacher's top-1.
+  teacher's top-1, and `ece` = expected calibration error of the model's own
+  next-token distribution (15 equal-width bins of its top-1 probability,
+  correct = top-1 is the gold next token; the teacher gets it too).
 A metric whose input is missing (no eval path, no cache) is None.
 
 Generation backends: "transformers" (batched, left padding, KV cache) or
@@ -33,7 +37,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -45,7 +49,8 @@ from storage.files import atomic_open, atomic_write
 
 log = logging.getLogger(__name__)
 
-METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement")
+METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement", "ece")
+ECE_BINS = 15
 RESULTS_FILE = "results.json"  # in out_dir: metrics per model
 SETTINGS_FILE = "settings.json"  # in out_dir: what the caller says results.json was computed from
 
@@ -53,21 +58,32 @@ SETTINGS_FILE = "settings.json"  # in out_dir: what the caller says results.json
 # ---------------------------------------------------------------- scoring
 
 
-def is_demo_row(row: dict) -> bool:
-    from stages.demo.task import TASKS
+@runtime_checkable
+class AnswerRule(Protocol):
+    """What counts as a correct generation; the data's owner supplies it.
 
-    return isinstance(row.get("answer"), str) and row.get("task") in TASKS
+    `score(row, text)`: is `text` (the greedy generation for `row`) correct?
+    `description`: one line for the report. A rule may also have
+    `group(row) -> str | None`: the row's group (e.g. its task) for a per-group
+    exact match; given only when every row has a group."""
+
+    description: str
+
+    def score(self, row: dict, text: str) -> bool: ...
 
 
-def is_exact_match(text: str, row: dict, data_cfg: DataConfig) -> bool:
-    """Demo rows: the answer inside any valid phrasing; others: the stripped response."""
-    if is_demo_row(row):
-        from stages.demo.task import extract_answer, normalize_answer
+class ExactResponse:
+    """Any data: the whole generated text equals the row's reference response, both stripped."""
 
-        return extract_answer(text, row["task"]) == normalize_answer(row["answer"])
-    from stages.data import reference_response
+    description = "the whole generated response equals the reference after strip"
 
-    return text.strip() == reference_response(row, data_cfg).strip()
+    def __init__(self, data_cfg: DataConfig):
+        self.data_cfg = data_cfg
+
+    def score(self, row: dict, text: str) -> bool:
+        from stages.data import reference_response
+
+        return text.strip() == reference_response(row, self.data_cfg).strip()
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
@@ -75,6 +91,28 @@ def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
+def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor,
+                     num_bins: int = ECE_BINS) -> torch.Tensor:
+    """[num_bins, 3] float64 sums (count, confidence, correct) per equal-width bin (lo, hi] of [0, 1].
+
+    Sums, so batches add up; `expected_calibration_error` turns them into ECE."""
+    conf = confidence.detach().to(torch.float64).flatten().cpu()
+    hit = correct.detach().to(torch.float64).flatten().cpu()
+    index = (torch.ceil(conf * num_bins).long() - 1).clamp(0, num_bins - 1)
+    sums = torch.zeros(num_bins, 3, dtype=torch.float64)
+    sums.index_add_(0, index, torch.stack([torch.ones_like(conf), conf, hit], dim=1))
+    return sums
+
+
+def expected_calibration_error(sums: torch.Tensor) -> float | None:
+    """sum over bins of |bin| / n * |accuracy(bin) - mean confidence(bin)| (None with no positions)."""
+    count, conf, hit = sums.unbind(dim=1)
+    total = float(count.sum())
+    if not total:
+        return None
+    return float((conf - hit).abs().sum() / total)  # |B|/n * |acc - conf| = |sum hit - sum conf| / n
 
 
 # ---------------------------------------------------------------- models
@@ -187,11 +225,12 @@ def read_cache_records(cache_url: str, limit: int | None = None) -> list:
 
 @torch.no_grad()
 def teacher_agreement(model, records: list, pad_id: int, batch_size: int = 32) -> dict[str, Any]:
-    """Mean forward KL(teacher || model) on the cache's buckets and top-1 agreement."""
+    """Mean forward KL(teacher || model) on the cache's buckets, top-1 agreement and the model's ECE."""
     from stages.student.losses import kd_loss
     from storage.dataset import collate_sequences
 
     kl_sum, agree, positions = 0.0, 0, 0
+    bins = torch.zeros(ECE_BINS, 3, dtype=torch.float64)
     for start in range(0, len(records), batch_size):
         batch = collate_sequences(records[start : start + batch_size], pad_id)
         logits = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["row_batch"], batch["row_pos"])
@@ -200,10 +239,13 @@ def teacher_agreement(model, records: list, pad_id: int, batch_size: int = 32) -
         valid = torch.ones(logits.shape[0], dtype=torch.bool, device=device)
         kl_sum += float(kd_loss(logits, *teacher, valid, divergence="forward_kl", reduction="sum"))
         agree += int((logits.argmax(dim=-1) == teacher[0][:, 0]).sum())
+        confidence, top1 = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        bins += calibration_bins(confidence, top1 == batch["target_ids"].to(device))
         positions += logits.shape[0]
     if not positions:
-        return {"kl_to_teacher": None, "top1_agreement": None, "kl_positions": 0}
-    return {"kl_to_teacher": kl_sum / positions, "top1_agreement": agree / positions, "kl_positions": positions}
+        return {"kl_to_teacher": None, "top1_agreement": None, "ece": None, "kl_positions": 0}
+    return {"kl_to_teacher": kl_sum / positions, "top1_agreement": agree / positions,
+            "ece": expected_calibration_error(bins), "kl_positions": positions}
 
 
 # ---------------------------------------------------------------- entry point
@@ -212,8 +254,9 @@ def teacher_agreement(model, records: list, pad_id: int, batch_size: int = 32) -
 def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: DataConfig, teacher_dir: str,
                     val_cache_url: str | None = None, backend: str | None = None,
                     out_dir: str | None = None, settings: dict | None = None,
-                    progress: bool = True) -> dict[str, dict]:
-    """Metrics per model name (see the module doc); `backend` None = eval_cfg.backend.
+                    answer_rule: AnswerRule | None = None, progress: bool = True) -> dict[str, dict]:
+    """Metrics per model name (see the module doc); `backend` None = eval_cfg.backend,
+    `answer_rule` None = ExactResponse(data_cfg).
 
     With `out_dir`, each model's generations go to `<out_dir>/<name>.generations.jsonl`
     and all metrics to `<out_dir>/results.json` (this is its only writer), in the order
@@ -224,6 +267,7 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
     from stages.data import load_rows, reference_response, tokenize_examples
 
     backend = resolve_backend(backend or eval_cfg.backend)
+    rule = answer_rule if answer_rule is not None else ExactResponse(data_cfg)
     rows: list[dict] = []
     if eval_cfg.path:
         rows = load_rows(data_cfg, path=eval_cfg.path, split=eval_cfg.split)[: eval_cfg.max_examples]
@@ -239,7 +283,8 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
         tokenizer = load_tokenizer(model_dir, teacher_dir)
         model = load_model(model_dir)
         res: dict[str, Any] = dict.fromkeys(METRICS)
-        res.update(model_dir=str(model_dir), generation_backend=backend if rows else None, num_examples=len(rows))
+        res.update(model_dir=str(model_dir), generation_backend=backend if rows else None, num_examples=len(rows),
+                   answer_rule=rule.description if rows else None)
         if rows:
             tg = time.perf_counter()
             if backend == "vllm":
@@ -248,14 +293,12 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
                 texts = generate_greedy(model, tokenizer, rows, data_cfg, max_new_tokens=eval_cfg.max_new_tokens,
                                         batch_size=eval_cfg.batch_size)
             res["generation_seconds"] = round(time.perf_counter() - tg, 2)
-            hits = [is_exact_match(t, r, data_cfg) for t, r in zip(texts, rows)]
+            hits = [bool(rule.score(r, t)) for t, r in zip(texts, rows)]
             res["exact_match"] = sum(hits) / len(hits)
             res["rouge_l"] = sum(rouge_l(texts, references)) / len(texts)
-            if all(is_demo_row(r) for r in rows):
-                by_task: dict[str, list[bool]] = {}
-                for hit, row in zip(hits, rows):
-                    by_task.setdefault(row["task"], []).append(hit)
-                res["exact_match_by_task"] = {k: sum(v) / len(v) for k, v in sorted(by_task.items())}
+            by_group = exact_match_by_group(rule, rows, hits)
+            if by_group is not None:
+                res["exact_match_by_task"] = by_group
             examples, _ = tokenize_examples(rows, tokenizer, data_cfg)
             res["perplexity"], res["perplexity_tokens"] = perplexity(model, tokenizer, examples, eval_cfg.batch_size)
             if out:
@@ -274,6 +317,20 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
         if settings is not None:
             atomic_write(out / SETTINGS_FILE, json.dumps(settings, indent=1, sort_keys=True))
     return results
+
+
+def exact_match_by_group(rule: AnswerRule, rows: list[dict], hits: list[bool]) -> dict[str, float] | None:
+    """Exact match per `rule.group(row)`; None when the rule has no groups or a row has none."""
+    group = getattr(rule, "group", None)
+    if group is None:
+        return None
+    names = [group(row) for row in rows]
+    if not names or any(n is None for n in names):
+        return None
+    by: dict[str, list[bool]] = {}
+    for name, hit in zip(names, hits):
+        by.setdefault(name, []).append(hit)
+    return {k: sum(v) / len(v) for k, v in sorted(by.items())}
 
 
 def _write_generations(path: Path, rows: list[dict], texts: list[str], hits: list[bool]) -> None:

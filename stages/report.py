@@ -1,9 +1,11 @@
 """The run report: a Markdown table of the evaluation and PNG plots.
 
-    path = write_report(run_dir, results, students_logs, cache_url)  # <run_dir>/report/report.md
+    path = write_report(run_dir, results, students_logs, cache_url,  # <run_dir>/report/report.md
+                        sections=[markdown, ...])                    # the caller's own sections
 
 It only reads: the results it is given (stages.evaluate writes results.json),
-the students' logs, the cache and the demo teacher's metrics; it writes
+the students' logs and the cache; what else a run has to say (the demo
+teacher's numbers: stages.demo.evaluation) comes in as `sections`. It writes
 report.md and the plots, nothing else.
     print(format_table(results))                                     # the same table, for the terminal
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ COLUMNS = (  # (result key, header, format, better)
     ("perplexity", "perplexity", "{:.3f}", "lower"),
     ("kl_to_teacher", "KL(teacher ‖ model)", "{:.4f}", "lower"),
     ("top1_agreement", "top-1 agreement", "{:.3f}", "higher"),
+    ("ece", "ECE", "{:.3f}", "lower"),
 )
 MAX_CACHE_POSITIONS = 500_000  # positions read for the cache histograms
 
@@ -56,7 +60,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def format_task_table(results: dict[str, dict]) -> str:
-    """Exact match per demo task (empty string when no result has a per-task breakdown)."""
+    """Exact match per task (the answer rule's groups; "" when no result has a per-task breakdown)."""
     tasks = sorted({t for res in results.values() for t in (res.get("exact_match_by_task") or {})})
     if not tasks:
         return ""
@@ -168,21 +172,23 @@ def _plot_histogram(values: np.ndarray, path: Path, *, title: str, xlabel: str, 
 
 
 def write_report(run_dir: str | os.PathLike, results: dict[str, dict], students_logs: dict[str, str],
-                 cache_url: str | None) -> str:
-    """Write `<run_dir>/report/report.md` and its PNGs; returns the report's path."""
+                 cache_url: str | None, sections: Sequence[str] = ()) -> str:
+    """Write `<run_dir>/report/report.md` and its PNGs; returns the report's path.
+
+    `sections`: Markdown the caller adds after the evaluation (empty ones are skipped)."""
     import matplotlib
 
     matplotlib.use("Agg")
 
     out = Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    sections = ["# ATKD run report", "", f"Run directory: `{Path(run_dir)}`", "", "## Evaluation", "",
+    extra, sections = sections, ["# ATKD run report", "", f"Run directory: `{Path(run_dir)}`", "", "## Evaluation", "",
                 format_table(results), ""]
     task_table = format_task_table(results)
     if task_table:
         sections += ["### Exact match per task", "", task_table, ""]
     sections += _notes(results)
-    sections += _demo_teacher_section(Path(run_dir) / "teacher" / "demo_teacher.json")
+    sections += [text.rstrip("\n") + "\n" for text in extra if text.strip()]
 
     plots = []
     if _plot_losses(students_logs, out / "loss_curves.png"):
@@ -213,23 +219,13 @@ def write_report(run_dir: str | os.PathLike, results: dict[str, dict], students_
     return str(path)
 
 
-def _demo_teacher_section(path: Path) -> list[str]:
-    """The demo teacher's own training numbers (stages.demo.teacher writes them)."""
-    if not path.is_file():
-        return []
-    m = json.loads(path.read_text())
-    by_task = ", ".join(f"{k} {v:.2f}" for k, v in (m.get("validation_exact_match_by_task") or {}).items())
-    return ["## Demo teacher", "",
-            (f"- {m.get('parameters', 0) / 1e6:.2f}M parameters, {m.get('steps')} steps in "
-             f"{m.get('train_seconds')} s ({m.get('steps_per_second')} steps/s), final loss {m.get('final_loss')}"),
-            (f"- greedy exact match on {m.get('validation_examples')} validation examples: "
-             f"{m.get('validation_exact_match')} ({by_task})"), ""]
-
-
 def _notes(results: dict[str, dict]) -> list[str]:
-    lines = [("Exact match: demo rows compare the extracted answer, other data the whole stripped response. "
+    rules = sorted({r["answer_rule"] for r in results.values() if r.get("answer_rule")})
+    lines = [(f"Exact match: {'; '.join(rules) if rules else 'see the answer rule of the evaluation'}. "
               "Perplexity: reference responses (response tokens + EOS). KL and top-1: on the validation cache's "
-              "sparse teacher (top-k + residual bucket)."), ""]
+              "sparse teacher (top-k + residual bucket). ECE: expected calibration error of the model's "
+              "next-token distribution on the validation cache (15 equal-width bins of its top-1 probability, "
+              "correct = top-1 is the gold token)."), ""]
     timing = [f"{n}: {r['seconds']} s" for n, r in results.items() if r.get("seconds") is not None]
     if timing:
         lines += ["Evaluation time per model: " + ", ".join(timing) + ".", ""]

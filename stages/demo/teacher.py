@@ -346,15 +346,15 @@ def train_demo_teacher(demo_cfg: DemoConfig, data_cfg: DataConfig, tokenizer, tr
 
 def _validation_check(model, tokenizer, data_cfg: DataConfig, validation_path: Path, limit: int) -> dict:
     """Greedy exact match on the first `limit` validation rows, per task."""
-    from stages.evaluate import is_exact_match
+    from stages.demo.evaluation import DemoAnswer
     from stages.lm import generate_greedy
 
     rows = demo_task.read_jsonl(validation_path)[:limit]
     t0 = time.perf_counter()
     texts = generate_greedy(model, tokenizer, rows, data_cfg, max_new_tokens=32, batch_size=64)
-    hits: dict[str, list[bool]] = {}
+    rule, hits = DemoAnswer(), {}
     for row, text in zip(rows, texts):
-        hits.setdefault(row["task"], []).append(is_exact_match(text, row, data_cfg))
+        hits.setdefault(rule.group(row), []).append(rule.score(row, text))
     total = [h for v in hits.values() for h in v]
     return {
         "validation_examples": len(rows),

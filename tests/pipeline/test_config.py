@@ -145,6 +145,22 @@ def test_paths_derive_from_run_dir(tmp_path):
     assert mine.data.path == "my.jsonl" and mine.cache.path == "s3://b/c"
 
 
+def test_answer_rule_follows_the_demo_unless_set(tmp_path):
+    """eval.answer_rule auto: the demo's answer check with demo.enabled, the whole response otherwise."""
+    from pipeline.orchestrator import answer_rule, report_sections
+
+    demo = load_config(REPO / "pipeline.yaml", [f"run_dir={tmp_path}"])
+    assert demo.demo.enabled and demo.eval.answer_rule == "demo"
+    assert type(answer_rule(demo)).__name__ == "DemoAnswer"
+    assert report_sections(demo) == [""]  # the demo teacher is not trained in tmp_path
+    plain = load_config(write(tmp_path, MINIMAL))
+    assert plain.eval.answer_rule == "exact" and answer_rule(plain) is None and report_sections(plain) == []
+    assert load_config(REPO / "pipeline.yaml", ["eval.answer_rule=exact"]).eval.answer_rule == "exact"
+    assert load_config(write(tmp_path, MINIMAL), ["eval.answer_rule=demo"]).eval.answer_rule == "demo"
+    with pytest.raises(ConfigError, match="eval.answer_rule: 'fuzzy' is not one of"):
+        load_config(write(tmp_path, MINIMAL), ["eval.answer_rule=fuzzy"])
+
+
 def test_missing_data_path_and_teacher_are_named(tmp_path):
     data = {k: v for k, v in MINIMAL.items() if k != "data"}
     with pytest.raises(ConfigError, match="data.path: set the training data"):

@@ -7,6 +7,7 @@ and two distilled students (kd, atkd) train from the cache, evaluation and the
 report run, and a rerun does nothing.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,11 @@ def test_atkd_run_end_to_end_then_nothing_to_do(tmp_path):
     assert (report / "report.md").is_file()
     for png in ("loss_curves.png", "teacher_uncertainty.png", "topk_coverage.png"):
         assert (report / png).stat().st_size > 1000, png
+    text = (report / "report.md").read_text()  # the demo's own parts, passed in by the orchestrator
+    assert "## Demo teacher" in text and "### Exact match per task" in text and "ECE (↓)" in text
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert all(r["ece"] is not None and set(r["exact_match_by_task"]) == {"add", "sort", "count", "reverse",
+                                                                          "lookup"} for r in results.values())
 
     from transformers import AutoModelForCausalLM
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import sys
 
+import numpy as np
 import pytest
+import torch
 
 from pipeline.config import CacheConfig, DataConfig, EvalConfig, TeacherConfig
 from stages import evaluate
+from stages.demo.evaluation import DemoAnswer
 from stages.demo.task import generate_splits, write_jsonl
+from stages.errors import EvalError
 from tests import fixtures
 
 
@@ -43,7 +48,8 @@ def test_evaluate_models_returns_finite_metrics(demo_setup):
     out = s["root"] / "eval_out"
     results = evaluate.evaluate_models(
         {"teacher": s["teacher"], "other": s["other"]}, eval_cfg=s["eval_cfg"], data_cfg=s["data_cfg"],
-        teacher_dir=s["teacher"], val_cache_url=s["cache"], out_dir=str(out), progress=False,
+        teacher_dir=s["teacher"], val_cache_url=s["cache"], out_dir=str(out), answer_rule=DemoAnswer(),
+        progress=False,
     )
     assert list(results) == ["teacher", "other"]
     for res in results.values():
@@ -53,6 +59,7 @@ def test_evaluate_models_returns_finite_metrics(demo_setup):
         assert res["perplexity"] > 1.0 and res["num_examples"] == 10
         assert set(res["exact_match_by_task"]) <= {"add", "sort", "count", "reverse", "lookup"}
         assert res["generation_backend"] == "transformers"
+        assert 0.0 <= res["ece"] <= 1.0 and res["answer_rule"] == DemoAnswer.description
     # The teacher against its own cache: KL ~ 0 (fp16 top-k log-probs), same top-1.
     assert results["teacher"]["kl_to_teacher"] < 1e-2
     assert results["teacher"]["top1_agreement"] > 0.95
@@ -75,14 +82,104 @@ def test_a_model_that_says_the_reference_scores_one(demo_setup, monkeypatch):
 
 
 def test_exact_match_rules():
-    cfg = DataConfig()
+    demo, exact = DemoAnswer(), evaluate.ExactResponse(DataConfig())
     demo_row = {"prompt": "Add 1 and 2.", "response": "Answer: 3", "answer": "3", "task": "add"}
-    assert evaluate.is_exact_match("Sure! 3 is the answer.", demo_row, cfg)
-    assert not evaluate.is_exact_match("Answer: 4", demo_row, cfg)
-    assert not evaluate.is_exact_match("3", demo_row, cfg)  # not a valid phrasing
+    assert demo.score(demo_row, "Sure! 3 is the answer.") and demo.group(demo_row) == "add"
+    assert not demo.score(demo_row, "Answer: 4")
+    assert not demo.score(demo_row, "3")  # not a valid phrasing
+    assert not exact.score(demo_row, "Sure! 3 is the answer.")  # the default rule knows no phrasing
     generic = {"prompt": "hi", "response": " hello there "}
-    assert evaluate.is_exact_match("hello there\n", generic, cfg)
-    assert not evaluate.is_exact_match("hello", generic, cfg)
+    assert exact.score(generic, "hello there\n")
+    assert not exact.score(generic, "hello")
+    with pytest.raises(EvalError, match="answer_rule=exact"):
+        demo.score(generic, "hello there")
+    assert isinstance(demo, evaluate.AnswerRule) and isinstance(exact, evaluate.AnswerRule)
+
+
+def test_breakdown_only_when_every_row_has_a_group():
+    class ByFirstWord:
+        description = "first word"
+
+        def score(self, row, text):
+            return text == row["response"]
+
+        def group(self, row):
+            return row["prompt"].split()[0] if row["prompt"] else None
+
+    rows = [{"prompt": "a x", "response": "1"}, {"prompt": "b y", "response": "2"}, {"prompt": "a z", "response": "3"}]
+    rule = ByFirstWord()
+    assert evaluate.exact_match_by_group(rule, rows, [True, False, False]) == {"a": 0.5, "b": 0.0}
+    assert evaluate.exact_match_by_group(rule, rows + [{"prompt": "", "response": ""}], [True] * 4) is None
+    assert evaluate.exact_match_by_group(evaluate.ExactResponse(DataConfig()), rows, [True] * 3) is None
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def reference_ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE by the textbook loop, float64: bins (lo, hi], sum over bins of |B|/n |acc(B) - conf(B)|."""
+    confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return ece
+
+
+def _ece(confidence, correct) -> float:
+    sums = evaluate.calibration_bins(torch.tensor(confidence, dtype=torch.float64), torch.tensor(correct))
+    return evaluate.expected_calibration_error(sums)
+
+
+def test_ece_hand_computed():
+    # Perfectly calibrated: 80% sure and right 8 times in 10, 30% sure and right 3 in 10.
+    conf = [0.8] * 10 + [0.3] * 10
+    hit = [True] * 8 + [False] * 2 + [True] * 3 + [False] * 7
+    assert _ece(conf, hit) == pytest.approx(0.0, abs=1e-12)
+    assert reference_ece(conf, hit) == pytest.approx(0.0, abs=1e-12)
+    # Over-confident: 95% sure, right half the time -> |0.5 - 0.95| = 0.45.
+    conf, hit = [0.95] * 8, [True, False] * 4
+    assert _ece(conf, hit) == pytest.approx(0.45) == reference_ece(conf, hit)
+    # Two bins by hand: 4 at 0.9 (3 right: gap 0.15), 2 at 0.5 (both right: gap 0.5) -> 4/6*.15 + 2/6*.5.
+    conf, hit = [0.9] * 4 + [0.5] * 2, [True, True, True, False, True, True]
+    assert _ece(conf, hit) == pytest.approx(4 / 6 * 0.15 + 2 / 6 * 0.5)
+    # Edges: 1/15 and 2/15 fall in bins 0 and 1 (upper edge inclusive), so no pooling into one bin.
+    conf, hit = [1 / 15, 2 / 15], [True, False]
+    assert _ece(conf, hit) == pytest.approx(reference_ece(conf, hit)) == pytest.approx((1 - 1 / 15 + 2 / 15) / 2)
+    assert evaluate.expected_calibration_error(torch.zeros(15, 3, dtype=torch.float64)) is None
+
+
+def test_ece_matches_reference_and_adds_over_batches():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.01, 1.0, 1000)
+    hit = rng.uniform(size=1000) < conf ** 2  # over-confident
+    whole = _ece(conf, hit)
+    assert whole == pytest.approx(reference_ece(conf, hit), rel=1e-12) and whole > 0.1
+    halves = sum(evaluate.calibration_bins(torch.tensor(c), torch.tensor(h))
+                 for c, h in ((conf[:300], hit[:300]), (conf[300:], hit[300:])))
+    assert evaluate.expected_calibration_error(halves) == pytest.approx(whole, rel=1e-12)
+
+
+def test_teacher_agreement_ece_is_the_models_own_calibration(demo_setup):
+    """ECE from teacher_agreement equals the textbook ECE of the model's softmax on the cache positions."""
+    from stages.lm import pad_id, target_logits
+    from storage.dataset import collate_sequences
+
+    s = demo_setup
+    model = evaluate.load_model(s["other"])
+    tok = evaluate.load_tokenizer(s["other"], s["teacher"])
+    records = evaluate.read_cache_records(s["cache"])
+    got = evaluate.teacher_agreement(model, records, pad_id(tok), batch_size=3)
+    batch = collate_sequences(records, pad_id(tok))
+    with torch.no_grad():
+        logits = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["row_batch"],
+                               batch["row_pos"]).double()
+    probs = torch.softmax(logits, dim=-1).numpy()
+    conf, top1 = probs.max(axis=1), probs.argmax(axis=1)
+    assert got["kl_positions"] == len(conf)
+    assert got["ece"] == pytest.approx(reference_ece(conf, top1 == batch["target_ids"].numpy()), abs=1e-5)
 
 
 def test_batched_generation_matches_one_at_a_time(demo_setup):
@@ -97,14 +194,29 @@ def test_batched_generation_matches_one_at_a_time(demo_setup):
     assert batched == single
 
 
-def test_generic_data_without_answers(tmp_path, tiny_llama_dir, train_jsonl):
-    """Non-demo prompt/response data (pad == EOS tokenizer): whole-response exact match."""
+def test_generic_data_needs_no_demo(tmp_path, tiny_llama_dir, train_jsonl, monkeypatch):
+    """Non-demo prompt/response data: every metric, with no demo module importable."""
+    from stages.teacher.capture import run_capture
+
     data_cfg = DataConfig(path=str(train_jsonl), max_seq_len=64)
+    cache = tmp_path / "val_cache"
+    run_capture(data_cfg, TeacherConfig(model=str(tiny_llama_dir), backend="transformers", top_k=8),
+                CacheConfig(path=str(cache), sequences_per_shard=8), progress=False)
+    for name in [m for m in sys.modules if m == "stages.demo" or m.startswith("stages.demo.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import stages.demo...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "stages.demo", None)
+    with pytest.raises(ImportError):
+        import stages.demo.task  # noqa: F401
     cfg = EvalConfig(path=str(train_jsonl), max_examples=6, max_new_tokens=6, batch_size=3)
     res = evaluate.evaluate_models({"m": str(tiny_llama_dir)}, eval_cfg=cfg, data_cfg=data_cfg,
-                                   teacher_dir=str(tiny_llama_dir), progress=False)["m"]
+                                   teacher_dir=str(tiny_llama_dir), val_cache_url=str(cache), progress=False)["m"]
     assert res["num_examples"] == 6 and res["exact_match"] == 0.0
-    assert math.isfinite(res["perplexity"]) and "exact_match_by_task" not in res
+    assert res["answer_rule"] == evaluate.ExactResponse.description
+    for key in evaluate.METRICS:
+        assert res[key] is not None and math.isfinite(res[key]), key
+    assert 0.0 <= res["rouge_l"] <= 1.0 and 0.0 <= res["ece"] <= 1.0
+    assert res["kl_to_teacher"] < 1e-2 and res["top1_agreement"] > 0.95  # the teacher against its own cache
+    assert "exact_match_by_task" not in res
 
 
 def test_backend_choice():

@@ -14,9 +14,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 RESULTS = {
     "teacher": {"exact_match": 0.9, "rouge_l": 0.8, "perplexity": 1.5, "kl_to_teacher": 0.001,
-                "top1_agreement": 0.99, "exact_match_by_task": {"add": 0.8, "sort": 1.0}, "seconds": 3.0},
+                "top1_agreement": 0.99, "ece": 0.021, "exact_match_by_task": {"add": 0.8, "sort": 1.0}, "seconds": 3.0,
+                "answer_rule": "the answer inside any phrasing"},
     "atkd": {"exact_match": 0.5, "rouge_l": 0.6, "perplexity": 2.5, "kl_to_teacher": 0.3,
-             "top1_agreement": 0.7, "exact_match_by_task": {"add": 0.3, "sort": 0.7}, "seconds": 2.0},
+             "top1_agreement": 0.7, "ece": 0.15, "exact_match_by_task": {"add": 0.3, "sort": 0.7}, "seconds": 2.0},
     "broken": {"exact_match": None, "rouge_l": None, "perplexity": float("nan"), "kl_to_teacher": None,
                "top1_agreement": None},
 }
@@ -45,8 +46,9 @@ def test_format_table():
     lines = table.splitlines()
     assert lines[0].startswith("| model | exact match")
     assert len(lines) == 2 + len(RESULTS)
-    assert "| teacher | 0.900 | 0.800 | 1.500 | 0.0010 | 0.990 |" in table
-    assert lines[-1] == "| broken | - | - | - | - | - |"
+    assert lines[0].endswith("| top-1 agreement (↑) | ECE (↓) |")
+    assert "| teacher | 0.900 | 0.800 | 1.500 | 0.0010 | 0.990 | 0.021 |" in table
+    assert lines[-1] == "| broken | - | - | - | - | - | - |"
 
 
 def test_read_log_skips_bad_lines(tmp_path):
@@ -57,14 +59,10 @@ def test_read_log_skips_bad_lines(tmp_path):
 
 
 def test_write_report(tmp_path, train_cache):
-    (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "demo_teacher.json").write_text(json.dumps(
-        {"parameters": 3_000_000, "steps": 600, "train_seconds": 200.0, "steps_per_second": 3.0, "final_loss": 0.3,
-         "validation_examples": 150, "validation_exact_match": 0.9, "validation_exact_match_by_task": {"add": 0.8}}))
     logs = {"atkd": _write_log(tmp_path / "s" / "atkd" / "log.jsonl", [3.0, 2.0, 1.5]),
             "kd": _write_log(tmp_path / "s" / "kd" / "log.jsonl", [3.2, 2.1, 1.4]),
             "missing": str(tmp_path / "nowhere" / "log.jsonl")}
-    path = write_report(tmp_path, RESULTS, logs, train_cache)
+    path = write_report(tmp_path, RESULTS, logs, train_cache, sections=["## From the caller\n\n- hello\n", " "])
     text = Path(path).read_text()
     assert path == str(tmp_path / "report" / "report.md")
     assert format_table(RESULTS) in text
@@ -73,7 +71,9 @@ def test_write_report(tmp_path, train_cache):
         assert (tmp_path / "report" / png).read_bytes()[:8] == PNG_MAGIC
         assert f"]({png})" in text
     assert "top-8" in text
-    assert "## Demo teacher" in text and "add 0.80" in text
+    assert "## From the caller\n\n- hello\n" in text
+    assert text.index("## From the caller") < text.index("## Plots")
+    assert "Exact match: the answer inside any phrasing." in text and "ECE: expected calibration error" in text
     assert not (tmp_path / "report" / "results.json").exists()  # stages.evaluate is results.json's only writer
 
 
@@ -81,3 +81,19 @@ def test_write_report_without_cache_or_logs(tmp_path):
     path = write_report(tmp_path, {"teacher": RESULTS["teacher"]}, {}, None)
     assert "teacher" in Path(path).read_text()
     assert not any(p.suffix == ".png" for p in (tmp_path / "report").iterdir())
+
+
+def test_report_reads_no_demo_file(tmp_path):
+    """A demo_teacher.json in the run directory shows only when the caller passes the demo's section."""
+    from stages.demo.evaluation import teacher_section
+
+    assert teacher_section(tmp_path) == ""  # the demo teacher not trained yet
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "demo_teacher.json").write_text(json.dumps(
+        {"parameters": 3_000_000, "steps": 600, "train_seconds": 200.0, "steps_per_second": 3.0, "final_loss": 0.3,
+         "validation_examples": 150, "validation_exact_match": 0.9, "validation_exact_match_by_task": {"add": 0.8}}))
+    plain = Path(write_report(tmp_path, RESULTS, {}, None)).read_text()
+    assert "Demo teacher" not in plain
+    with_demo = Path(write_report(tmp_path, RESULTS, {}, None, sections=[teacher_section(tmp_path)])).read_text()
+    assert "## Demo teacher" in with_demo and "3.00M parameters" in with_demo and "add 0.80" in with_demo
+    assert "| atkd | 0.300 | 0.700 |" in with_demo  # the per-task table stays
