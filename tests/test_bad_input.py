@@ -25,6 +25,7 @@ import pytest
 from pipeline import cli
 from bench import _harness as fh
 from tests import fixtures
+from tests.fixtures import atkd_here
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,12 +40,6 @@ def atkd_subprocess(*args: str, timeout: float = 300) -> tuple[int, str]:
     return p.returncode, p.stderr
 
 
-def atkd_here(capsys, *args: str) -> tuple[int, str]:
-    """cli.main in this process: (exit code, stderr + stdout; `verify` reports on stdout)."""
-    capsys.readouterr()
-    rc = cli.main(list(args))
-    captured = capsys.readouterr()
-    return rc, captured.err + captured.out
 
 
 @pytest.fixture(scope="module")

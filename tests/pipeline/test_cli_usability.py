@@ -16,15 +16,11 @@ import pytest
 
 from pipeline import cli
 from bench import _harness as fh
+from tests.fixtures import atkd_here
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def atkd_here(capsys, *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = cli.main(list(args))
-    captured = capsys.readouterr()
-    return rc, captured.err + captured.out
 
 
 def atkd_subprocess(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -8,15 +8,10 @@ import shutil
 
 import pytest
 
-from pipeline import cli
 from bench import _harness as fh
+from tests.fixtures import atkd_here
 
 
-def atkd_here(capsys, *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = cli.main(list(args))
-    captured = capsys.readouterr()
-    return rc, captured.err + captured.out
 
 
 @pytest.fixture(scope="module")
