@@ -304,6 +304,9 @@ def _run_eval(cfg: PipelineConfig) -> dict:
 
     settings = eval_settings(cfg)  # before evaluating: a student finishing meanwhile makes the results stale
     val_url = val_cache_path(cfg) if validation_job(cfg) is not None else None
+    if val_url is None:
+        _log("KL to the teacher, top-1 agreement and ECE are skipped: they need held-out rows cached by the "
+             "teacher; set eval.validation_path to a file of them")
     results = evaluate_models(eval_models(cfg), eval_cfg=cfg.eval, data_cfg=cfg.data, teacher_dir=cfg.teacher.model,
                               val_cache_url=val_url, backend=cfg.eval.backend, out_dir=str(results_path(cfg).parent),
                               settings=settings, answer_rule=answer_rule(cfg))

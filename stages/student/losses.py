@@ -118,12 +118,18 @@ def _check_inputs(student_logits, topk_ids, topk_logprobs, target_ids, target_lo
         raise ValueError(f"topk_ids must be [N={n}, k] with 1 <= k <= V={vocab}, got {tuple(topk_ids.shape)}")
     if topk_logprobs.shape != topk_ids.shape:
         raise ValueError(f"topk_logprobs shape {tuple(topk_logprobs.shape)} != topk_ids shape {tuple(topk_ids.shape)}")
+    check_position_args(n, target_ids, target_logprobs, valid, group_ids, (("topk_ids", topk_ids),))
+
+
+def check_position_args(n: int, target_ids, target_logprobs, valid, group_ids, teacher_ids) -> None:
+    """The per-position arguments every loss shares: [N] shapes, integer ids, a bool mask.
+    `teacher_ids`: (name, tensor) pairs of the teacher's id arrays, checked as integers first."""
     for name, t in (("target_ids", target_ids), ("target_logprobs", target_logprobs), ("valid", valid)):
         if t.shape != (n,):
             raise ValueError(f"{name} must be [N={n}], got shape {tuple(t.shape)}")
     if group_ids is not None and group_ids.shape != (n,):
         raise ValueError(f"group_ids must be [N={n}] or None, got shape {tuple(group_ids.shape)}")
-    for name, t in (("topk_ids", topk_ids), ("target_ids", target_ids), ("group_ids", group_ids)):
+    for name, t in (*teacher_ids, ("target_ids", target_ids), ("group_ids", group_ids)):
         if t is not None and (t.is_floating_point() or t.dtype == torch.bool):
             raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
     if valid.dtype != torch.bool:

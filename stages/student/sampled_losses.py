@@ -73,6 +73,7 @@ from stages.student.losses import (
     _divergence_rows,
     _reduce,
     atkd_position_weights,
+    check_position_args,
 )
 
 SAMPLED_BASES = ("forward_kl",)
@@ -98,17 +99,8 @@ def _check_sampled_inputs(student_logits, sample_ids, sample_counts, target_ids,
     for name, t in (("sample_counts", sample_counts), ("sample_logprobs", sample_logprobs)):
         if t is not None and t.shape != sample_ids.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} != sample_ids shape {tuple(sample_ids.shape)}")
-    for name, t in (("target_ids", target_ids), ("target_logprobs", target_logprobs), ("valid", valid)):
-        if t.shape != (n,):
-            raise ValueError(f"{name} must be [N={n}], got shape {tuple(t.shape)}")
-    if group_ids is not None and group_ids.shape != (n,):
-        raise ValueError(f"group_ids must be [N={n}] or None, got shape {tuple(group_ids.shape)}")
-    for name, t in (("sample_ids", sample_ids), ("sample_counts", sample_counts), ("target_ids", target_ids),
-                    ("group_ids", group_ids)):
-        if t is not None and (t.is_floating_point() or t.dtype == torch.bool):
-            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
-    if valid.dtype != torch.bool:
-        raise ValueError(f"valid must be a bool tensor, got {valid.dtype}")
+    check_position_args(n, target_ids, target_logprobs, valid, group_ids,
+                        (("sample_ids", sample_ids), ("sample_counts", sample_counts)))
 
 
 def sampled_position_terms(

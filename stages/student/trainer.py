@@ -281,7 +281,8 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
     if d.is_main and start_step < optim.max_steps:
         (out / "done.json").unlink(missing_ok=True)  # training further than a finished run
     steplog = StepLog(out, start_step, d.is_main)
-    bar = tqdm(total=optim.max_steps, initial=step, disable=not (progress and d.is_main), desc=name, unit="step")
+    bar = tqdm(total=optim.max_steps, initial=step, disable=not (progress and d.is_main),
+               desc=f"student {name}", unit="step")
     amp = autocast_for(cfg, d.device)
     params = [p for p in student.parameters() if p.requires_grad]
     losses, tokens_run, t_run = [], 0, time.perf_counter()

@@ -123,17 +123,21 @@ def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: Cac
     t_first = None
 
     def get_engine():
+        """The engine, started on the first shard to score (or the one passed in), checked once."""
         nonlocal engine
+        if summary.engine:
+            return engine
         if engine is None:
             from stages.teacher.engines import make_engine
 
             engine = make_engine(teacher_cfg, max_seq_len=data_cfg.max_seq_len)
-            if engine.vocab_size != vocab_size:
-                raise EngineError(f"engine vocabulary {engine.vocab_size} != model config vocab_size {vocab_size}")
-            summary.engine = engine.name
-            summary.engine_reason = getattr(engine, "choice_reason", "")
-            provenance.record_start(cache, teacher_cfg, engine)
-        writer.overlap = engine_overlaps(engine) if teacher_cfg.overlap_writes == "auto" else teacher_cfg.overlap_writes
+        if engine.vocab_size != vocab_size:
+            raise EngineError(f"engine vocabulary {engine.vocab_size} != model config vocab_size {vocab_size}")
+        summary.engine = engine.name
+        summary.engine_reason = getattr(engine, "choice_reason", "")
+        provenance.record_start(cache, teacher_cfg, engine)
+        overlap = teacher_cfg.overlap_writes
+        writer.overlap = engine_overlaps(engine) if overlap == "auto" else overlap
         return engine
 
     def on_commit(shard: ScoredShard) -> None:

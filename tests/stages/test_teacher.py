@@ -293,3 +293,17 @@ def test_writes_overlap_scoring_only_for_an_engine_on_a_gpu():
     assert engine_overlaps(SimpleNamespace(device="cuda:3"))
     assert not engine_overlaps(SimpleNamespace(device="cpu"))
     assert not engine_overlaps(SimpleNamespace())
+
+
+def test_an_engine_passed_in_is_checked_and_recorded_like_one_started_here(tmp_path, data_cfg, tiny_llama_dir):
+    from stages.teacher.capture import run_capture
+    from storage.cache import Cache
+
+    engine = HFTeacherEngine(str(tiny_llama_dir), dtype="float32", device="cpu", batch_tokens=256)
+    try:
+        summary = run_capture(data_cfg, teacher_cfg(tiny_llama_dir), CacheConfig(path=str(tmp_path / "c"),
+                              sequences_per_shard=8), progress=False, engine=engine)
+    finally:
+        engine.close()
+    assert summary.engine == "transformers" and summary.shards_written == 5
+    assert Cache.open(str(tmp_path / "c")).manifest.provenance["engine"] == "transformers"
