@@ -313,7 +313,7 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
         sets.append(validation_rows(val_data_cfg, eval_cfg.max_examples))
     overlap = None
     if sets and train_source is not None:
-        overlap = check_train_overlap(data_cfg, sets, allow=eval_cfg.allow_train_overlap, out_dir=out_dir,
+        overlap = check_train_overlap(data_cfg, sets, allow=bool(eval_cfg.allow_train_overlap), out_dir=out_dir,
                                       source=train_source)
     rows: list[dict] = sets[0].rows if eval_cfg.path else []
     references = [reference_response(row, data_cfg, i) for i, row in enumerate(rows)]
