@@ -29,6 +29,8 @@ def test_run_with_a_holdout_split_then_eval_on_training_rows(tmp_path, tiny_llam
     raw["data"]["holdout"] = {"validation": 6, "test": 0.1, "seed": 0}
     cfg.write_text(yaml.safe_dump(raw))
 
+    rc, out = atkd_here(capsys, "run", str(cfg), "--dry-run")
+    assert rc == 0 and "data.holdout: train 30, validation 6, test 4 rows" in out, out
     rc, out = atkd_here(capsys, "run", str(cfg))
     assert rc == 0, out
     record = json.loads((run_dir / "split.json").read_text())
