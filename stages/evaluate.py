@@ -3,9 +3,12 @@
     results = evaluate_models({"teacher": dir, "atkd": dir, ...}, eval_cfg=..., data_cfg=...,
                               teacher_dir=..., val_cache_url=...)
 
-Per model:
+First, the evaluation rows (and the validation cache's first rows) are compared with
+the training rows by content (stages/overlap.py): an overlap is an EvalError unless
+eval.allow_train_overlap. Then, per model:
 - generation metrics on the first `eval_cfg.max_examples` rows of
-  `eval_cfg.path`: greedy decoding from the project's own prompt template
+  `eval_cfg.path` (of its held-out test part when it is the training source and
+  data.holdout is set, stages/split.py): greedy decoding from the project's own prompt template
   (stages.data.prompt_ids, the exact training prompt tokens), then
   `exact_match` by the caller's `AnswerRule` (default `ExactResponse`: the
   whole generated text equals the row's reference response after strip; the
