@@ -26,15 +26,16 @@ import yaml
 from stages.data_config import DataConfig
 from stages.demo.config import DemoConfig
 from stages.eval_config import EvalConfig
-from stages.student.config import LossConfig, OptimConfig, StudentConfig
-from stages.teacher.config import CacheConfig, TeacherConfig
+from stages.student.config import LossConfig, OptimConfig, StudentConfig, student_data
+from stages.teacher.config import CacheConfig, FinetuneConfig, TeacherConfig
 from storage.errors import AtkdError
 from storage.files import atomic_write
 
 
 # The section types live next to the stage each configures; re-exported here
 # (`from pipeline.config import DataConfig` keeps working).
-__all__ = ["CacheConfig", "ConfigError", "DataConfig", "DemoConfig", "EvalConfig", "LossConfig", "OptimConfig",
+__all__ = ["CacheConfig", "ConfigError", "DataConfig", "DemoConfig", "EvalConfig", "FinetuneConfig", "LossConfig",
+           "OptimConfig",
            "PipelineConfig", "StudentConfig", "TeacherConfig", "check_name", "load_config", "save_resolved",
            "to_dict", "validate"]
 
@@ -232,8 +233,11 @@ def validate(cfg: PipelineConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     if not cfg.data.path:
         raise ConfigError("data.path: set the training data (a .jsonl/.json/.parquet file or a hub name)")
-    if not cfg.teacher.model:
-        raise ConfigError("teacher.model: set the teacher's path or hub name")
+    if not cfg.teacher.model and (cfg.teacher.finetune.enabled or not cfg.students
+                                  or any(s.loss.kind != "sft" or student_data(s, False) == "cache"
+                                         for s in cfg.students)):
+        raise ConfigError("teacher.model: set the teacher's path or hub name (only a run whose students are "
+                          "all `loss.kind: sft` reading the rows needs no teacher)")
     if cfg.teacher.top_k <= 0:
         raise ConfigError(f"teacher.top_k: must be > 0, got {cfg.teacher.top_k}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.teacher.device):
@@ -261,6 +265,12 @@ def validate(cfg: PipelineConfig) -> None:
 
         if not used_names(cfg.data.template, template_names(cfg.data)):
             raise ConfigError("data.template: must contain {prompt} or one of data.template_fields as {name}")
+    ft = cfg.teacher.finetune
+    if ft.enabled and (ft.optim.batch_size <= 0 or ft.optim.grad_accum <= 0 or ft.optim.max_steps <= 0
+                       or (ft.optim.epochs is not None and ft.optim.epochs <= 0) or ft.chunk_size <= 0
+                       or ft.checkpoint_every <= 0):
+        raise ConfigError("teacher.finetune: optim.batch_size, optim.grad_accum, optim.max_steps, chunk_size and "
+                          "checkpoint_every must be > 0 (optim.epochs > 0 or null)")
     seen: set[str] = set()
     for i, s in enumerate(cfg.students):
         where = f"students[{i}]"
@@ -294,6 +304,11 @@ def validate(cfg: PipelineConfig) -> None:
         for key in ("beta", "alpha"):
             if not 0.0 < getattr(s.loss, key) < 1.0:
                 raise ConfigError(f"{where}.loss.{key}: must be in (0, 1), got {getattr(s.loss, key)}")
+        if student_data(s, bool(cfg.teacher.model)) == "rows" and s.loss.kind != "sft":
+            raise ConfigError(f"{where}.data: {s.name!r} reads the training rows (data: {s.data}"
+                              f"{', and there is no teacher.model' if s.data == 'auto' else ''}), which only plain "
+                              f"SFT can: loss.kind {s.loss.kind} learns from the teacher cache (set data: cache "
+                              "and teacher.model, or loss.kind: sft)")
         if s.loss.chunk_size <= 0:
             raise ConfigError(f"{where}.loss.chunk_size: must be > 0, got {s.loss.chunk_size}")
         if s.checkpoint_every <= 0:

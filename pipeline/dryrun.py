@@ -36,7 +36,11 @@ class DataEstimate:
 def plan_text(cfg: PipelineConfig, command: str, only_student: str | None = None) -> str:
     lines = [f"dry run of `atkd {command}` (nothing is run, written or downloaded); run dir {cfg.run_dir}"]
     if command in ("run", "teacher"):
-        lines += teacher_lines(cfg)
+        lines += finetune_lines(cfg)
+        if command == "run" and not runner.needs_training_cache(cfg):
+            lines.append("stage one (training data): skipped, every student trains from the rows")
+        else:
+            lines += teacher_lines(cfg)
     if command in ("run", "student"):
         names = [only_student] if only_student else [s.name for s in cfg.students]
         lines += student_lines(cfg, [cfg.student(n) for n in names])
@@ -49,6 +53,21 @@ def plan_text(cfg: PipelineConfig, command: str, only_student: str | None = None
 # ---------------------------------------------------------------- stage one
 
 
+def finetune_lines(cfg: PipelineConfig) -> list[str]:
+    """teacher.finetune: where it writes and what it would do (stage one then caches its final/)."""
+    if not cfg.teacher.finetune.enabled:
+        return []
+    from stages.teacher.finetune import finetune_state
+
+    out, optim = runner.finetune_dir(cfg), cfg.teacher.finetune.optim
+    state = finetune_state(cfg.teacher, out)
+    if state == "not started" or state.startswith("in progress"):
+        steps = (f"{optim.epochs:g} epoch(s) (steps from the training rows' size)" if optim.epochs is not None
+                 else f"{optim.max_steps} steps")
+        state = f"{state}: would fine-tune {cfg.teacher.model} for {steps} on the training rows (plain SFT)"
+    return [f"teacher fine-tune -> {out}: {state}; stage one caches {out / 'final'}"]
+
+
 def teacher_lines(cfg: PipelineConfig) -> list[str]:
     cache = runner.open_cache(cfg.cache.path)
     if cache is not None:
@@ -57,7 +76,8 @@ def teacher_lines(cfg: PipelineConfig) -> list[str]:
             else f"{done}/{cache.num_shards} shards done: stage one would write the other {cache.num_shards - done}"
         return [f"teacher cache {cfg.cache.path}: {state}"]
     est = estimate_data(cfg)
-    lines = [f"stage one: teacher {cfg.teacher.model} (backend {cfg.teacher.backend}, top_k {cfg.teacher.top_k}) "
+    teacher = runner.cached_teacher(cfg).model
+    lines = [f"stage one: teacher {teacher} (backend {cfg.teacher.backend}, top_k {cfg.teacher.top_k}) "
              f"-> cache {cfg.cache.path} (not started)",
              f"  data {cfg.data.path}: {est.rows_note}"]
     if est.rows is not None and cfg.data.holdout is not None:
@@ -170,9 +190,11 @@ def student_lines(cfg: PipelineConfig, students: list[StudentConfig]) -> list[st
         if runner.student_done(cfg, s.name):
             state = "done"
         else:
-            state = (f"would train {s.optim.epochs:g} epoch(s) (steps from the cache's size)"
+            source = "the training rows'" if runner.reads_rows(cfg, s) else "the cache's"
+            state = (f"would train {s.optim.epochs:g} epoch(s) (steps from {source} size)"
                      if s.optim.epochs is not None else f"would train {s.optim.max_steps} steps")
-        lines.append(f"  student {s.name} ({s.loss.kind}, {describe_params(cfg, s)}): {state}")
+        data = ", from the rows" if runner.reads_rows(cfg, s) else ""
+        lines.append(f"  student {s.name} ({s.loss.kind}{data}, {describe_params(cfg, s)}): {state}")
     return lines
 
 

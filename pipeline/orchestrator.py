@@ -5,6 +5,8 @@ Run directory layout (everything a run produces lives under `run_dir`):
     <run_dir>/config.yaml              the resolved config of the last command
     <run_dir>/split.json               the held-out split (data.holdout): spec, sizes, fingerprint
     <run_dir>/students/<name>/         checkpoints, log.jsonl, tb/, final/, done.json
+    <run_dir>/teacher-finetuned/       teacher.finetune: the teacher's SFT run, laid out like a student;
+                                       stage one caches its final/ instead of teacher.model
     <run_dir>/cache-val/               teacher cache over the validation split (stage one, for eval)
     <run_dir>/eval/results.json        metrics per model (written by stages.evaluate only)
     <run_dir>/eval/settings.json       what results.json was computed from (config, models, their done.json)
@@ -27,8 +29,10 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.config import (CacheConfig, ConfigError, DataConfig, PipelineConfig, StudentConfig, check_name,
-                             save_resolved)
+from pipeline.config import (CacheConfig, ConfigError, DataConfig, PipelineConfig, StudentConfig, TeacherConfig,
+                             check_name, save_resolved)
+from stages.student.config import student_data
+from storage.errors import AtkdError
 from storage.files import atomic_write  # noqa: F401
 
 
@@ -39,6 +43,30 @@ def _log(msg: str) -> None:
 def student_dir(cfg: PipelineConfig, name: str) -> Path:
     check_name(name, "student name")
     return Path(cfg.run_dir) / "students" / name
+
+
+def finetune_dir(cfg: PipelineConfig) -> Path:
+    return Path(cfg.run_dir) / "teacher-finetuned"
+
+
+def reads_rows(cfg: PipelineConfig, s: StudentConfig) -> bool:
+    """Whether student `s` trains from the training rows (plain SFT) rather than the teacher cache."""
+    return student_data(s, bool(cfg.teacher.model)) == "rows"
+
+
+def needs_training_cache(cfg: PipelineConfig) -> bool:
+    """Stage one over the training data is needed when a student reads the cache."""
+    return any(not reads_rows(cfg, s) for s in cfg.students)
+
+
+def cached_teacher(cfg: PipelineConfig) -> TeacherConfig:
+    """The teacher stage one scores and evaluation reports: teacher.model, or with
+    teacher.finetune its fine-tuned final/ (stages.teacher.finetune)."""
+    if not cfg.teacher.finetune.enabled:
+        return cfg.teacher
+    from stages.teacher.finetune import finetuned_teacher
+
+    return finetuned_teacher(cfg.teacher, finetune_dir(cfg))
 
 
 def val_cache_path(cfg: PipelineConfig) -> str:
@@ -112,16 +140,20 @@ def cache_complete(url: str) -> bool:
     return cache is not None and cache.is_complete()
 
 
-def capture_jobs(cfg: PipelineConfig, *, validation: bool) -> list[tuple[str, DataConfig, CacheConfig]]:
+def capture_jobs(cfg: PipelineConfig, *, validation: bool,
+                 training: bool = True) -> list[tuple[str, DataConfig, CacheConfig]]:
     """(label, data config, cache config) of each teacher cache this run needs."""
-    jobs = [("training", cfg.data, cfg.cache)]
+    jobs = [("training", cfg.data, cfg.cache)] if training else []
     val_job = validation_job(cfg) if validation else None
     return jobs + [val_job] if val_job else jobs
 
 
 def validation_job(cfg: PipelineConfig) -> tuple[str, object, object] | None:
     """Stage one over the validation data into <run_dir>/cache-val: `eval.validation_path`, or with
-    data.holdout (and no other validation_path) the split's validation part. None when there is none."""
+    data.holdout (and no other validation_path) the split's validation part. None when there is none
+    (or when the run has no teacher)."""
+    if not cfg.teacher.model:
+        return None
     val_data = copy.deepcopy(cfg.data)
     holdout = cfg.data.holdout
     if holdout is not None and holdout.validation and cfg.eval.validation_path in ("", cfg.data.path):
@@ -135,14 +167,29 @@ def validation_job(cfg: PipelineConfig) -> tuple[str, object, object] | None:
     return ("validation", val_data, val_cache)
 
 
-def run_teacher(cfg: PipelineConfig, *, validation: bool = False) -> bool:
-    """Stage one over the training data (and the validation data for `atkd run`).
+def run_finetune(cfg: PipelineConfig) -> bool:
+    """teacher.finetune (before stage one): True if it trained."""
+    if not cfg.teacher.finetune.enabled:
+        return False
+    from stages.teacher.finetune import finetune_teacher
+
+    with stage_log(cfg, "finetune"):
+        return finetune_teacher(cfg.data, cfg.teacher, finetune_dir(cfg))
+
+
+def run_teacher(cfg: PipelineConfig, *, validation: bool = False, training: bool = True) -> bool:
+    """The teacher fine-tune when configured, then stage one over the training data (unless
+    `training` is False: `atkd run` when every student reads the rows) and the validation data.
 
     Returns True if it did any work. When both caches are to be written, one
     engine serves both: a vLLM start costs tens of seconds even on a tiny model.
     """
+    did = run_finetune(cfg)
+    jobs = capture_jobs(cfg, validation=validation, training=training)
+    if not jobs:
+        return did
     with stage_log(cfg, "teacher"):
-        return _run_teacher(cfg, capture_jobs(cfg, validation=validation))
+        return _run_teacher(cfg, jobs) or did
 
 
 def run_validation_capture(cfg: PipelineConfig) -> bool:
@@ -152,6 +199,7 @@ def run_validation_capture(cfg: PipelineConfig) -> bool:
     job = validation_job(cfg)
     if job is None:
         return False
+    run_finetune(cfg)
     with stage_log(cfg, "teacher"):
         return _run_teacher(cfg, [job])
 
@@ -161,7 +209,8 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) ->
 
     from pipeline.workers import resolve_workers, run_workers
 
-    num_workers, gpu_groups = resolve_workers(cfg.teacher.num_workers, cfg.teacher)
+    teacher = cached_teacher(cfg)
+    num_workers, gpu_groups = resolve_workers(teacher.num_workers, teacher)
     todo = []
     for label, data_cfg, cache_cfg in jobs:
         if cache_complete(cache_cfg.path):
@@ -169,26 +218,26 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) ->
             # complete cache of another teacher must be refused, not silently reused. run_capture
             # loads the data, checks the identity and returns without starting an engine.
             _log(f"{label} cache {cache_cfg.path} is complete; checking that it matches the config")
-            run_capture(data_cfg, cfg.teacher, cache_cfg, progress=False)
+            run_capture(data_cfg, teacher, cache_cfg, progress=False)
         else:
             todo.append((label, data_cfg, cache_cfg))
     if not todo:
         return False
     if num_workers > 1 and todo[0][0] == "training":
-        _log(f"stage one (training data): {num_workers} worker processes caching top-{cfg.teacher.top_k} "
-             f"log-probs of {cfg.teacher.model} into {cfg.cache.path}")
-        run_workers(cfg, num_workers, gpu_groups)
+        _log(f"stage one (training data): {num_workers} worker processes caching top-{teacher.top_k} "
+             f"log-probs of {teacher.model} into {cfg.cache.path}")
+        run_workers(dataclasses.replace(cfg, teacher=teacher), num_workers, gpu_groups)
         todo = todo[1:]  # the validation cache is small: this process does it
     engine = None
     if len(todo) > 1:
         from stages.teacher.engines import make_engine
 
-        engine = make_engine(cfg.teacher, max_seq_len=cfg.data.max_seq_len)
+        engine = make_engine(teacher, max_seq_len=cfg.data.max_seq_len)
     try:
         for label, data_cfg, cache_cfg in todo:
-            _log(f"stage one ({label} data): caching top-{cfg.teacher.top_k} log-probs of "
-                 f"{cfg.teacher.model} into {cache_cfg.path}")
-            run_capture(data_cfg, cfg.teacher, cache_cfg, engine=engine)
+            _log(f"stage one ({label} data): caching top-{teacher.top_k} log-probs of "
+                 f"{teacher.model} into {cache_cfg.path}")
+            run_capture(data_cfg, teacher, cache_cfg, engine=engine)
     finally:
         if engine is not None:
             engine.close()
@@ -213,7 +262,7 @@ def check_training_cache(cfg: PipelineConfig) -> int:
     from stages.teacher.identity import check_for_students
 
     if cfg.cache.path not in _checked_caches:
-        top_k, notes = check_for_students(Cache.open(cfg.cache.path), cfg.data, cfg.teacher)
+        top_k, notes = check_for_students(Cache.open(cfg.cache.path), cfg.data, cached_teacher(cfg))
         for note in notes:
             _log(note)
         _checked_caches[cfg.cache.path] = top_k
@@ -232,11 +281,12 @@ def _run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
     if student_done(cfg, scfg.name):
         _log(f"student {scfg.name!r} is already trained ({student_dir(cfg, scfg.name)}/final); skipping")
         return False
-    if not cache_complete(cfg.cache.path):
+    rows = reads_rows(cfg, scfg)
+    if not rows and not cache_complete(cfg.cache.path):
         raise ConfigError(
             f"the teacher cache {cfg.cache.path} is not complete; run `atkd teacher` first (or `atkd run`)"
         )
-    top_k = check_training_cache(cfg)
+    top_k = None if rows else check_training_cache(cfg)
     if scfg.init_from:
         if not student_done(cfg, scfg.init_from):
             raise ConfigError(f"student {scfg.name!r} starts from student {scfg.init_from!r}, which is not "
@@ -245,9 +295,10 @@ def _run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
         scfg.model = str(student_dir(cfg, scfg.init_from) / "final")
     _remove_stale_partials(student_dir(cfg, scfg.name))
     _log(f"stage two: training student {scfg.name!r} with loss {scfg.loss.kind}"
+         + (" from the training rows (no teacher cache)" if rows else "")
          + (f", starting from student {scfg.init_from!r}" if scfg.init_from else ""))
-    train_student(scfg, cache_url=cfg.cache.path, out_dir=str(student_dir(cfg, scfg.name)),
-                  tokenizer_path=cfg.teacher.model, top_k=top_k)
+    train_student(scfg, cache_url=None if rows else cfg.cache.path, out_dir=str(student_dir(cfg, scfg.name)),
+                  tokenizer_path=cfg.teacher.model or None, top_k=top_k, data_cfg=cfg.data)
     return True
 
 
@@ -262,9 +313,11 @@ def _remove_stale_partials(out: Path) -> None:
 
 
 def eval_models(cfg: PipelineConfig) -> dict[str, str]:
-    """What evaluation covers: every trained student's final/ and the teacher."""
+    """What evaluation covers: every trained student's final/ and the teacher (fine-tuned with
+    teacher.finetune; none in a run without one)."""
     models = {s.name: str(student_dir(cfg, s.name) / "final") for s in cfg.students if student_done(cfg, s.name)}
-    models["teacher"] = cfg.teacher.model
+    if cfg.teacher.model:
+        models["teacher"] = cached_teacher(cfg).model
     return models
 
 
@@ -276,6 +329,8 @@ def eval_settings(cfg: PipelineConfig) -> dict:
     students, models = {s.name for s in cfg.students}, {}
     for name, path in eval_models(cfg).items():
         done = read_done(student_dir(cfg, name)) if name in students else None
+        if name == "teacher" and cfg.teacher.finetune.enabled:
+            done = read_done(finetune_dir(cfg))  # a fine-tune trained again changes the teacher
         models[name] = {"dir": path, **({k: done.get(k) for k in ("steps", "finished_at")} if done else {})}
     settings = {"eval": dataclasses.asdict(cfg.eval), "data": dataclasses.asdict(cfg.data),
                 "teacher": cfg.teacher.model, "models": models}
@@ -297,6 +352,7 @@ def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
     """Evaluate every trained student and the teacher (stages.evaluate writes results.json), then the report.
 
     The validation cache is stage one's: run first, as that stage, when it is missing."""
+    run_finetune(cfg)  # the teacher row is the fine-tuned teacher (nothing to do once it is trained)
     if not force and not _eval_stale(cfg):
         _log(f"evaluation {results_path(cfg)} is up to date; skipping")
         return None
@@ -339,12 +395,14 @@ def _run_eval(cfg: PipelineConfig) -> dict:
     if val_url is None:
         _log("KL to the teacher, top-1 agreement and ECE are skipped: they need held-out rows cached by the "
              "teacher; set eval.validation_path to a file of them, or data.holdout.validation")
-    results = evaluate_models(eval_models(cfg), eval_cfg=cfg.eval, data_cfg=cfg.data, teacher_dir=cfg.teacher.model,
+    results = evaluate_models(eval_models(cfg), eval_cfg=cfg.eval, data_cfg=cfg.data,
+                              teacher_dir=cached_teacher(cfg).model,
                               val_cache_url=val_url, backend=cfg.eval.backend, out_dir=str(results_path(cfg).parent),
                               settings=settings, answer_rule=answer_rule(cfg),
                               val_data_cfg=val_job[1] if val_job else None)
     logs = {s.name: str(student_dir(cfg, s.name) / "log.jsonl") for s in cfg.students}
-    report = write_report(cfg.run_dir, results, logs, cfg.cache.path, sections=report_sections(cfg))
+    cache = cfg.cache.path if needs_training_cache(cfg) and cache_complete(cfg.cache.path) else None
+    report = write_report(cfg.run_dir, results, logs, cache, sections=report_sections(cfg))
     _log(f"report written to {report}")
     return results
 
@@ -352,7 +410,7 @@ def _run_eval(cfg: PipelineConfig) -> dict:
 def run_all(cfg: PipelineConfig) -> bool:
     """`atkd run`: every stage that is not done yet, in order. Returns True if anything ran."""
     prepare(cfg)
-    did = run_teacher(cfg, validation=True)
+    did = run_teacher(cfg, validation=True, training=needs_training_cache(cfg))
     for s in cfg.students:
         did = run_student(cfg, s) or did
     did = (run_eval(cfg) is not None) or did
@@ -375,7 +433,13 @@ def format_results(results: dict) -> str:
 
 def status_text(cfg: PipelineConfig) -> str:
     lines = [f"run dir: {cfg.run_dir}"]
-    if open_cache(cfg.cache.path) is None:
+    if cfg.teacher.finetune.enabled:
+        from stages.teacher.finetune import finetune_state
+
+        lines.append(f"teacher fine-tune {finetune_dir(cfg)}: {finetune_state(cfg.teacher, finetune_dir(cfg))}")
+    if not needs_training_cache(cfg):
+        lines.append("teacher cache: not needed (every student trains from the rows)")
+    elif open_cache(cfg.cache.path) is None:
         lines.append(f"teacher cache {cfg.cache.path}: not started")
     else:
         from storage.errors import CacheMismatchError
@@ -386,6 +450,8 @@ def status_text(cfg: PipelineConfig) -> str:
             check_training_cache(cfg)
         except CacheMismatchError as e:
             lines.append(f"MISMATCH: {e}")
+        except AtkdError as e:  # e.g. the fine-tuned teacher it should match is not there yet
+            lines.append(f"not checked against the config: {e}")
     from stages.student.layout import last_checkpoint
 
     for s in cfg.students:
@@ -394,7 +460,7 @@ def status_text(cfg: PipelineConfig) -> str:
         else:
             last = last_checkpoint(student_dir(cfg, s.name))
             state = f"in progress (last checkpoint {last.name})" if last else "not started"
-        lines.append(f"student {s.name} ({s.loss.kind}): {state}")
+        lines.append(f"student {s.name} ({s.loss.kind}{', from the rows' if reads_rows(cfg, s) else ''}): {state}")
     if not results_path(cfg).is_file():
         lines.append("evaluation: not run")
     else:

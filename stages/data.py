@@ -103,6 +103,21 @@ def num_rows(data_cfg: DataConfig, source: RowSource) -> int:
     return source.num_rows if data_cfg.limit is None else min(int(data_cfg.limit), source.num_rows)
 
 
+def training_rows(data_cfg: DataConfig) -> tuple[RowSource, int]:
+    """The training rows: (source, number of rows used). The one place stage two's rows
+    (plain SFT without a cache, the teacher fine-tune) are opened; rows [0, n) of the
+    source are the training rows."""
+    source = open_source(data_cfg)
+    return source, num_rows(data_cfg, source)
+
+
+def rows_identity(data_cfg: DataConfig, source: RowSource, rows: int) -> dict:
+    """What the training rows are: the source's content fingerprint, the row count and every
+    data setting (where the data lives is left out: moving the file changes nothing)."""
+    settings = {k: v for k, v in asdict(data_cfg).items() if k != "path"}
+    return {"source": source.fingerprint, "rows": int(rows), "settings": settings}
+
+
 def load_rows(data_cfg: DataConfig, path: str | None = None, split: str | None = None) -> list[dict]:
     """All used rows as Python objects: for small sets only (evaluation, tests).
     Stage one reads row ranges through `open_source` instead."""
@@ -140,6 +155,11 @@ def _encode_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 def _chat_template(tokenizer) -> str:
     return tokenizer.chat_template if getattr(tokenizer, "chat_template", None) else BUILTIN_CHAT_TEMPLATE
+
+
+def chat_template_for(data_cfg: DataConfig, tokenizer) -> str | None:
+    """The chat template `messages` data is rendered with (None for the other kinds)."""
+    return _chat_template(tokenizer) if data_cfg.kind == "messages" else None
 
 
 def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -51,6 +51,10 @@ class StudentConfig:
     # Start from another student's final model (trained first, same run): the
     # usual "SFT, then distil" recipe; MiniLLM/DistiLLM-style students start SFT'd.
     init_from: str = ""
+    # Where the sequences come from: cache (the teacher cache of stage one), rows (the training
+    # rows, tokenised as the reader goes: plain SFT without a teacher; loss.kind sft only), auto
+    # (cache when the run has a teacher, rows when it has none). See student_data().
+    data: Literal["auto", "cache", "rows"] = "auto"
     tokenizer: str = ""  # default: the student's own (model) or the teacher's (init)
     trust_remote_code: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
@@ -63,3 +67,11 @@ class StudentConfig:
     log_every: int = 1
     num_workers: int = 0  # DataLoader workers
     fsdp: bool = False
+
+
+def student_data(student: StudentConfig, has_teacher: bool) -> str:
+    """"cache" or "rows": where `student` reads its sequences (its `data` setting; auto: the
+    cache when the run has a teacher, the rows when it has none)."""
+    if student.data != "auto":
+        return student.data
+    return "cache" if has_teacher else "rows"

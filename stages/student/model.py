@@ -147,8 +147,8 @@ def check_vocabulary(model: torch.nn.Module, tokenizer, identity: dict, *, stude
 def check_batch_ids(batch: dict, rows: int) -> None:
     """Refuse a batch holding an id the student has no embedding row for."""
     for key in ("input_ids", "topk_ids", "target_ids"):
-        t = batch[key]
-        if t.numel() and int(t.max()) >= rows:
+        t = batch.get(key)  # batches from the rows (plain SFT) carry no topk_ids
+        if t is not None and t.numel() and int(t.max()) >= rows:
             raise VocabularyMismatchError(
                 f"the cache holds token id {int(t.max())} in {key}, but the student's embedding has only "
                 f"{rows} rows; use a student whose vocabulary covers the teacher's")

@@ -95,7 +95,8 @@ class StudentObjective(nn.Module):
     num_positions; for atkd also tkd_hard (TKD over hard positions), dkd (over all),
     num_hard, num_easy, num_groups and unc (teacher 1 - p_g).
 
-    `batch` is `storage.dataset.collate_sequences` output. The loss is a sum
+    `batch` is `storage.dataset.collate_sequences` output (or, for sft,
+    `stages.student.rows_dataset.collate_examples`: no teacher arrays). The loss is a sum
     over positions (sft, kd) or over groups (atkd); `normaliser(batch)` gives
     the matching count, which the trainer adds up over the global batch.
     """
@@ -140,15 +141,15 @@ class StudentObjective(nn.Module):
     def _chunk_loss(self, batch: dict, stats: dict) -> ChunkLoss:
         cfg = self.cfg
         target_ids = batch["target_ids"]
-        teacher = (batch["topk_ids"], batch["topk_logprobs"], target_ids, batch["target_logprobs"])
-        valid = torch.ones_like(target_ids, dtype=torch.bool)
-
-        if cfg.kind == "sft":
+        if cfg.kind == "sft":  # needs no teacher arrays: batches from the rows have none
             def sft(logits: Tensor, part: slice, stats: dict) -> Tensor:
                 nll = F.cross_entropy(logits.float(), target_ids[part], reduction="sum")
                 _add(stats, "nll", nll)
                 return nll
             return sft
+
+        teacher = (batch["topk_ids"], batch["topk_logprobs"], target_ids, batch["target_logprobs"])
+        valid = torch.ones_like(target_ids, dtype=torch.bool)
 
         if cfg.kind == "kd":
             def kd(logits: Tensor, part: slice, stats: dict) -> Tensor:

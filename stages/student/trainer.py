@@ -1,6 +1,12 @@
 """Stage two: train one student from the teacher-logit cache, in one explicit loop.
 
     train_student(student_cfg, cache_url=..., out_dir=...) -> TrainSummary
+    train_student(student_cfg, cache_url=None, data_cfg=..., out_dir=...)   plain SFT from the rows
+
+Without a cache (`cache_url=None`, loss.kind sft) the batches come straight from
+the training rows (stages.student.rows_dataset.RowsDataset: same batch dicts
+minus the teacher arrays, same order and resume rules); the teacher fine-tune
+(stages.teacher.finetune) trains that way too.
 
 The loop (nanoGPT style, no Trainer framework): for each optimiser step, take
 `grad_accum` micro-batches from the cache reader, count what the global batch
@@ -38,6 +44,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from stages.data_config import DataConfig
+from stages.errors import TrainingError
 from stages.lm import pad_id
 from stages.student import checkpoint as ckpt
 from stages.student import resume
@@ -191,15 +199,19 @@ def step_record(step: int, totals: dict, norm: float, lr: float, tokens: int, se
 # ---------------------------------------------------------------- the loop
 
 
-def train_student(student_cfg: StudentConfig, *, cache_url: str, out_dir: str | os.PathLike,
+def train_student(student_cfg: StudentConfig, *, cache_url: str | None, out_dir: str | os.PathLike,
                   tokenizer_path: str | None = None, progress: bool = True,
-                  top_k: int | None = None) -> TrainSummary:
-    """Train `student_cfg` from the cache at `cache_url` into `out_dir`.
+                  top_k: int | None = None, data_cfg: DataConfig | None = None) -> TrainSummary:
+    """Train `student_cfg` from the cache at `cache_url` (or, with cache_url None, from the
+    training rows of `data_cfg`: loss.kind sft only) into `out_dir`.
 
     Resumes from the newest valid checkpoint in `out_dir`; returns at once when
     `done.json` says the student already reached `optim.max_steps`. `top_k`: use the first
     top_k entries of the cache's rows (None: all).
     """
+    if cache_url is None and (data_cfg is None or student_cfg.loss.kind != "sft"):
+        raise TrainingError(f"student {student_cfg.name!r}: training without a teacher cache is plain SFT from "
+                            f"the rows: it needs loss.kind sft (got {student_cfg.loss.kind}) and the data config")
     out = Path(out_dir)
     name = student_cfg.name or out.name
     if ckpt.is_done(out, student_cfg.optim.max_steps, student_cfg.optim.epochs):
@@ -209,14 +221,14 @@ def train_student(student_cfg: StudentConfig, *, cache_url: str, out_dir: str | 
                             start_step=done["steps"], final_loss=done.get("final_loss"), already_done=True)
     d = init_distributed()
     try:
-        return _train(student_cfg, name, cache_url, out, tokenizer_path, progress, d, top_k)
+        return _train(student_cfg, name, cache_url, out, tokenizer_path, progress, d, top_k, data_cfg)
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_path, progress: bool, d: Dist,
-           top_k: int | None = None) -> TrainSummary:
+def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, tokenizer_path, progress: bool,
+           d: Dist, top_k: int | None = None, data_cfg: DataConfig | None = None) -> TrainSummary:
     from stages.progress import tqdm
 
     from storage.cache import Cache
@@ -227,11 +239,12 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
         out.mkdir(parents=True, exist_ok=True)
     d.barrier()
 
-    # Student, checked against the cache's vocabulary before any work.
-    cache = Cache.open(cache_url)
-    tokenizer = load_student_tokenizer(cfg, tokenizer_path, cache_identity=cache.manifest.identity)
+    # Student, checked against the cache's vocabulary before any work (from the rows: its own tokenizer).
+    cache = Cache.open(cache_url) if cache_url is not None else None
+    identity = cache.manifest.identity if cache is not None else {}
+    tokenizer = load_student_tokenizer(cfg, tokenizer_path, cache_identity=identity)
     student = build_student(cfg, tokenizer)
-    check_vocabulary(student, tokenizer, cache.manifest.identity, student_name=name)
+    check_vocabulary(student, tokenizer, identity, student_name=name)
     if d.is_main:
         resume.say(f"{name}: {describe_size(student)}")
     rows = embedding_rows(student)
@@ -240,16 +253,23 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
     student.to(d.device).train()
     objective = StudentObjective(student, cfg.loss)
 
-    dataset = CacheDataset(cache_url, optim.batch_size, seed=cfg.seed, rank=d.rank,
-                           world_size=d.world_size, shuffle=True, pad_id=pad_id(tokenizer), top_k=top_k)
+    if cache is not None:
+        dataset = CacheDataset(cache_url, optim.batch_size, seed=cfg.seed, rank=d.rank,
+                               world_size=d.world_size, shuffle=True, pad_id=pad_id(tokenizer), top_k=top_k)
+        data_fingerprint, where = {"cache_fingerprint": cache.fingerprint}, "in the cache"
+        chat_template = training_chat_template(identity)
+    else:
+        dataset, chat_template = _rows_dataset(cfg, name, data_cfg, tokenizer, out, d)
+        data_fingerprint, where = {"rows_fingerprint": dataset.fingerprint}, "in the training rows"
     batches = Batches(dataset, cfg.num_workers, cfg.seed)
-    if optim.epochs is not None:  # optim.epochs: resolved to steps from this cache and world size
-        total = sum(cache.shard_num_sequences(i) for i in range(cache.num_shards))
+    if optim.epochs is not None:  # optim.epochs: resolved to steps from this data and world size
+        total = (sum(cache.shard_num_sequences(i) for i in range(cache.num_shards)) if cache is not None
+                 else dataset.num_sequences())
         per_step = optim.batch_size * optim.grad_accum * d.world_size
         optim = dataclasses.replace(optim, max_steps=steps_for_epochs(optim.epochs, total, per_step))
         if d.is_main:
             resume.say(f"{name}: optim.epochs={optim.epochs:g} -> {optim.max_steps} steps "
-                       f"({total:,} sequences in the cache, {per_step} per step)")
+                       f"({total:,} sequences {where}, {per_step} per step)")
 
     # Resume: weights, optimiser, RNG, reader position and step from the newest good checkpoint.
     config_dict = dataclasses.asdict(cfg)
@@ -293,7 +313,7 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
         if d.is_main:
             meta = {"name": name, "config": config_dict, "loss_tail": loss_tail[-LOSS_TAIL:],
                     "reader": batches.state_dict(), "rng": ckpt.rng_state(), "world_size": d.world_size,
-                    "cache_fingerprint": cache.fingerprint,
+                    **data_fingerprint,
                     "schedule": schedule_meta(at_step, optim)}
             ckpt.save_checkpoint(out, at_step, model_state=model_sd, optim_state=optim_sd, meta=meta,
                                  keep=cfg.keep_checkpoints)
@@ -359,8 +379,7 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
                            start_step=start_step, final_loss=loss_tail[-1][1] if loss_tail else None,
                            losses=losses, tokens=tokens_run, seconds=time.perf_counter() - t_run)
     if d.is_main:
-        save_final(out, student, tokenizer, final_state,
-                   chat_template=training_chat_template(cache.manifest.identity))
+        save_final(out, student, tokenizer, final_state, chat_template=chat_template)
         write_json_atomic(out / "done.json", {"name": name, "steps": step, "epochs": optim.epochs,
                                               "final_loss": summary.final_loss, "final_dir": summary.final_dir,
                                               "finished_at": time.time()})
@@ -368,6 +387,23 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
     return summary
 
 
+def _rows_dataset(cfg: StudentConfig, name: str, data_cfg: DataConfig, tokenizer, out: Path, d: Dist):
+    """(RowsDataset over the training rows, the chat template `messages` data was rendered with).
+    Its counted pass runs here (recorded in <out>/rows-counts.json for a resumed run)."""
+    from stages.data import chat_template_for
+    from stages.student.rows_dataset import RowsDataset
+
+    dataset = RowsDataset(data_cfg, tokenizer, cfg.optim.batch_size, seed=cfg.seed, rank=d.rank,
+                          world_size=d.world_size, pad_id=pad_id(tokenizer), counts_path=out / ROWS_COUNTS,
+                          write_counts=d.is_main)
+    total = dataset.num_sequences()
+    if d.is_main:
+        said = f"{dataset.stats.summary()}" if dataset.stats is not None else f"{total:,} sequences (counted before)"
+        resume.say(f"{name}: training from the rows of {data_cfg.path} (no teacher cache): {said}")
+    return dataset, chat_template_for(data_cfg, tokenizer)
+
+
+ROWS_COUNTS = "rows-counts.json"  # a rows-trained student's counted pass (stages.student.rows_dataset)
 _SUM_KEYS = ("loss", "nll", "tkd_hard", "dkd", "num_positions", "num_hard", "num_easy", "unc", "tokens")
 
 

@@ -5,8 +5,25 @@ Loaded and validated by pipeline/config.py; the stages only read them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Union
+
+from stages.student.config import OptimConfig
+
+
+@dataclass
+class FinetuneConfig:
+    """`teacher.finetune`: plain SFT of teacher.model on the training rows before stage one
+    caches it (stages/teacher/finetune.py); the trainer and its settings are a student's."""
+
+    enabled: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU
+    gradient_checkpointing: bool = False
+    chunk_size: int = 256  # positions per LM-head chunk (loss.chunk_size of a student)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -32,6 +49,8 @@ class TeacherConfig:
     # Build and write shard i on a background thread while shard i+1 is scored. auto: when the
     # engine computes on a GPU (on CPU the writer would compete with the engine's threads).
     overlap_writes: Union[bool, Literal["auto"]] = "auto"
+    # Fine-tune teacher.model on the training rows first; stage one then caches the fine-tuned model.
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """The cache identity: what a teacher cache was built from, computed the same way in every
 worker and in stage two, and the checks that refuse a cache built from something else.
 
+A teacher fine-tuned by `teacher.finetune` carries its fine-tune record
+(stages.teacher.finetune: base model, settings, training rows), copied into
+the identity beside the fingerprint of the fine-tuned weights.
+
 The data is identified by its source content (stages.rows: a hash of the files,
 or a hub dataset's fingerprint) plus every setting that shapes tokens, so it
 costs one pass over the bytes, never a tokenisation of the whole set.
@@ -153,6 +157,12 @@ def cache_identity(data_cfg: DataConfig, teacher_cfg: TeacherConfig, tokenizer, 
     holdout = split.identity_key(data_cfg, rows)
     if holdout is not None:  # absent without a split, so caches written before splits still match
         identity["holdout"] = holdout
+    from stages.teacher.finetune import read_record
+
+    finetuned = read_record(teacher_cfg.model)
+    if finetuned is not None:  # a teacher fine-tuned by teacher.finetune: what it was made from
+        identity["teacher"] = f"{finetuned.get('base_model')} (fine-tuned)"
+        identity["teacher_finetune"] = finetuned
     return identity
 
 

@@ -1,0 +1,122 @@
+"""`teacher.finetune`: plain SFT of the teacher on the training rows, before stage one caches it.
+
+    finetune_teacher(data_cfg, teacher_cfg, out_dir) -> bool     trains (or resumes); True if it did work
+    finetuned_teacher(teacher_cfg, out_dir) -> TeacherConfig     the teacher stage one then scores
+    finetune_state(data_cfg, teacher_cfg, out_dir) -> str        "done" | "in progress ..." | "not started"
+
+The paper fine-tunes the teacher on the training instructions, then distils.
+The fine-tune is a student run (stages.student.trainer, loss sft, batches from
+the rows: stages.student.rows_dataset) of `teacher.model` into `out_dir`
+(checkpoints, log.jsonl, final/, done.json; killed, it resumes like a student).
+Finished, it writes `final/atkd_finetune.json`, the record of what the weights
+were trained from: the base model and its fingerprint, the fine-tune settings
+and the training rows' identity. The cache identity (stages.teacher.identity)
+copies that record, so a cache of the raw teacher, or of a teacher fine-tuned
+otherwise, is refused; a finished fine-tune whose record differs from the
+config is refused too (the weights would not be what the config says).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from stages import data as data_mod
+from stages.data_config import DataConfig
+from stages.errors import TeacherError
+from stages.fingerprint import model_fingerprint
+from stages.student.config import LossConfig, StudentConfig
+from stages.teacher.config import TeacherConfig
+from storage.files import atomic_write
+
+RECORD = "atkd_finetune.json"  # in the fine-tuned model's directory (final/)
+
+
+def student_config(teacher_cfg: TeacherConfig) -> StudentConfig:
+    """The fine-tune as a student run: teacher.model trained with loss sft from the rows."""
+    ft = teacher_cfg.finetune
+    return StudentConfig(name="teacher-finetune", model=teacher_cfg.model, data="rows",
+                         trust_remote_code=teacher_cfg.trust_remote_code,
+                         loss=LossConfig(kind="sft", chunk_size=ft.chunk_size), optim=ft.optim, seed=ft.seed,
+                         dtype=ft.dtype, gradient_checkpointing=ft.gradient_checkpointing,
+                         checkpoint_every=ft.checkpoint_every, keep_checkpoints=ft.keep_checkpoints)
+
+
+def finetune_record(data_cfg: DataConfig, teacher_cfg: TeacherConfig) -> dict:
+    """What fine-tuned weights made from this config are: base model, settings, training rows."""
+    source, rows = data_mod.training_rows(data_cfg)
+    settings = dataclasses.asdict(teacher_cfg.finetune)
+    settings.pop("enabled")
+    return {"base_model": os.path.basename(os.path.normpath(teacher_cfg.model)),
+            "base_fingerprint": model_fingerprint(teacher_cfg.model), "settings": settings,
+            "data": data_mod.rows_identity(data_cfg, source, rows)}
+
+
+def read_record(model_dir: str) -> dict | None:
+    """The fine-tune record of a model directory; None for a model this stage did not make."""
+    path = Path(os.path.expanduser(model_dir)) / RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def finetuned_teacher(teacher_cfg: TeacherConfig, out_dir: str | Path) -> TeacherConfig:
+    """The teacher stage one scores: teacher_cfg with model = the fine-tuned final/."""
+    return dataclasses.replace(teacher_cfg, model=str(Path(out_dir) / "final"))
+
+
+def _done(teacher_cfg: TeacherConfig, out: Path) -> bool:
+    from stages.student.layout import is_done
+
+    return is_done(out, teacher_cfg.finetune.optim.max_steps, teacher_cfg.finetune.optim.epochs)
+
+
+def finetune_state(teacher_cfg: TeacherConfig, out_dir: str | Path) -> str:
+    """For `atkd status` and --dry-run (reads no data, loads no model)."""
+    from stages.student.layout import last_checkpoint
+
+    out = Path(out_dir)
+    if _done(teacher_cfg, out):
+        return "done" if read_record(str(out / "final")) is not None else "trained; its record is written next"
+    last = last_checkpoint(out)
+    return f"in progress (last checkpoint {last.name})" if last else "not started"
+
+
+def _differences(have: dict, want: dict) -> list[str]:
+    return [f"{k}: trained with {json.dumps(have.get(k), sort_keys=True):.160}, the config gives "
+            f"{json.dumps(want.get(k), sort_keys=True):.160}" for k in sorted(set(have) | set(want))
+            if have.get(k) != want.get(k)]
+
+
+def finetune_teacher(data_cfg: DataConfig, teacher_cfg: TeacherConfig, out_dir: str | Path, *,
+                     progress: bool = True) -> bool:
+    """Fine-tune teacher.model on the training rows into out_dir (module doc); True if it trained."""
+    from stages.student.trainer import train_student
+
+    out = Path(out_dir)
+    if not teacher_cfg.model:
+        raise TeacherError("teacher.finetune.enabled needs teacher.model: the model to fine-tune")
+    want = finetune_record(data_cfg, teacher_cfg)
+    final = out / "final"
+    if _done(teacher_cfg, out):
+        have = read_record(str(final))
+        if have is None:  # killed between done.json and the record: the weights are this config's
+            atomic_write(final / RECORD, json.dumps(want, indent=1, sort_keys=True))
+            return False
+        diffs = _differences(have, want)
+        if diffs:
+            raise TeacherError(
+                f"the fine-tuned teacher in {out} was not made from this config:\n  " + "\n  ".join(diffs)
+                + f"\nDelete {out} to fine-tune again with these settings (its cache must then be rebuilt too), "
+                "or restore the settings it was trained with.")
+        return False
+    print(f"[teacher] fine-tuning {teacher_cfg.model} on the training rows (plain SFT) into {out}", flush=True)
+    train_student(student_config(teacher_cfg), cache_url=None, data_cfg=data_cfg, out_dir=out,
+                  tokenizer_path=teacher_cfg.model, progress=progress)
+    if os.environ.get("RANK", "0") == "0":
+        atomic_write(final / RECORD, json.dumps(want, indent=1, sort_keys=True))
+    return True
