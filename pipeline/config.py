@@ -309,6 +309,9 @@ def validate(cfg: PipelineConfig) -> None:
                               f"{', and there is no teacher.model' if s.data == 'auto' else ''}), which only plain "
                               f"SFT can: loss.kind {s.loss.kind} learns from the teacher cache (set data: cache "
                               "and teacher.model, or loss.kind: sft)")
+        if s.init and not s.tokenizer and not cfg.teacher.model:
+            raise ConfigError(f"{where}.tokenizer: {s.name!r} is initialised from `init` in a run without a "
+                              "teacher, so there is no teacher tokenizer to borrow; set its tokenizer")
         if s.loss.chunk_size <= 0:
             raise ConfigError(f"{where}.loss.chunk_size: must be > 0, got {s.loss.chunk_size}")
         if s.checkpoint_every <= 0:

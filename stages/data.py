@@ -113,8 +113,8 @@ def training_rows(data_cfg: DataConfig) -> tuple[RowSource, int]:
 
 def rows_identity(data_cfg: DataConfig, source: RowSource, rows: int) -> dict:
     """What the training rows are: the source's content fingerprint, the row count and every
-    data setting (where the data lives is left out: moving the file changes nothing)."""
-    settings = {k: v for k, v in asdict(data_cfg).items() if k != "path"}
+    data setting that shapes the sequences (not where the file lives, nor the drop limit)."""
+    settings = {k: v for k, v in asdict(data_cfg).items() if k not in ("path", "max_dropped_fraction")}
     return {"source": source.fingerprint, "rows": int(rows), "settings": settings}
 
 

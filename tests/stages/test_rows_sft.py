@@ -109,3 +109,13 @@ def test_kd_without_a_cache_is_refused(setup):
     cfg.loss.kind = "kd"
     with pytest.raises(TrainingError, match="loss.kind sft"):
         run(setup, cfg, setup["root"] / "kd")
+
+
+def test_dataloader_workers_keep_the_run(setup, reference):
+    ref_out, _ = reference
+    cfg = config("ref")
+    cfg.num_workers = 2
+    out = setup["root"] / "workers"
+    run(setup, cfg, out)
+    got, want = weights(out), weights(ref_out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
