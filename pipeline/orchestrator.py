@@ -392,7 +392,9 @@ def _run_eval(cfg: PipelineConfig) -> dict:
     settings = eval_settings(cfg)  # before evaluating: a student finishing meanwhile makes the results stale
     val_job = validation_job(cfg)
     val_url = val_cache_path(cfg) if val_job is not None else None
-    if val_url is None:
+    if val_url is None and not cfg.teacher.model:
+        _log("KL to the teacher, top-1 agreement and ECE are skipped: the run has no teacher")
+    elif val_url is None:
         _log("KL to the teacher, top-1 agreement and ECE are skipped: they need held-out rows cached by the "
              "teacher; set eval.validation_path to a file of them, or data.holdout.validation")
     results = evaluate_models(eval_models(cfg), eval_cfg=cfg.eval, data_cfg=cfg.data,

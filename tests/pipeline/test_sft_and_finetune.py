@@ -22,7 +22,7 @@ def sft_config(root: Path, data: str, model: str, *, name: str = "sft") -> Path:
     cfg = {"run_dir": str(root / name), "data": {"path": data, "max_seq_len": 64},
            "students": [{"name": "sft", "model": model, "loss": {"kind": "sft", "chunk_size": 16},
                          "optim": dict(OPTIM), "checkpoint_every": 2}],
-           "eval": {"path": data, **EVAL}}
+           "eval": {"path": data, "validation_path": data, **EVAL}}  # no teacher: no validation cache
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -64,6 +64,7 @@ def test_run_with_only_sft_students_and_no_teacher(tmp_path, tiny_llama_dir, tra
     rc, out = atkd_here(capsys, "run", cfg)
     assert rc == 0, out
     assert "from the training rows (no teacher cache)" in out and "40/40 rows used" in out
+    assert "skipped: the run has no teacher" in out
     assert not (run_dir / "cache").exists() and not (run_dir / "cache-val").exists()
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert list(results) == ["sft"]  # no teacher row, no teacher metrics
@@ -174,3 +175,18 @@ def test_finetuned_teacher_is_what_stage_one_caches(tmp_path, tiny_llama_dir, tr
     assert rc == 1 and "teacher_finetune" in out, out
     assert json.loads((tmp_path / "ft2" / "teacher-finetuned" / "final" / "atkd_finetune.json").read_text()
                       )["settings"]["optim"]["lr"] == 2e-3
+
+
+@pytest.mark.integration
+def test_killed_teacher_finetune_resumes_and_caches_the_same_teacher(tmp_path, tiny_llama_dir, train_jsonl):
+    ref = finetune_config(tmp_path, str(tiny_llama_dir), str(train_jsonl), name="ref")
+    rc, out = fh.run_atkd(["teacher", str(ref)], tmp_path / "logs" / "ref.log")
+    assert rc == 0, out
+    cfg = finetune_config(tmp_path, str(tiny_llama_dir), str(train_jsonl), name="killed")
+    counts = fh.run_campaign(["teacher", str(cfg)], ["student.step:3", "ckpt.rename:1"], tmp_path / "logs" / "k")
+    assert counts.kills == 2, counts
+    want = fh.student_snapshot(tmp_path / "ref" / "teacher-finetuned")
+    got = fh.student_snapshot(tmp_path / "killed" / "teacher-finetuned")
+    assert fh.compare_students(got, want) == []
+    assert fh.compare_caches(fh.cache_snapshot(str(tmp_path / "killed" / "cache")),
+                             fh.cache_snapshot(str(tmp_path / "ref" / "cache"))) == []
