@@ -4,10 +4,12 @@
     ds.counts(); ds.num_sequences()          the counted pass (once; recorded in `counts_path`)
     ds.state_dict(consumed, epoch); ds.load_state_dict(state)
 
-The rows are read by range (stages.data.training_rows, stages.rows.RowSource)
-in *chunks* of `chunk_rows` rows; a chunk is tokenised (stages.data, the same
-tokens stage one caches) when the reader reaches it, and only one tokenised
-chunk is held at a time, so memory does not grow with the dataset.
+The training rows are read by range, in *chunks* of `chunk_rows` source rows:
+stages.data.training_rows opens them and stages.split.read_part keeps a chunk's
+train part of data.holdout (every row without a split), as stage one does. A
+chunk is tokenised (stages.data: the tokens stage one caches) when the reader
+reaches it, and only one tokenised chunk is held at a time, so memory does not
+grow with the dataset.
 
 Order: each epoch is a seeded permutation of the chunks and, inside each chunk,
 of its sequences: storage.order.EpochOrder with one chunk per window, keyed by
@@ -39,6 +41,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stages import data as data_mod
+from stages import split
 from stages.data_config import DataConfig
 from stages.fingerprint import fingerprint_json, tokenizer_fingerprint
 from stages.lm import collate_for_lm
@@ -108,10 +111,12 @@ class RowsDataset(IterableDataset):
 
     # ---- chunks -----------------------------------------------------------
     def _tokenize(self, chunk: int) -> tuple[list, data_mod.DataStats]:
+        """The chunk's training rows (with data.holdout: its train part) tokenised; example_id = row index."""
         start = chunk * self.chunk_rows
         end = min(start + self.chunk_rows, self.num_rows)
-        return data_mod.tokenize_rows(self.source.read(start, end), self.tokenizer, self.data_cfg, start=start,
-                                      locate=self.source.location)
+        indices, rows = split.read_part(self.data_cfg, self.source, self.num_rows, start, end, part="train")
+        return data_mod.tokenize_rows(rows, self.tokenizer, self.data_cfg, start=start, locate=self.source.location,
+                                      indices=indices)
 
     def _chunk(self, chunk: int) -> list:
         """The chunk's examples; the previously held chunk is released first."""

@@ -14,15 +14,16 @@ from pipeline.config import ConfigError, load_config
 from tests.fixtures import atkd_here
 
 OPTIM = {"lr": 3e-3, "warmup_steps": 1, "max_steps": 4, "batch_size": 4}
+HOLDOUT = {"validation": 4, "test": 4, "seed": 0}  # 32 of the 40 rows train
 EVAL = {"max_examples": 4, "max_new_tokens": 4, "batch_size": 4, "backend": "transformers"}
 
 
 def sft_config(root: Path, data: str, model: str, *, name: str = "sft") -> Path:
     """A run with no teacher: one SFT student (a pretrained tiny Llama) trained from the rows."""
-    cfg = {"run_dir": str(root / name), "data": {"path": data, "max_seq_len": 64},
+    cfg = {"run_dir": str(root / name), "data": {"path": data, "max_seq_len": 64, "holdout": dict(HOLDOUT)},
            "students": [{"name": "sft", "model": model, "loss": {"kind": "sft", "chunk_size": 16},
                          "optim": dict(OPTIM), "checkpoint_every": 2}],
-           "eval": {"path": data, "validation_path": data, **EVAL}}  # no teacher: no validation cache
+           "eval": dict(EVAL)}  # the test part; no teacher: no validation cache
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -63,7 +64,7 @@ def test_run_with_only_sft_students_and_no_teacher(tmp_path, tiny_llama_dir, tra
 
     rc, out = atkd_here(capsys, "run", cfg)
     assert rc == 0, out
-    assert "from the training rows (no teacher cache)" in out and "40/40 rows used" in out
+    assert "from the training rows (no teacher cache)" in out and "32/32 rows used" in out  # the train part
     assert "skipped: the run has no teacher" in out
     assert not (run_dir / "cache").exists() and not (run_dir / "cache-val").exists()
     results = json.loads((run_dir / "eval" / "results.json").read_text())
@@ -106,7 +107,8 @@ def finetune_config(root: Path, model: str, data: str, *, name: str, lr: float =
     cfg["teacher"]["finetune"] = {"enabled": True, "optim": {**OPTIM, "lr": lr}, "checkpoint_every": 2,
                                   "chunk_size": 16}
     cfg["students"][0]["optim"]["max_steps"] = 2
-    cfg["eval"] = {"path": data, **EVAL}
+    cfg["data"]["holdout"] = dict(HOLDOUT)
+    cfg["eval"] = dict(EVAL)
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -154,3 +154,15 @@ def test_a_state_of_other_data_or_seed_is_refused(data_path, tiny_tokenizer, tmp
 def test_fewer_sequences_than_a_global_batch_is_a_clear_error(data_path, tiny_tokenizer):
     with pytest.raises(data_mod.DataError, match="fewer than one global batch"):
         take(dataset(data_path, tiny_tokenizer, batch_size=20, world_size=2), 1)
+
+
+def test_with_a_holdout_only_the_train_part_is_read(data_path, tiny_tokenizer):
+    from stages import split
+    from stages.data_config import HoldoutConfig
+
+    data_cfg = DataConfig(path=data_path, max_seq_len=128, holdout=HoldoutConfig(validation=5, test=6, seed=2))
+    ds = RowsDataset(data_cfg, tiny_tokenizer, 1, chunk_rows=8, drop_last=False, epochs=1)
+    train = [int(i) for i in split.members_in(data_cfg, ROWS, 0, ROWS, part="train")]
+    assert len(train) == ROWS - 11 and ds.num_sequences() == len(train)
+    assert sorted(int(b["example_ids"][0]) for b in ds) == train  # example ids are source row numbers
+    assert ds.fingerprint != dataset(data_path, tiny_tokenizer).fingerprint  # the split is part of the data
