@@ -234,8 +234,7 @@ def validate(cfg: PipelineConfig) -> None:
     if not cfg.data.path:
         raise ConfigError("data.path: set the training data (a .jsonl/.json/.parquet file or a hub name)")
     if not cfg.teacher.model and (cfg.teacher.finetune.enabled or not cfg.students
-                                  or any(s.loss.kind != "sft" or student_data(s, False) == "cache"
-                                         for s in cfg.students)):
+                                  or any(student_data(s, False) == "cache" for s in cfg.students)):
         raise ConfigError("teacher.model: set the teacher's path or hub name (only a run whose students are "
                           "all `loss.kind: sft` reading the rows needs no teacher)")
     if cfg.teacher.top_k <= 0:
@@ -305,10 +304,9 @@ def validate(cfg: PipelineConfig) -> None:
             if not 0.0 < getattr(s.loss, key) < 1.0:
                 raise ConfigError(f"{where}.loss.{key}: must be in (0, 1), got {getattr(s.loss, key)}")
         if student_data(s, bool(cfg.teacher.model)) == "rows" and s.loss.kind != "sft":
-            raise ConfigError(f"{where}.data: {s.name!r} reads the training rows (data: {s.data}"
-                              f"{', and there is no teacher.model' if s.data == 'auto' else ''}), which only plain "
-                              f"SFT can: loss.kind {s.loss.kind} learns from the teacher cache (set data: cache "
-                              "and teacher.model, or loss.kind: sft)")
+            raise ConfigError(f"{where}.data: {s.name!r} reads the training rows (data: rows), which only plain "
+                              f"SFT can: loss.kind {s.loss.kind} learns from the teacher cache (set data: cache or "
+                              "auto, or loss.kind: sft)")
         if s.init and not s.tokenizer and not cfg.teacher.model:
             raise ConfigError(f"{where}.tokenizer: {s.name!r} is initialised from `init` in a run without a "
                               "teacher, so there is no teacher tokenizer to borrow; set its tokenizer")

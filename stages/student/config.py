@@ -53,7 +53,7 @@ class StudentConfig:
     init_from: str = ""
     # Where the sequences come from: cache (the teacher cache of stage one), rows (the training
     # rows, tokenised as the reader goes: plain SFT without a teacher; loss.kind sft only), auto
-    # (cache when the run has a teacher, rows when it has none). See student_data().
+    # (rows for an sft student when the run has no teacher, else cache). See student_data().
     data: Literal["auto", "cache", "rows"] = "auto"
     tokenizer: str = ""  # default: the student's own (model) or the teacher's (init)
     trust_remote_code: bool = False
@@ -70,8 +70,8 @@ class StudentConfig:
 
 
 def student_data(student: StudentConfig, has_teacher: bool) -> str:
-    """"cache" or "rows": where `student` reads its sequences (its `data` setting; auto: the
-    cache when the run has a teacher, the rows when it has none)."""
+    """"cache" or "rows": where `student` reads its sequences (its `data` setting; auto: the rows
+    for an sft student in a run without a teacher, else the cache)."""
     if student.data != "auto":
         return student.data
-    return "cache" if has_teacher else "rows"
+    return "rows" if student.loss.kind == "sft" and not has_teacher else "cache"
