@@ -104,9 +104,9 @@ def num_rows(data_cfg: DataConfig, source: RowSource) -> int:
 
 
 def training_rows(data_cfg: DataConfig) -> tuple[RowSource, int]:
-    """The training rows: (source, number of rows used). The one place stage two's rows
-    (plain SFT without a cache, the teacher fine-tune) are opened; rows [0, n) of the
-    source are the training rows."""
+    """(source, n): the rows stage two reads without a cache (plain SFT, the teacher fine-tune)
+    are the train part (stages.split.read_part, part "train") of source rows [0, n). The one
+    place stages.student.rows_dataset opens them."""
     source = open_source(data_cfg)
     return source, num_rows(data_cfg, source)
 
@@ -303,6 +303,23 @@ def _assemble(segments: list[tuple[list[int], bool]]) -> tuple[list[int], np.nda
 # ---------------------------------------------------------------- public
 
 
+class _Where:
+    """A row's place for messages, looked up only when a message is written: naming a jsonl row
+    means re-reading its file from the nearest indexed offset, two thirds of the time
+    tokenize_rows took when it was looked up for every row."""
+
+    __slots__ = ("_locate", "_index")
+
+    def __init__(self, locate: Callable[[int], str], index: int) -> None:
+        self._locate, self._index = locate, index
+
+    def __str__(self) -> str:
+        return self._locate(self._index)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 def tokenize_rows(rows: Sequence[Any], tokenizer, data_cfg: DataConfig, *, start: int = 0,
                   locate: Callable[[int], str] | None = None,
                   indices: Sequence[int] | None = None) -> tuple[list[TokenizedExample], DataStats]:
@@ -317,7 +334,7 @@ def tokenize_rows(rows: Sequence[Any], tokenizer, data_cfg: DataConfig, *, start
     max_len = int(data_cfg.max_seq_len)
     examples: list[TokenizedExample] = []
     segments, bad = _build_segments(rows, tokenizer, data_cfg, list(range(len(rows))),
-                                    lambda i: locate(start + i))
+                                    lambda i: _Where(locate, start + i))
     for i in range(len(rows)):
         if i in bad:
             stats.skipped_bad += 1
