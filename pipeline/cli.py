@@ -2,6 +2,7 @@
 
     atkd run     [pipeline.yaml] [a.b=c ...]   every stage not done yet, then the report
     atkd teacher [pipeline.yaml] [--workers N|auto] [a.b=c ...]   stage one: cache the teacher's top-k log-probs
+    atkd finetune [pipeline.yaml] [a.b=c ...]  teacher.finetune only (runs under torchrun too)
     atkd student [pipeline.yaml] [--student NAME] [a.b=c ...]   stage two
     atkd eval    [pipeline.yaml] [a.b=c ...]   evaluate students + teacher, write the report
     atkd status  [pipeline.yaml]               what is done
@@ -83,6 +84,15 @@ def cmd_teacher(args) -> int:
         return 0
     runner.prepare(cfg)
     runner.run_teacher(cfg)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    cfg = _load(args.rest)
+    if not cfg.teacher.finetune.enabled:
+        raise ConfigError("teacher.finetune.enabled is false: there is no teacher fine-tune to run")
+    runner.prepare(cfg)
+    runner.run_finetune(cfg)
     return 0
 
 
@@ -179,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         dry_run=True).add_argument("--workers", help=workers_help)
     add("teacher", cmd_teacher, "stage one: cache teacher top-k log-probs",
         dry_run=True).add_argument("--workers", help=workers_help)
+    add("finetune", cmd_finetune, "teacher.finetune only: fine-tune the teacher (torchrun for many GPUs)")
     sp = add("student", cmd_student, "stage two: train the students", dry_run=True)
     sp.add_argument("--student", help="train only this student (by name)")
     add("eval", cmd_eval, "evaluate students and teacher, write the report")

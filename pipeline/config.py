@@ -265,11 +265,10 @@ def validate(cfg: PipelineConfig) -> None:
         if not used_names(cfg.data.template, template_names(cfg.data)):
             raise ConfigError("data.template: must contain {prompt} or one of data.template_fields as {name}")
     ft = cfg.teacher.finetune
-    if ft.enabled and (ft.optim.batch_size <= 0 or ft.optim.grad_accum <= 0 or ft.optim.max_steps <= 0
-                       or (ft.optim.epochs is not None and ft.optim.epochs <= 0) or ft.chunk_size <= 0
-                       or ft.checkpoint_every <= 0):
-        raise ConfigError("teacher.finetune: optim.batch_size, optim.grad_accum, optim.max_steps, chunk_size and "
-                          "checkpoint_every must be > 0 (optim.epochs > 0 or null)")
+    if ft.enabled:
+        check_optim(ft.optim, "teacher.finetune.optim")
+        if ft.chunk_size <= 0 or ft.checkpoint_every <= 0:
+            raise ConfigError("teacher.finetune: chunk_size and checkpoint_every must be > 0")
     seen: set[str] = set()
     for i, s in enumerate(cfg.students):
         where = f"students[{i}]"
@@ -294,10 +293,7 @@ def validate(cfg: PipelineConfig) -> None:
             raise ConfigError(f"{where}.loss.easy_weight: must be in [0, 1], got {s.loss.easy_weight}")
         if not 0.0 < s.loss.hard_ratio <= 1.0:
             raise ConfigError(f"{where}.loss.hard_ratio: must be in (0, 1], got {s.loss.hard_ratio}")
-        if s.optim.batch_size <= 0 or s.optim.grad_accum <= 0 or s.optim.max_steps <= 0:
-            raise ConfigError(f"{where}.optim: batch_size, grad_accum and max_steps must be > 0")
-        if s.optim.epochs is not None and s.optim.epochs <= 0:
-            raise ConfigError(f"{where}.optim.epochs: must be > 0 (or null to use max_steps), got {s.optim.epochs}")
+        check_optim(s.optim, f"{where}.optim")
         if s.loss.ce_weight < 0.0:
             raise ConfigError(f"{where}.loss.ce_weight: must be >= 0, got {s.loss.ce_weight}")
         for key in ("beta", "alpha"):
@@ -314,6 +310,16 @@ def validate(cfg: PipelineConfig) -> None:
             raise ConfigError(f"{where}.loss.chunk_size: must be > 0, got {s.loss.chunk_size}")
         if s.checkpoint_every <= 0:
             raise ConfigError(f"{where}.checkpoint_every: must be > 0")
+
+
+def check_optim(optim, where: str) -> None:
+    if optim.batch_size <= 0 or optim.grad_accum <= 0 or optim.max_steps <= 0:
+        raise ConfigError(f"{where}: batch_size, grad_accum and max_steps must be > 0")
+    if optim.warmup_ratio is not None and not 0 <= optim.warmup_ratio < 1:
+        raise ConfigError(f"{where}.warmup_ratio: must be in [0, 1) (or null to use warmup_steps), "
+                          f"got {optim.warmup_ratio}")
+    if optim.epochs is not None and optim.epochs <= 0:
+        raise ConfigError(f"{where}.epochs: must be > 0 (or null to use max_steps), got {optim.epochs}")
 
 
 def check_name(name: str, where: str) -> None:

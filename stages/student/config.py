@@ -15,6 +15,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 10
+    # Instead of warmup_steps: a fraction of the run's steps (the official ATKD scripts use
+    # 0.03), resolved with max_steps (or epochs) when training starts.
+    warmup_ratio: Optional[float] = None
     max_steps: int = 100
     # Instead of max_steps: passes over the cache's sequences, resolved to steps when training
     # starts (full global batches of batch_size x grad_accum x ranks per epoch) and logged.

@@ -69,6 +69,13 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list, max_norm: floa
     return norm
 
 
+def warmup_for(optim: OptimConfig) -> int:
+    """warmup_steps, or with warmup_ratio that fraction of max_steps (rounded up, as transformers does)."""
+    if optim.warmup_ratio is None:
+        return optim.warmup_steps
+    return math.ceil(optim.warmup_ratio * optim.max_steps)
+
+
 def steps_for_epochs(epochs: float, num_sequences: int, per_step: int) -> int:
     """Optimizer steps for `epochs` passes over `num_sequences` with `per_step` sequences per
     step (batch_size x grad_accum x ranks); an epoch is its full global batches, as the reader

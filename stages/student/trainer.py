@@ -57,7 +57,7 @@ from stages.student.model import (build_student, check_batch_ids, check_vocabula
                                   load_student_tokenizer, warn_unknown_tokens)
 from stages.student.objective import StudentObjective
 from stages.student.optim import (apply_config, build_optimizer, clip_and_step, lr_at, schedule_meta, set_lr,
-                                  steps_for_epochs)
+                                  steps_for_epochs, warmup_for)
 from storage.faults import fault_point
 from storage.files import atomic_write
 
@@ -270,6 +270,8 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
         if d.is_main:
             resume.say(f"{name}: optim.epochs={optim.epochs:g} -> {optim.max_steps} steps "
                        f"({total:,} sequences {where}, {per_step} per step)")
+    if optim.warmup_ratio is not None:
+        optim = dataclasses.replace(optim, warmup_steps=warmup_for(optim))
 
     # Resume: weights, optimiser, RNG, reader position and step from the newest good checkpoint.
     config_dict = dataclasses.asdict(cfg)

@@ -21,6 +21,7 @@ class FinetuneConfig:
     seed: int = 0
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the teacher over the GPUs of `torchrun -m pipeline finetune` (as a student's fsdp)
     chunk_size: int = 256  # positions per LM-head chunk (loss.chunk_size of a student)
     checkpoint_every: int = 50
     keep_checkpoints: int = 2

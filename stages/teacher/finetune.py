@@ -40,7 +40,7 @@ def student_config(teacher_cfg: TeacherConfig) -> StudentConfig:
     return StudentConfig(name="teacher-finetune", model=teacher_cfg.model, data="rows",
                          trust_remote_code=teacher_cfg.trust_remote_code,
                          loss=LossConfig(kind="sft", chunk_size=ft.chunk_size), optim=ft.optim, seed=ft.seed,
-                         dtype=ft.dtype, gradient_checkpointing=ft.gradient_checkpointing,
+                         dtype=ft.dtype, gradient_checkpointing=ft.gradient_checkpointing, fsdp=ft.fsdp,
                          checkpoint_every=ft.checkpoint_every, keep_checkpoints=ft.keep_checkpoints)
 
 

@@ -192,3 +192,12 @@ def test_config_without_init_students_does_not_import_transformers(tmp_path):
                          text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_optim_checks_are_the_same_for_students_and_the_teacher_fine_tune(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"students\[0\].optim.warmup_ratio: must be in \[0, 1\)"):
+        load_config(path, ["students.0.optim.warmup_ratio=1.5"])
+    with pytest.raises(ConfigError, match="teacher.finetune.optim.epochs: must be > 0"):
+        load_config(path, ["teacher.finetune.enabled=true", "teacher.finetune.optim.epochs=0"])
+    assert load_config(path, ["students.0.optim.warmup_ratio=0.03"]).students[0].optim.warmup_ratio == 0.03

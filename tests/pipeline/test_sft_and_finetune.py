@@ -129,8 +129,12 @@ def test_finetuned_teacher_is_what_stage_one_caches(tmp_path, tiny_llama_dir, tr
     assert f"teacher fine-tune -> {ft_dir}: not started: would fine-tune {tiny_llama_dir} for 4 steps" in out
     assert f"stage one: teacher {ft_dir / 'final'}" in out
 
+    # `atkd finetune` (what torchrun launches for a big teacher) runs the fine-tune only.
+    rc, out = atkd_here(capsys, "finetune", cfg)
+    assert rc == 0 and (ft_dir / "done.json").is_file() and not (run_dir / "cache").exists(), out
     rc, out = atkd_here(capsys, "run", cfg)
     assert rc == 0, out
+    assert "fine-tuning" not in out  # done by `atkd finetune`
     record = json.loads((ft_dir / "final" / "atkd_finetune.json").read_text())
     assert record["settings"]["optim"]["lr"] == 3e-3 and (ft_dir / "done.json").is_file()
     assert record["base_fingerprint"] == model_fingerprint(str(tiny_llama_dir))
@@ -162,6 +166,8 @@ def test_finetuned_teacher_is_what_stage_one_caches(tmp_path, tiny_llama_dir, tr
     rc, out = atkd_here(capsys, "run", cfg)
     assert rc == 0 and "nothing to do" in out
 
+    rc, out = atkd_here(capsys, "finetune", cfg, "teacher.finetune.enabled=false")
+    assert rc == 2 and "no teacher fine-tune to run" in out
     # The raw teacher's identity differs: with teacher.finetune off, this cache is refused.
     rc, out = atkd_here(capsys, "teacher", cfg, "teacher.finetune.enabled=false")
     assert rc == 1 and "teacher_finetune" in out and "teacher_fingerprint" in out

@@ -449,7 +449,10 @@ def test_epochs_resolve_to_steps_from_the_cache_and_mark_done_by_epochs(setup, t
 
     cfg = student_config("sft", name="epochs", batch_size=8, grad_accum=2)
     cfg.optim.epochs = 1.5
+    cfg.optim.warmup_ratio = 0.5  # of the resolved 5 steps: ceil(2.5) = 3 warmup steps, not warmup_steps' 2
     run(setup, cfg, tmp_path / "epochs")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "epochs" / "log.jsonl").read_text().splitlines()]
+    assert lrs[:4] == pytest.approx([cfg.optim.lr / 3, cfg.optim.lr * 2 / 3, cfg.optim.lr, cfg.optim.lr])
     done = read_done(tmp_path / "epochs")
     assert done["steps"] == steps_for_epochs(1.5, 48, 16) == 5  # 48 sequences: 3 full steps per epoch
     assert done["epochs"] == 1.5 and len(logged_losses(tmp_path / "epochs")) == 5
