@@ -208,7 +208,7 @@ def derive_paths(cfg: PipelineConfig) -> None:
     """Fill paths left empty from run_dir, so `atkd run run_dir=X` keeps everything under X.
 
     With the demo on, the data, teacher and eval paths point at what the demo
-    builds under run_dir (data/, teacher/) and `eval.answer_rule: auto` is the
+    builds under demo.dir (default run_dir: data/, teacher/) and `eval.answer_rule: auto` is the
     demo's answer check; set any of them to override. Without it, auto is "exact".
     With data.holdout (a test part) and no eval.path, evaluation reads data.path's test part.
     """
@@ -216,10 +216,12 @@ def derive_paths(cfg: PipelineConfig) -> None:
     if not cfg.cache.path:
         cfg.cache.path = str(run / "cache")
     if cfg.demo.enabled:
-        cfg.data.path = cfg.data.path or str(run / "data" / "train.jsonl")
-        cfg.teacher.model = cfg.teacher.model or str(run / "teacher")
-        cfg.eval.path = cfg.eval.path or str(run / "data" / "test.jsonl")
-        cfg.eval.validation_path = cfg.eval.validation_path or str(run / "data" / "validation.jsonl")
+        cfg.demo.dir = cfg.demo.dir or str(run)
+        demo = Path(cfg.demo.dir)
+        cfg.data.path = cfg.data.path or str(demo / "data" / "train.jsonl")
+        cfg.teacher.model = cfg.teacher.model or str(demo / "teacher")
+        cfg.eval.path = cfg.eval.path or str(demo / "data" / "test.jsonl")
+        cfg.eval.validation_path = cfg.eval.validation_path or str(demo / "data" / "validation.jsonl")
     if cfg.data.holdout is not None and cfg.data.holdout.test and not cfg.eval.path:
         cfg.eval.path, cfg.eval.split = cfg.data.path, cfg.data.split  # evaluation reads its test part
     if cfg.eval.answer_rule == "auto":
