@@ -35,7 +35,8 @@ from storage.files import atomic_write
 # The section types live next to the stage each configures; re-exported here
 # (`from pipeline.config import DataConfig` keeps working).
 __all__ = ["CacheConfig", "ConfigError", "DataConfig", "DemoConfig", "EvalConfig", "LossConfig", "OptimConfig",
-           "PipelineConfig", "StudentConfig", "TeacherConfig", "check_name", "load_config", "save_resolved",
+           "PipelineConfig", "StudentConfig", "TeacherConfig", "check_name", "config_from_raw", "load_config",
+           "read_yaml", "save_resolved",
            "to_dict", "validate"]
 
 
@@ -182,20 +183,29 @@ def _list_index(items: list, part: str, where: str) -> int:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load `pipeline.yaml` (or defaults when path is None), apply overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found (pass the path to pipeline.yaml)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"{p}{where}: YAML syntax error: {problem}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_raw(read_yaml(path) if path is not None else {}, overrides)
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """The mapping at the top of a YAML file; a missing file or a syntax error is a ConfigError saying where."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} not found" + (" (pass the path to pipeline.yaml)"
+                                                             if what == "config file" else ""))
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{p}{where}: YAML syntax error: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def config_from_raw(raw: dict, overrides: list[str] | None = None) -> PipelineConfig:
+    """A PipelineConfig from a YAML tree (changed in place by the `a.b=c` overrides), paths derived, validated."""
     for ov in overrides or []:
         _apply_override(raw, ov)
     cfg = _build(PipelineConfig, raw, "")

@@ -53,6 +53,7 @@ from storage.files import atomic_open, atomic_write
 log = logging.getLogger(__name__)
 
 METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement", "ece")
+EXAMPLE_METRICS = ("exact_match", "rouge_l")  # also per example in <name>.generations.jsonl
 ECE_BINS = 15
 RESULTS_FILE = "results.json"  # in out_dir: metrics per model
 SETTINGS_FILE = "settings.json"  # in out_dir: what the caller says results.json was computed from
@@ -391,6 +392,18 @@ def _write_generations(path: Path, rows: list[dict], texts: list[str], hits: lis
     with atomic_open(path) as f:
         for row, text, hit, score in zip(rows, texts, hits, rouge):
             f.write(json.dumps({**row, "generation": text, "exact_match": hit, "rouge_l": score}) + "\n")
+
+
+def read_example_scores(path: str | Path) -> dict[str, list[float]]:
+    """Per-example EXAMPLE_METRICS of a `<name>.generations.jsonl` (a metric missing from a line is left out)."""
+    scores: dict[str, list[float]] = {k: [] for k in EXAMPLE_METRICS}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            for key in EXAMPLE_METRICS:
+                if isinstance(row.get(key), (bool, int, float)):
+                    scores[key].append(float(row[key]))
+    return scores
 
 
 def _fmt(value) -> str:
