@@ -50,11 +50,22 @@ def generator(key: str, seed: int = SEED) -> np.random.Generator:
 def bootstrap_mean(values: Sequence[Sequence[float]], *, key: str = "", samples: int = SAMPLES,
                    level: float = LEVEL, seed: int = SEED) -> Estimate | None:
     """Mean over seeds and its `level` percentile interval (None when no seed has a value)."""
-    groups = [g for g in (np.asarray(v, dtype=np.float64).ravel() for v in values) if g.size]
-    groups = [g for g in groups if np.isfinite(g).all()]
+    groups = _groups(values)
     if not groups:
         return None
-    rng = generator(key, seed)
+    lo, hi = np.quantile(replicates(groups, samples, generator(key, seed)), [(1 - level) / 2, (1 + level) / 2])
+    mean = float(np.mean([g.mean() for g in groups]))
+    return Estimate(mean, float(lo), float(hi), len(groups), max(g.size for g in groups))
+
+
+def _groups(values: Sequence[Sequence[float]]) -> list[np.ndarray]:
+    """Each seed's finite values as float64 (a seed with none is left out)."""
+    groups = [np.asarray(v, dtype=np.float64).ravel() for v in values]
+    return [g for g in groups if g.size and np.isfinite(g).all()]
+
+
+def replicates(groups: list[np.ndarray], samples: int, rng: np.random.Generator) -> np.ndarray:
+    """`samples` bootstrap means: draw len(groups) seeds with replacement, then each draw's values."""
     n_seeds = len(groups)
     pick = rng.integers(0, n_seeds, size=(samples, n_seeds))  # which seed fills slot j of replicate b
     total = np.zeros(samples)
@@ -63,14 +74,9 @@ def bootstrap_mean(values: Sequence[Sequence[float]], *, key: str = "", samples:
         for s, g in enumerate(groups):
             rows = np.flatnonzero(pick[:, slot] == s)
             if rows.size:
-                draws = rng.integers(0, g.size, size=(rows.size, g.size)) if g.size > 1 else np.zeros((rows.size, 1),
-                                                                                                       dtype=int)
-                means[rows] = g[draws].mean(axis=1)
+                means[rows] = g[rng.integers(0, g.size, size=(rows.size, g.size))].mean(axis=1)
         total += means
-    replicates = total / n_seeds
-    lo, hi = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
-    mean = float(np.mean([g.mean() for g in groups]))
-    return Estimate(mean, float(lo), float(hi), n_seeds, max(g.size for g in groups))
+    return total / n_seeds
 
 
 def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], **kwargs) -> Estimate | None:
