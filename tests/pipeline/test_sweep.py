@@ -96,6 +96,13 @@ def test_anchored_students_stay_independent(tmp_path):
                                                                         ("kd-fast", 0.01, 3)]
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_sweeps_plan(path):
+    runs = plan(load_sweep(path))
+    assert len(runs) == 3 * len(load_sweep(path).teachers)
+
+
 # ---------------------------------------------------------------- end to end
 
 
