@@ -134,19 +134,27 @@ def baseline_section(cells: Cells, baseline: str) -> list[str]:
 
 
 def teachers_section(cells: Cells, estimates, teachers: dict[str, str]) -> list[str]:
-    """The teachers side by side: exact match of each student per teacher (teacher size, top-k)."""
+    """The teachers side by side (teacher size, top-k): exact match of each model that two or more teachers
+    share, ATKD − KD per teacher, and each model against itself under the first teacher."""
     names = [t for t in teachers if any(c[0] == t for c in cells)]
-    if len(names) < 2:
+    models = [m for m in dict.fromkeys(m for _, m in cells) if sum((t, m) in cells for t in names) >= 2]
+    if len(names) < 2 or not models:
         return []
-    models = list(dict.fromkeys(m for t, m in cells if t in names))
+    pair = _has_pair(cells, names)
+    head = "| teacher | " + " | ".join(models) + (" | atkd − kd |" if pair else " |")
+    rule = "|---|" + "---:|" * (len(models) + pair)
     lines = ["## Teachers compared (exact match)", "",
-             *[f"- `{t}`: {teachers[t] or 'the config as it is'}" for t in names], "",
-             "| teacher | " + " | ".join(models) + (" | atkd − kd |" if _has_pair(cells, names) else " |"),
-             "|---|" + "---:|" * (len(models) + _has_pair(cells, names))]
+             *[f"- `{t}`: {teachers[t] or 'the config as it is'}" for t in names], "", head, rule]
     for t in names:
         row = [fmt(estimates[(t, m)]["exact_match"]) if (t, m) in cells else "-" for m in models]
-        if _has_pair(cells, names):
+        if pair:
             row.append(fmt(difference(cells, (t, "atkd"), (t, "kd"), "exact_match"), signed=True))
+        lines.append(f"| {t} | " + " | ".join(row) + " |")
+    first = names[0]
+    lines += ["", f"Each model against the same model under `{first}` (Δ exact match, paired by seed and example):",
+              "", "| teacher | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for t in names[1:]:
+        row = [fmt(difference(cells, (t, m), (first, m), "exact_match"), signed=True) for m in models]
         lines.append(f"| {t} | " + " | ".join(row) + " |")
     return lines + [""]
 
