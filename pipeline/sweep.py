@@ -29,7 +29,8 @@ by this layout unless the sweep's or the teacher's `set` names them. A student
 that a listed one starts from (`init_from`) is trained too. Runs go one after
 another in this process; a finished run (every student trained, evaluation
 current) is skipped, an unfinished one continues where it stopped (`atkd
-run`'s own resumption), so a killed sweep continues when started again.
+run`'s own resumption), so a killed sweep continues when started again. The
+report is rewritten after each run, from the finished runs.
 """
 
 from __future__ import annotations
@@ -313,17 +314,19 @@ def run_sweep(spec: Sweep, runs: list[Run] | None = None) -> str:
             seconds[run.label] = seconds.get(run.label, 0.0) + time.perf_counter() - t0
             finished[run.label] = runner.run_finished(run.cfg)
             _write_plan(spec, runs, seconds, finished)
-    return write_report(spec, runs, seconds)
+        if i < len(runs):  # a long sweep's report grows run by run
+            write_report(spec, runs, seconds, finished)
+    return write_report(spec, runs, seconds, finished)
 
 
-def write_report(spec: Sweep, runs: list[Run], seconds: dict[str, float]) -> str:
+def write_report(spec: Sweep, runs: list[Run], seconds: dict[str, float], finished: dict[str, bool]) -> str:
     """The sweep's report from every finished run's eval/results.json and per-example scores."""
     from stages.evaluate import read_example_scores
     from stages.sweep_report import SeedResult, Sweep as About, machine, write_sweep_report
 
     cells: dict[tuple[str, str], list] = {}
     for run in runs:
-        results = runner.load_results(run.cfg)
+        results = runner.load_results(run.cfg) if finished.get(run.label) else None
         for model, metrics in (results or {}).items():
             generations = runner.results_path(run.cfg).parent / f"{model}.generations.jsonl"
             examples = read_example_scores(generations) if generations.is_file() else {}
@@ -332,7 +335,9 @@ def write_report(spec: Sweep, runs: list[Run], seconds: dict[str, float]) -> str
     describe = lambda sets: ", ".join(f"{k}={json.dumps(v)}" for k, v in sets.items())  # noqa: E731
     about = About(
         lines=[f"- sweep: `{spec.path}` (config `{spec.config}`), {len(runs)} runs: "
-               f"{len(spec.teachers)} teacher(s) x seeds {spec.seeds}",
+               f"{len(spec.teachers)} teacher(s) x seeds {spec.seeds}; finished: "
+               + (f"all {len(runs)}" if all(finished.get(r.label) for r in runs) else
+                  f"{sum(bool(finished.get(r.label)) for r in runs)} of {len(runs)} (`atkd sweep` continues)"),
                f"- machine: {machine()}",
                f"- wall time: {total / 60:.1f} min in runs (sum over runs and invocations of `atkd sweep`; the "
                f"first run of a teacher includes its demo build and caches)"],

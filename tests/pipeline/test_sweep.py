@@ -48,6 +48,16 @@ def test_bad_sweep_files_say_what_and_where(tmp_path, sweep, message):
         load_sweep(write_sweep(tmp_path, **sweep))
 
 
+def test_cli_says_what_is_wrong(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["sweep"]) == 2
+    assert "give the sweep file" in capsys.readouterr().err
+    assert main(["sweep", str(write_sweep(tmp_path, students=["atdk"])), "--dry-run"]) == 2
+    assert "no student named 'atdk'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
 def test_bad_override_names_the_teacher(tmp_path):
     spec = load_sweep(write_sweep(tmp_path, teachers=[{"name": "t8", "set": {"teacher.top_kk": 8}}]))
     with pytest.raises(ConfigError, match=r"sweep.yaml: teacher 't8'.*teacher: unknown key\(s\) 'top_kk'"):
@@ -125,7 +135,7 @@ def test_sweep_end_to_end_killed_and_continued(tmp_path, monkeypatch):
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     runs = {r["label"]: r for r in json.loads((out / "sweep.json").read_text())["runs"]}
     assert runs["default/seed-0"]["finished"] and not runs["default/seed-1"]["finished"]
-    assert not (out / "report.md").exists()
+    assert "finished: 1 of 2" in (out / "report.md").read_text()  # the report so far: seed 0's runs
 
     second = atkd("sweep", "sweep.yaml", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -146,7 +156,7 @@ def test_sweep_end_to_end_killed_and_continued(tmp_path, monkeypatch):
         assert cell["metrics"]["rouge_l"]["examples"] == 16 and cell["metrics"]["perplexity"]["examples"] == 1
     report = (out / "report.md").read_text()
     assert re.search(r"\| default \| kd \| 2 \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", report)
-    assert "## Against `base`" in report and "logical cores" in report and "seeds [0, 1]" in report
+    assert "## Against `base`" in report and "logical cores" in report and "seeds [0, 1]; finished: all 2" in report
     assert (out / "sweep.png").stat().st_size > 5000
     assert (out / "runs" / "default" / "seed-1" / "eval" / "kd.generations.jsonl").is_file()
 
