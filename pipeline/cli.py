@@ -5,6 +5,7 @@
     atkd finetune [pipeline.yaml] [a.b=c ...]  teacher.finetune only (runs under torchrun too)
     atkd student [pipeline.yaml] [--student NAME] [a.b=c ...]   stage two
     atkd eval    [pipeline.yaml] [a.b=c ...]   evaluate students + teacher, write the report
+    atkd sweep   SWEEP.yaml [a.b=c ...] [--dry-run]   students x seeds x teachers, report with 95% intervals
     atkd status  [pipeline.yaml]               what is done
     atkd verify  [CACHE_OR_CONFIG]             check every shard of a cache
     atkd inspect [CACHE_OR_CONFIG] [--shards N]   counts, size, teacher uncertainty, provenance
@@ -134,6 +135,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from pipeline.sweep import load_sweep, plan, plan_text, run_sweep
+
+    path, overrides = _split_args(args.rest)
+    if not any(item == path for item in args.rest):
+        raise ConfigError("atkd sweep: give the sweep file (e.g. configs/demo-sweep.yaml)")
+    spec = load_sweep(path, overrides)
+    runs = plan(spec)
+    if args.dry_run:
+        print(plan_text(spec, runs))
+        return 0
+    t0 = time.time()
+    report = run_sweep(spec, runs)
+    print(f"[atkd sweep] finished in {time.time() - t0:.0f} s; report: {report}")
+    return 0
+
+
 def cmd_status(args) -> int:
     cfg = _load(args.rest)
     print(runner.status_text(cfg))
@@ -193,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("student", cmd_student, "stage two: train the students", dry_run=True)
     sp.add_argument("--student", help="train only this student (by name)")
     add("eval", cmd_eval, "evaluate students and teacher, write the report")
+    add("sweep", cmd_sweep, "students x seeds x teachers, each an `atkd run`; report with 95% intervals",
+        dry_run=True)
     add("status", cmd_status, "show what is done")
     for name, fn, help_text in (("verify", cmd_verify, "verify every shard of a cache"),
                                 ("inspect", cmd_inspect, "what a cache holds: counts, size, teacher uncertainty")):

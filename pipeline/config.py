@@ -35,8 +35,8 @@ from storage.files import atomic_write
 # The section types live next to the stage each configures; re-exported here
 # (`from pipeline.config import DataConfig` keeps working).
 __all__ = ["CacheConfig", "ConfigError", "DataConfig", "DemoConfig", "EvalConfig", "FinetuneConfig", "LossConfig",
-           "OptimConfig",
-           "PipelineConfig", "StudentConfig", "TeacherConfig", "check_name", "load_config", "save_resolved",
+           "OptimConfig", "PipelineConfig", "StudentConfig", "TeacherConfig", "check_name", "config_from_raw",
+           "load_config", "read_yaml", "save_resolved",
            "to_dict", "validate"]
 
 
@@ -183,20 +183,29 @@ def _list_index(items: list, part: str, where: str) -> int:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load `pipeline.yaml` (or defaults when path is None), apply overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found (pass the path to pipeline.yaml)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"{p}{where}: YAML syntax error: {problem}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_raw(read_yaml(path) if path is not None else {}, overrides)
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """The mapping at the top of a YAML file; a missing file or a syntax error is a ConfigError saying where."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} not found" + (" (pass the path to pipeline.yaml)"
+                                                             if what == "config file" else ""))
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{p}{where}: YAML syntax error: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def config_from_raw(raw: dict, overrides: list[str] | None = None) -> PipelineConfig:
+    """A PipelineConfig from a YAML tree (changed in place by the `a.b=c` overrides), paths derived, validated."""
     for ov in overrides or []:
         _apply_override(raw, ov)
     cfg = _build(PipelineConfig, raw, "")
@@ -209,7 +218,7 @@ def derive_paths(cfg: PipelineConfig) -> None:
     """Fill paths left empty from run_dir, so `atkd run run_dir=X` keeps everything under X.
 
     With the demo on, the data, teacher and eval paths point at what the demo
-    builds under run_dir (data/, teacher/) and `eval.answer_rule: auto` is the
+    builds under demo.dir (default run_dir: data/, teacher/) and `eval.answer_rule: auto` is the
     demo's answer check; set any of them to override. Without it, auto is "exact".
     With data.holdout (a test part) and no eval.path, evaluation reads data.path's test part.
     """
@@ -217,10 +226,12 @@ def derive_paths(cfg: PipelineConfig) -> None:
     if not cfg.cache.path:
         cfg.cache.path = str(run / "cache")
     if cfg.demo.enabled:
-        cfg.data.path = cfg.data.path or str(run / "data" / "train.jsonl")
-        cfg.teacher.model = cfg.teacher.model or str(run / "teacher")
-        cfg.eval.path = cfg.eval.path or str(run / "data" / "test.jsonl")
-        cfg.eval.validation_path = cfg.eval.validation_path or str(run / "data" / "validation.jsonl")
+        cfg.demo.dir = cfg.demo.dir or str(run)
+        demo = Path(cfg.demo.dir)
+        cfg.data.path = cfg.data.path or str(demo / "data" / "train.jsonl")
+        cfg.teacher.model = cfg.teacher.model or str(demo / "teacher")
+        cfg.eval.path = cfg.eval.path or str(demo / "data" / "test.jsonl")
+        cfg.eval.validation_path = cfg.eval.validation_path or str(demo / "data" / "validation.jsonl")
     if cfg.data.holdout is not None and cfg.data.holdout.test and not cfg.eval.path:
         cfg.eval.path, cfg.eval.split = cfg.data.path, cfg.data.split  # evaluation reads its test part
     if cfg.eval.answer_rule == "auto":

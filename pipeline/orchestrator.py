@@ -7,7 +7,8 @@ Run directory layout (everything a run produces lives under `run_dir`):
     <run_dir>/students/<name>/         checkpoints, log.jsonl, tb/, final/, done.json
     <run_dir>/teacher-finetuned/       teacher.finetune: the teacher's SFT run, laid out like a student;
                                        stage one caches its final/ instead of teacher.model
-    <run_dir>/cache-val/               teacher cache over the validation split (stage one, for eval)
+    <run_dir>/cache-val/               teacher cache over the validation split (stage one, for eval;
+                                       eval.validation_cache puts it elsewhere, e.g. shared by a sweep's seeds)
     <run_dir>/eval/results.json        metrics per model (written by stages.evaluate only)
     <run_dir>/eval/settings.json       what results.json was computed from (config, models, their done.json)
     <run_dir>/eval/overlap.json        evaluation rows found among the training rows (stages.overlap), keyed
@@ -70,7 +71,12 @@ def cached_teacher(cfg: PipelineConfig) -> TeacherConfig:
 
 
 def val_cache_path(cfg: PipelineConfig) -> str:
-    return str(Path(cfg.run_dir) / "cache-val")
+    return cfg.eval.validation_cache or str(Path(cfg.run_dir) / "cache-val")
+
+
+def demo_dir(cfg: PipelineConfig) -> str:
+    """Where the demo's data/, tokenizer/ and teacher/ are built (`demo.dir`, default run_dir)."""
+    return cfg.demo.dir or cfg.run_dir
 
 
 def results_path(cfg: PipelineConfig) -> Path:
@@ -106,7 +112,7 @@ def prepare(cfg: PipelineConfig) -> None:
         from stages.demo.teacher import prepare_demo
 
         with stage_log(cfg, "demo"):
-            prepare_demo(cfg.demo, cfg.run_dir, cfg.data)
+            prepare_demo(cfg.demo, demo_dir(cfg), cfg.data)
     record_split(cfg)
 
 
@@ -382,7 +388,7 @@ def report_sections(cfg: PipelineConfig) -> list[str]:
         return []
     from stages.demo.evaluation import teacher_section
 
-    return [teacher_section(cfg.run_dir)]
+    return [teacher_section(demo_dir(cfg))]
 
 
 def _run_eval(cfg: PipelineConfig) -> dict:
@@ -407,6 +413,11 @@ def _run_eval(cfg: PipelineConfig) -> dict:
     report = write_report(cfg.run_dir, results, logs, cache, sections=report_sections(cfg))
     _log(f"report written to {report}")
     return results
+
+
+def run_finished(cfg: PipelineConfig) -> bool:
+    """Every student trained and the evaluation current: `atkd run` would do nothing."""
+    return all(student_done(cfg, s.name) for s in cfg.students) and not _eval_stale(cfg)
 
 
 def run_all(cfg: PipelineConfig) -> bool:

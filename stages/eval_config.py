@@ -17,6 +17,7 @@ class EvalConfig:
     split: str = "test"
     # Data to cache for KL / top-1 agreement / ECE; empty: none, or with data.holdout its validation part.
     validation_path: str = ""
+    validation_cache: str = ""  # where stage one caches the validation data; empty: <run_dir>/cache-val
     max_examples: int = 200
     max_new_tokens: int = 64
     backend: Literal["auto", "vllm", "transformers"] = "auto"

@@ -53,6 +53,7 @@ from storage.files import atomic_open, atomic_write
 log = logging.getLogger(__name__)
 
 METRICS = ("exact_match", "rouge_l", "perplexity", "kl_to_teacher", "top1_agreement", "ece")
+EXAMPLE_METRICS = ("exact_match", "rouge_l")  # also per example in <name>.generations.jsonl
 ECE_BINS = 15
 RESULTS_FILE = "results.json"  # in out_dir: metrics per model
 SETTINGS_FILE = "settings.json"  # in out_dir: what the caller says results.json was computed from
@@ -299,7 +300,8 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
     data of the validation cache) are compared with the training rows of `data_cfg`
     (stages.overlap): an overlap is an EvalError unless eval.allow_train_overlap.
 
-    With `out_dir`, each model's generations go to `<out_dir>/<name>.generations.jsonl`
+    With `out_dir`, each model's generations (with each example's `exact_match` and
+    `rouge_l`) go to `<out_dir>/<name>.generations.jsonl`
     and all metrics to `<out_dir>/results.json` (this is its only writer), in the order
     of `models`. `settings` (JSON: what the caller needs to tell whether the results are
     current) then goes to `<out_dir>/settings.json`, written after results.json and
@@ -345,14 +347,15 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
             res["generation_seconds"] = round(time.perf_counter() - tg, 2)
             hits = [bool(rule.score(r, t)) for t, r in zip(texts, rows)]
             res["exact_match"] = sum(hits) / len(hits)
-            res["rouge_l"] = sum(rouge_l(texts, references)) / len(texts)
+            rouge = rouge_l(texts, references)
+            res["rouge_l"] = sum(rouge) / len(texts)
             by_group = exact_match_by_group(rule, rows, hits)
             if by_group is not None:
                 res["exact_match_by_task"] = by_group
             examples, _ = tokenize_examples(rows, tokenizer, data_cfg)
             res["perplexity"], res["perplexity_tokens"] = perplexity(model, tokenizer, examples, eval_cfg.batch_size)
             if out:
-                _write_generations(out / f"{name}.generations.jsonl", rows, texts, hits)
+                _write_generations(out / f"{name}.generations.jsonl", rows, texts, hits, rouge)
         if records:
             res.update(teacher_agreement(model, records, pad_id(tokenizer), eval_cfg.batch_size))
         res["seconds"] = round(time.perf_counter() - t0, 2)
@@ -383,10 +386,24 @@ def exact_match_by_group(rule: AnswerRule, rows: list[dict], hits: list[bool]) -
     return {k: sum(v) / len(v) for k, v in sorted(by.items())}
 
 
-def _write_generations(path: Path, rows: list[dict], texts: list[str], hits: list[bool]) -> None:
+def _write_generations(path: Path, rows: list[dict], texts: list[str], hits: list[bool],
+                       rouge: list[float]) -> None:
+    """One line per example: the row, the generation and its per-example scores (a sweep's bootstrap reads them)."""
     with atomic_open(path) as f:
-        for row, text, hit in zip(rows, texts, hits):
-            f.write(json.dumps({**row, "generation": text, "exact_match": hit}) + "\n")
+        for row, text, hit, score in zip(rows, texts, hits, rouge):
+            f.write(json.dumps({**row, "generation": text, "exact_match": hit, "rouge_l": score}) + "\n")
+
+
+def read_example_scores(path: str | Path) -> dict[str, list[float]]:
+    """Per-example EXAMPLE_METRICS of a `<name>.generations.jsonl` (a metric missing from a line is left out)."""
+    scores: dict[str, list[float]] = {k: [] for k in EXAMPLE_METRICS}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            for key in EXAMPLE_METRICS:
+                if isinstance(row.get(key), (bool, int, float)):
+                    scores[key].append(float(row[key]))
+    return scores
 
 
 def _fmt(value) -> str:

@@ -14,6 +14,9 @@ class DemoConfig:
     """The embedded demo task (issue: `atkd run` works with no download)."""
 
     enabled: bool = False
+    # Where data/, tokenizer/ and teacher/ are built; empty: run_dir. Many runs (`atkd sweep`'s
+    # seeds) can point at one build.
+    dir: str = ""
     seed: int = 0
     train_examples: int = 4000
     validation_examples: int = 300
