@@ -270,6 +270,8 @@ def validate(cfg: PipelineConfig) -> None:
                               f"test itself), got {holdout.part!r}")
     if cfg.cache.sequences_per_shard <= 0:
         raise ConfigError("cache.sequences_per_shard: must be > 0")
+    if cfg.cache.logprob_encoding == "u8-rel" and not 0.0 < cfg.cache.logprob_step <= 1.0:
+        raise ConfigError(f"cache.logprob_step: must be in (0, 1] nats, got {cfg.cache.logprob_step}")
     if cfg.data.kind == "prompt_response":
         from stages.template import template_names, used_names
 

@@ -19,6 +19,7 @@ from storage import shard as shards
 from storage.errors import (CacheMismatchError, CorruptShardError, ManifestError, ShardExistsError,  # noqa: F401
                             StorageError, StorageIOError)
 from storage.fs import CacheFS
+from storage.encoding import LogprobEncoding, describe_record
 from storage.lease import Lease
 from storage.manifest import MANIFEST_NAME, Manifest, create_manifest, normalize_json, read_manifest, write_manifest
 from storage.schema import ShardData
@@ -49,16 +50,21 @@ class Cache:
 
     # ---- opening ----------------------------------------------------------
     @classmethod
-    def create_or_open(cls, url: str, identity: dict[str, Any], shard_plan: list[dict[str, Any]],
-                       **storage_options: Any) -> "Cache":
-        """Create the cache on first use; on reopen refuse another identity or plan.
+    def create_or_open(cls, url: str, identity: dict[str, Any], shard_plan: list[dict[str, Any]], *,
+                       logprob_encoding: LogprobEncoding | None = None, **storage_options: Any) -> "Cache":
+        """Create the cache on first use; on reopen refuse another identity, plan or encoding.
 
         Safe when many workers start at once: one creates the manifest, the
         others compare against it. Raises CacheMismatchError naming each
-        differing key with both values.
+        differing key with both values. ``logprob_encoding``: how shards store
+        the top-k (default exact, format v1; storage/encoding.py).
         """
         fs = CacheFS(url, **storage_options)
-        wanted = Manifest(identity=normalize_json(identity), shard_plan=normalize_json(shard_plan))
+        enc = logprob_encoding or LogprobEncoding()
+        wanted = Manifest(identity=normalize_json(identity), shard_plan=normalize_json(shard_plan),
+                          format_version=2 if enc.lossy else 1,
+                          dtypes={n: str(spec[0]) for n, spec in enc.array_specs().items()},
+                          logprob_encoding=enc.describe())
         # Existing cache: compare only (no write, so a read-only complete cache can be checked).
         if fs.exists(MANIFEST_NAME):
             created = False
@@ -67,6 +73,12 @@ class Cache:
                 created = create_manifest(fs, wanted)
         if not created:
             existing = read_manifest(fs)
+            if existing.logprob_encoding != wanted.logprob_encoding:
+                raise CacheMismatchError(
+                    f"the cache at {fs.url} stores top-k log-probs as {describe_record(existing.logprob_encoding)}; "
+                    f"this configuration asks for {describe_record(wanted.logprob_encoding)} "
+                    "(cache.logprob_encoding / cache.logprob_step). Use the cache's setting, a new cache path, "
+                    "or delete this cache to rebuild it.")
             existing.check_matches(identity, shard_plan, fs.url)
             return cls(fs, existing)
         return cls(fs, wanted)
@@ -97,6 +109,11 @@ class Cache:
     @property
     def fingerprint(self) -> str:
         return self.manifest.fingerprint()
+
+    @property
+    def encoding(self) -> LogprobEncoding:
+        """How the shards store the top-k log-probs (the manifest's ``logprob_encoding``)."""
+        return LogprobEncoding.from_record(self.manifest.logprob_encoding)
 
     @property
     def vocab_size(self) -> int | None:
@@ -198,7 +215,7 @@ class Cache:
         extra = {**(attrs or {}), "shard_index": index, "written_at": time.time(),
                  "worker_id": lease.worker_id if lease is not None else None}
         try:
-            shards.write_shard(self.fs, rel, data, codec=codec, extra_attrs=extra,
+            shards.write_shard(self.fs, rel, data, codec=codec, encoding=self.encoding, extra_attrs=extra,
                                before_commit=lease.check if lease is not None else None)
         except OSError as e:  # disk full, read-only, ...: say which shard and that nothing was committed
             raise StorageIOError(e.errno, f"writing shard {index} to {self.fs.display(rel)} failed "
@@ -258,7 +275,8 @@ class Cache:
     def read_shard(self, index: int, *, verify_checksums: bool = True) -> ShardData:
         """Decode shard ``index``; CorruptShardError (naming the shard) if it is
         missing, incomplete, or fails its checksums."""
-        return shards.read_shard(self.fs, self.shard_rel(index), verify_checksums=verify_checksums)
+        return shards.read_shard(self.fs, self.shard_rel(index), verify_checksums=verify_checksums,
+                                 encoding=self.encoding)
 
     def shard_num_sequences(self, index: int) -> int:
         """Sequence count of a complete shard, from its attributes (no decoding)."""

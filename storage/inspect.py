@@ -20,7 +20,6 @@ from storage.errors import StorageArgumentError
 
 HIST_BINS = 10
 BAR_WIDTH = 40
-TOPK_ARRAYS = ("topk_ids", "topk_logprobs")
 
 
 @dataclass
@@ -39,6 +38,7 @@ class InspectReport:
     mean_topk_mass: float | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
+    encoding: str = "exact"  # how the log-probs are stored (storage/encoding.py), in words
 
     def text(self) -> str:
         return "\n".join(_header(self) + _sizes(self) + _uncertainty(self) + _provenance(self))
@@ -55,8 +55,9 @@ def inspect_cache(url: str, max_shards: int = 8, **storage_options) -> InspectRe
                            top_k=int(ident["top_k"]) if ident.get("top_k") is not None else None,
                            counts=_counts(cache, done), bytes_total=_bytes_under(cache.fs, ""),
                            bytes_topk=sum(_bytes_under(cache.fs, f"{cache.shard_rel(i)}/{a}")
-                                          for i in done for a in TOPK_ARRAYS),
-                           provenance=dict(cache.manifest.provenance), identity=dict(ident))
+                                          for i in done for a in cache.encoding.topk_arrays),
+                           provenance=dict(cache.manifest.provenance), identity=dict(ident),
+                           encoding=cache.encoding.label())
     report.sampled = sample_shards(done, max_shards)
     _read_logprobs(cache, report)
     return report
@@ -108,7 +109,7 @@ def _read_logprobs(cache: Cache, report: InspectReport) -> None:
     for index in report.sampled:
         group = zarr.open_group(cache.fs.zarr_store(cache.shard_rel(index), read_only=True), mode="r")
         gold = np.asarray(group["target_logprobs"][...], dtype=np.float64)
-        topk = np.asarray(group["topk_logprobs"][...], dtype=np.float64)
+        topk = cache.encoding.read_logprobs(group)
         uncertainty = 1.0 - np.exp(gold)
         bins = np.clip((uncertainty * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
         hist += np.bincount(bins, minlength=HIST_BINS)
@@ -136,6 +137,7 @@ def _header(r: InspectReport) -> list[str]:
     return [f"cache {r.url} (fingerprint {r.fingerprint})",
             f"  teacher {teacher}, top_k {r.top_k if r.top_k is not None else '?'}, "
             f"vocab {r.identity.get('vocab_size', '?')}, max_seq_len {r.identity.get('max_seq_len', '?')}",
+            f"  log-probs {r.encoding}",
             f"  shards done {len(r.done)}/{r.num_shards}",
             f"  {c['num_sequences']:,} sequences, {c['num_tokens']:,} tokens, "
             f"{c['num_positions']:,} target positions (in complete shards)"]

@@ -15,9 +15,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from storage.encoding import EncodingError, LogprobEncoding
 from storage.errors import CacheMismatchError, ManifestError
 from storage.fs import CacheFS
-from storage.schema import ARRAY_DTYPES, FORMAT_VERSION
+from storage.schema import ARRAY_DTYPES, FORMAT_VERSION, FORMAT_VERSIONS
 
 MANIFEST_NAME = "manifest.json"
 
@@ -37,7 +38,10 @@ class Manifest:
     shard_plan: one dict per shard, e.g. {"index", "example_start", "example_end"}.
     provenance: how it was made (teacher path, engine and version, dtype, host,
     start/end times); informational only, so never part of the fingerprint or
-    of the identity comparison. Manifests written before it existed read as {}."""
+    of the identity comparison. Manifests written before it existed read as {}.
+    logprob_encoding: None for the exact top-k (format v1), else the lossy
+    encoding's description (storage/encoding.py; format v2): part of the
+    fingerprint and compared on reopen, absent from an exact cache's JSON."""
 
     identity: dict[str, Any]
     shard_plan: list[dict[str, Any]]
@@ -47,6 +51,7 @@ class Manifest:
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     provenance: dict[str, Any] = field(default_factory=dict)
+    logprob_encoding: dict[str, Any] | None = None
 
     @property
     def num_shards(self) -> int:
@@ -60,11 +65,16 @@ class Manifest:
         """
         payload = {"format_version": self.format_version, "dtypes": self.dtypes,
                    "identity": self.identity, "shard_plan": self.shard_plan}
+        if self.logprob_encoding is not None:
+            payload["logprob_encoding"] = self.logprob_encoding
         text = json.dumps(normalize_json(payload), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        raw = asdict(self)
+        if raw["logprob_encoding"] is None:  # an exact cache's manifest reads as before
+            del raw["logprob_encoding"]
+        return json.dumps(raw, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> "Manifest":
@@ -76,14 +86,20 @@ class Manifest:
         if not isinstance(raw, dict):
             raise ManifestError(f"{where} does not hold a JSON object")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ManifestError(f"{where} has cache format version {version!r}; this code reads version "
-                                f"{FORMAT_VERSION}. Use the matching atkd release, or rebuild the cache.")
+        if version not in FORMAT_VERSIONS:
+            raise ManifestError(f"{where} has cache format version {version!r}; this code reads versions "
+                                f"{', '.join(map(str, FORMAT_VERSIONS))}. Use the matching atkd release, "
+                                "or rebuild the cache.")
         missing = [k for k in ("identity", "shard_plan") if k not in raw]
         if missing:
             raise ManifestError(f"{where} lacks required keys {missing}")
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        manifest = cls(**{k: v for k, v in raw.items() if k in known})
+        try:
+            LogprobEncoding.from_record(manifest.logprob_encoding)
+        except EncodingError as e:
+            raise ManifestError(f"{where}: {e}") from None
+        return manifest
 
     def check_matches(self, identity: dict[str, Any], shard_plan: list[dict[str, Any]], where: str) -> None:
         """Raise CacheMismatchError naming every identity key / plan entry that differs."""

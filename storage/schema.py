@@ -11,6 +11,8 @@ A shard holds n sequences packed end to end (docs/cache-format.md):
   ``target_logprobs`` float32 [P] (teacher log p of the gold next token)
 
 Changing any name, dtype or meaning here means bumping FORMAT_VERSION.
+A cache whose log-probs use a lossy encoding (storage/encoding.py) stores other
+top-k arrays and is format v2; decoded, its ``topk_logprobs`` are float32.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a cache with the exact (lossless) top-k
+FORMAT_VERSIONS = (1, 2)  # readable; 2 = v1 plus a lossy log-prob encoding named in the manifest
 
 # name -> (dtype, ndim); the order is the order arrays are written and checked.
 ARRAY_SPECS: dict[str, tuple[np.dtype, int]] = {
@@ -156,27 +159,32 @@ class ShardData:
         )
 
     # ---- validation -----------------------------------------------------
-    def validate(self, vocab_size: int | None = None) -> list[str]:
+    def validate(self, vocab_size: int | None = None, *, logprob_atol: float = 0.0,
+                 grid_floor: float | None = None) -> list[str]:
         """Every way this shard breaks format v1, as readable sentences ([] = valid).
 
         Structural problems stop the check early (the value checks would only
-        produce noise on misshapen arrays).
+        produce noise on misshapen arrays). For log-probs decoded from a lossy
+        encoding: ``logprob_atol`` is its error bound (added to the gold-token
+        tolerances), entries more than ``grid_floor`` nats below their row's
+        top-1 mean "this or less", and the log-probs are float32 (storage/encoding.py).
         """
-        problems = _check_structure(self)
+        problems = _check_structure(self, decoded=grid_floor is not None)
         if problems:
             return problems
         problems = _check_offsets(self)
         # Gold-token checks index input_ids through the offsets: only when sound.
-        return problems + _check_values(self, vocab_size, check_targets=not problems)
+        return problems + _check_values(self, vocab_size, check_targets=not problems,
+                                        atol=logprob_atol, grid_floor=grid_floor)
 
 
-def _check_structure(d: ShardData) -> list[str]:
+def _check_structure(d: ShardData, decoded: bool = False) -> list[str]:
     problems = []
     for name, (dtype, ndim) in ARRAY_SPECS.items():
         a = getattr(d, name)
         if not isinstance(a, np.ndarray):
             problems.append(f"{name}: expected a numpy array, got {type(a).__name__}")
-        elif a.dtype != dtype:
+        elif a.dtype != dtype and not (decoded and name == "topk_logprobs" and a.dtype == np.float32):
             problems.append(f"{name}: dtype {a.dtype}, format v1 requires {dtype}")
         elif a.ndim != ndim:
             problems.append(f"{name}: {a.ndim}-d array of shape {a.shape}, format v1 requires {ndim}-d")
@@ -227,7 +235,8 @@ def _check_offsets(d: ShardData) -> list[str]:
     return problems
 
 
-def _check_values(d: ShardData, vocab_size: int | None, check_targets: bool) -> list[str]:
+def _check_values(d: ShardData, vocab_size: int | None, check_targets: bool, atol: float = 0.0,
+                  grid_floor: float | None = None) -> list[str]:
     problems = []
     hi = vocab_size if vocab_size is not None else np.iinfo(np.int32).max
     for name in ("input_ids", "topk_ids"):
@@ -251,11 +260,11 @@ def _check_values(d: ShardData, vocab_size: int | None, check_targets: bool) -> 
         if dup.any():
             problems.append(f"topk_ids: {int(dup.sum())} rows repeat a token id (first: row {int(np.argmax(dup))})")
     if check_targets:
-        problems += _check_target_rows(d, lp)
+        problems += _check_target_rows(d, lp, atol, grid_floor)
     return problems
 
 
-def _check_target_rows(d: ShardData, lp: np.ndarray) -> list[str]:
+def _check_target_rows(d: ShardData, lp: np.ndarray, atol: float = 0.0, grid_floor: float | None = None) -> list[str]:
     """Teacher rows agree with the gold tokens they were computed for."""
     if d.num_positions == 0:
         return []
@@ -265,8 +274,11 @@ def _check_target_rows(d: ShardData, lp: np.ndarray) -> list[str]:
     in_topk = hit.any(axis=1)
     gold_lp = d.target_logprobs
     topk_gold_lp = np.where(in_topk, lp[np.arange(len(lp)), hit.argmax(axis=1)], 0.0)
-    tol = _TARGET_MATCH_ATOL + _TARGET_MATCH_RTOL * np.abs(gold_lp)
+    tol = _TARGET_MATCH_ATOL + _TARGET_MATCH_RTOL * np.abs(gold_lp) + atol
     mismatch = in_topk & (np.abs(topk_gold_lp - gold_lp) > tol)
+    if grid_floor is not None:  # a gold entry below a lossy grid's floor only says "this or less"
+        below = topk_gold_lp <= lp[:, 0] - grid_floor + 1e-4
+        mismatch &= ~(below & (gold_lp <= topk_gold_lp + tol))
     problems = []
     if mismatch.any():
         i = int(np.argmax(mismatch))

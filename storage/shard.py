@@ -1,4 +1,4 @@
-"""Write and read one shard: a zarr v3 group with the format v1 arrays.
+"""Write and read one shard: a zarr v3 group with the format v1 arrays (or v2's encoded top-k).
 
 Commit protocol (a half-written shard is never read):
 - local/NFS: the group is written under ``shard-00000.zarr.partial-<uuid>``
@@ -12,7 +12,8 @@ Group attributes: ``format_version``, ``counts`` (sequences, tokens, positions,
 top_k), ``checksums`` (sha256 of each decoded array's C-order bytes, so the
 check is independent of codec and chunking), ``codec``, ``complete``, plus
 what the writers add (``shard_index``, ``written_at``, ``worker_id``; stage one: ``data``, ``rows``);
-see docs/cache-format.md.
+see docs/cache-format.md. A lossy log-prob encoding (storage/encoding.py) is
+applied on write and undone on read, named in ``logprob_encoding`` (format v2).
 
 Only zarr's public API is used (zarr.open_group, Group.create_array, group
 attributes; tests/storage/test_public_api.py checks it), so a zarr upgrade
@@ -34,10 +35,11 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 from zarr.errors import GroupNotFoundError
 
+from storage.encoding import LogprobEncoding, describe_record
 from storage.errors import CorruptShardError, ShardExistsError
 from storage.faults import fault_point
 from storage.fs import CacheFS
-from storage.schema import ARRAY_NAMES, ARRAY_SPECS, FORMAT_VERSION, ShardData
+from storage.schema import ARRAY_NAMES, FORMAT_VERSIONS, ShardData
 
 SHARDS_DIR = "shards"
 
@@ -88,26 +90,30 @@ def _chunks(a: np.ndarray) -> tuple[int, ...]:
 
 
 def write_shard(fs: CacheFS, rel: str, data: ShardData, *, codec: str = "default",
-                extra_attrs: dict[str, Any] | None = None,
+                encoding: LogprobEncoding | None = None, extra_attrs: dict[str, Any] | None = None,
                 before_commit: Callable[[], None] | None = None) -> None:
     """Write ``data`` as a complete shard at ``rel`` (see the module docstring).
 
     ``before_commit`` runs after the arrays are written and before the shard
     becomes visible (the lease check); if it raises, nothing is committed.
     Raises ShardExistsError if a complete shard is already there. The caller
-    validates ``data`` first (Cache.write_shard does).
+    validates ``data`` first (Cache.write_shard does). ``encoding``: how the
+    top-k is stored (default exact); checksums are of the stored arrays.
     """
+    encoding = encoding or LogprobEncoding()
+    stored = encoding.encode(data)
     attrs = {
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if encoding.lossy else 1,
         "counts": data.counts(),
-        "checksums": {name: array_checksum(a) for name, a in data.arrays().items()},
+        "checksums": {name: array_checksum(a) for name, a in stored.items()},
         "codec": codec,
+        **({"logprob_encoding": encoding.describe()} if encoding.lossy else {}),
         **(extra_attrs or {}),
     }
     if fs.is_local:
         tmp = f"{rel}.partial-{uuid.uuid4().hex}"
         try:
-            _write_group(fs.zarr_store(tmp), data, attrs, codec)
+            _write_group(fs.zarr_store(tmp), stored, attrs, codec)
             fault_point("shard.write", rel)  # arrays written, not yet marked complete
             _mark_complete(fs.zarr_store(tmp))
             if before_commit is not None:
@@ -124,7 +130,7 @@ def write_shard(fs: CacheFS, rel: str, data: ShardData, *, codec: str = "default
     else:
         if is_complete(fs, rel):
             raise ShardExistsError(f"{fs.display(rel)} is already complete; not replacing it")
-        _write_group(fs.zarr_store(rel), data, attrs, codec)
+        _write_group(fs.zarr_store(rel), stored, attrs, codec)
         if before_commit is not None:
             before_commit()
         _mark_complete(fs.zarr_store(rel))
@@ -185,7 +191,7 @@ def _concurrently(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
     return [f.result() for f in futures]
 
 
-def _write_group(store, data: ShardData, attrs: dict[str, Any], codec: str) -> None:
+def _write_group(store, arrays: dict[str, np.ndarray], attrs: dict[str, Any], codec: str) -> None:
     """Create the group and all arrays; the arrays are written concurrently."""
     # mode="w" clears leftovers of an interrupted in-place write first.
     group = zarr.open_group(store, mode="w", zarr_format=3, attributes={**attrs, "complete": False})
@@ -195,7 +201,7 @@ def _write_group(store, data: ShardData, attrs: dict[str, Any], codec: str) -> N
         group.create_array(name, data=np.ascontiguousarray(a), chunks=_chunks(a),
                            compressors=[_compressor(a.dtype, codec)], fill_value=0)
 
-    _concurrently(write, data.arrays().items())
+    _concurrently(write, arrays.items())
 
 
 def _mark_complete(store) -> None:
@@ -241,9 +247,11 @@ def is_complete(fs: CacheFS, rel: str) -> bool:
     return bool(attrs) and attrs.get("complete") is True
 
 
-def read_shard(fs: CacheFS, rel: str, *, verify_checksums: bool = True) -> ShardData:
-    """Read a complete shard; CorruptShardError names the shard and every problem."""
-    arrays, problems = load_arrays(fs, rel, verify_checksums=verify_checksums)
+def read_shard(fs: CacheFS, rel: str, *, verify_checksums: bool = True,
+               encoding: LogprobEncoding | None = None) -> ShardData:
+    """Read a complete shard, decoding its top-k; CorruptShardError names the shard and every problem.
+    ``encoding``: the one the manifest names (default exact); a shard stored otherwise is refused."""
+    arrays, problems = load_arrays(fs, rel, verify_checksums=verify_checksums, encoding=encoding)
     if problems:
         raise CorruptShardError(
             f"shard {fs.display(rel)} is unusable: " + "; ".join(problems)
@@ -252,12 +260,14 @@ def read_shard(fs: CacheFS, rel: str, *, verify_checksums: bool = True) -> Shard
     return ShardData.from_arrays(arrays)
 
 
-def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True
-                ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Decode every array and check it against the group attributes.
+def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True,
+                encoding: LogprobEncoding | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Decode every array, check it against the group attributes and the encoding's
+    invariants, and undo the log-prob encoding (``encoding``: the manifest's, default exact).
 
-    Returns (arrays, problems); shared by read_shard (raises) and verify (reports).
+    Returns (the ShardData arrays, problems); shared by read_shard (raises) and verify (reports).
     """
+    encoding = encoding or LogprobEncoding()
     group, attrs = _open_group(fs, rel)
     if attrs is None:
         return {}, ["no zarr.json: the shard is missing or was never committed"]
@@ -265,16 +275,21 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True
         return {}, ["zarr.json is not valid JSON (truncated or overwritten)"]
     if attrs.get("complete") is not True:
         return {}, ["group attribute complete is not true (a half-written shard)"]
-    if attrs.get("format_version") != FORMAT_VERSION:
-        return {}, [f"format_version {attrs.get('format_version')!r}, this reader supports {FORMAT_VERSION}"]
+    if attrs.get("format_version") not in FORMAT_VERSIONS:
+        return {}, [f"format_version {attrs.get('format_version')!r}, this reader supports "
+                    f"{', '.join(map(str, FORMAT_VERSIONS))}"]
+    if attrs.get("logprob_encoding") != encoding.describe():
+        return {}, [f"written with log-prob encoding {describe_record(attrs.get('logprob_encoding'))}, "
+                    f"but the cache manifest says {describe_record(encoding.describe())}"]
+    specs = encoding.array_specs()
     try:
-        decoded = _read_arrays(group)
+        decoded = _read_arrays(group, list(specs))
     except Exception as e:  # zarr raises various types on broken group metadata
         return {}, [f"cannot open the zarr group ({type(e).__name__}: {e})"]
     checksums = attrs.get("checksums", {})
     arrays: dict[str, np.ndarray] = {}
     problems: list[str] = []
-    for name in ARRAY_NAMES:
+    for name, (dtype, ndim) in specs.items():
         a = decoded[name]
         if isinstance(a, KeyError):
             problems.append(f"array {name!r} is missing")
@@ -282,7 +297,6 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True
         if isinstance(a, Exception):
             problems.append(f"array {name!r} cannot be decoded ({type(a).__name__}: {a})")
             continue
-        dtype, ndim = ARRAY_SPECS[name]
         if a.dtype != dtype or a.ndim != ndim:
             problems.append(f"array {name!r} is {a.dtype} {a.ndim}-d, expected {dtype} {ndim}-d")
             continue
@@ -291,10 +305,13 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True
             continue
         arrays[name] = a
     problems += _check_counts(arrays, attrs.get("counts", {}))
-    return arrays, problems
+    if problems:
+        return arrays, problems
+    problems = encoding.check(arrays)
+    return (arrays if problems else encoding.decode(arrays)), problems
 
 
-def _read_arrays(group) -> dict[str, Any]:
+def _read_arrays(group, names: Iterable[str] = ARRAY_NAMES) -> dict[str, Any]:
     """name -> decoded array, or the exception reading it raised; all arrays concurrently.
 
     The arrays' metadata comes from one ``members()`` call; when that fails (a
@@ -313,7 +330,7 @@ def _read_arrays(group) -> dict[str, Any]:
         except Exception as e:
             return name, e
 
-    return dict(_concurrently(one, ARRAY_NAMES))
+    return dict(_concurrently(one, names))
 
 
 def _check_counts(arrays: dict[str, np.ndarray], counts: dict[str, int]) -> list[str]:

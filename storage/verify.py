@@ -53,7 +53,8 @@ class VerifyReport:
 def verify_cache(url: str, deep: bool = True, **storage_options) -> VerifyReport:
     """Check every shard: structure, arrays, shapes, dtypes, and with ``deep``
     the checksums and values (finite, <= 0, descending log-probs, ids < vocab,
-    target rows consistent). Never raises for a bad cache; read the report."""
+    target rows consistent; a lossy log-prob encoding's invariants and its
+    stated error bound, storage/encoding.py). Never raises for a bad cache; read the report."""
     report = VerifyReport(url=str(url))
     try:
         cache = Cache.open(url, **storage_options)
@@ -94,11 +95,12 @@ def _check_shard(cache: Cache, index: int, attrs: dict, deep: bool, vocab: int |
         if attrs.get(shards.UNREADABLE):
             problems.append("zarr.json is not valid JSON")
         return problems
-    arrays, problems = shards.load_arrays(cache.fs, rel, verify_checksums=True)
+    enc = cache.encoding  # a shard stored with another one is reported by load_arrays
+    arrays, problems = shards.load_arrays(cache.fs, rel, verify_checksums=True, encoding=enc)
     if problems:
         return problems
     data = ShardData.from_arrays(arrays)
-    problems = data.validate(vocab_size=vocab)
+    problems = data.validate(vocab_size=vocab, logprob_atol=enc.max_abs_error, grid_floor=enc.grid_floor)
     if top_k is not None and data.top_k != int(top_k):
         problems.append(f"top_k is {data.top_k}, the manifest identity says {top_k}")
     return problems
@@ -123,6 +125,7 @@ def status_summary(url: str, **storage_options) -> str:
             held.append(f"shard {index} by {record.worker_id} ({record.expires_at - now:.0f}s left)")
     ident = cache.manifest.identity
     lines = [f"cache {cache.url} (format v{cache.manifest.format_version}, fingerprint {cache.fingerprint})",
+             f"  log-probs {cache.encoding.label()}",
              f"  teacher {ident.get('teacher', '?')}, top_k {ident.get('top_k', '?')}",
              f"  shards done {len(done)}/{cache.num_shards}; {seqs} sequences, {positions} positions",
              f"  leased now: {len(held)}"] + [f"    {h}" for h in held]

@@ -74,6 +74,7 @@ def _log(msg: str) -> None:
 def open_for_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: CacheConfig):
     """(cache, source, tokenizer, vocab_size): the data indexed, the cache created or checked."""
     from storage.cache import Cache, CacheMismatchError
+    from storage.encoding import LogprobEncoding
 
     tokenizer, vocab_size = check_teacher(teacher_cfg)
     source = data_mod.open_source(data_cfg)
@@ -90,7 +91,8 @@ def open_for_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg
     if not Cache.exists(cache_cfg.path):
         _preflight(source, tokenizer, data_cfg, plan[0], rows)
     try:
-        cache = Cache.create_or_open(cache_cfg.path, identity, plan)
+        cache = Cache.create_or_open(cache_cfg.path, identity, plan, logprob_encoding=LogprobEncoding.from_config(
+            cache_cfg.logprob_encoding, cache_cfg.logprob_step))
     except CacheMismatchError as e:
         raise explain_mismatch(e, cache_cfg.path, identity) from None
     cache.remove_stale_partials()  # killed writers' shard-N.zarr.partial-* (logged)

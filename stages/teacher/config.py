@@ -58,3 +58,7 @@ class TeacherConfig:
 class CacheConfig:
     path: str = ""  # local/NFS path or fsspec URL (s3://, memory://); default <run_dir>/cache
     sequences_per_shard: int = 1024
+    # exact: float16 log-probs as computed (format v1). u8-rel: 8-bit codes on a grid of
+    # logprob_step nats below each row's top-1 (|error| <= step, KL <= step^2/8; storage/encoding.py).
+    logprob_encoding: Literal["exact", "u8-rel"] = "exact"
+    logprob_step: float = 0.08  # u8-rel only

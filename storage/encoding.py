@@ -1,0 +1,274 @@
+"""How a shard stores its top-k: ``exact`` (format v1) or ``u8-rel`` (lossy log-probs, format v2).
+
+``exact`` stores ``topk_ids`` int32 and ``topk_logprobs`` float16 as they are.
+
+``u8-rel`` (docs/cache-format.md, "Log-prob encodings") stores per position an
+``anchor`` (float32, about the top-1's log-prob) and per entry an 8-bit code c
+on a grid of ``step`` nats below it; the decoded log-prob is
+``min(anchor - c * step, 0)``. The anchor is shifted (by at most step / 2) so
+that the decoded probabilities of the non-gold top-k entries sum to exactly
+what the exact values sum to: the loss's residual bucket (1 - gold - sum of the
+rest, docs/method.md) is then unchanged, and every decoded entry is within
+``step`` of its exact (float16) value. By Hoeffding's lemma the KL from the
+exact top-k-implied target to the decoded one is at most step^2 / 8 (8e-4 nats
+at step 0.08). Entries more than 254.5 steps below the top-1 take code 255 and
+decode to that floor (each holds < exp(-254.5 step) of the top-1's
+probability: ~1e-9 at step 0.08).
+
+Within a row the entries are ordered by code, ties by ascending id (equal codes
+decode to equal values, so this order carries no information); the ids are
+stored losslessly as the first id of each run of equal codes and, after it,
+the (positive) differences to the previous id. Codes are stored as their
+differences along the row (the first is 0: the top-1's code). Both make the
+arrays compress well with the cache's zstd + bit-shuffle (bench/cache_bench.py).
+
+Shard arrays of ``u8-rel``: ``topk_id_deltas`` int32 [P, k],
+``topk_code_deltas`` uint8 [P, k], ``topk_anchor`` float32 [P], in place of
+``topk_ids`` and ``topk_logprobs``. Decoded, ``topk_logprobs`` is float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from storage.errors import StorageError
+from storage.schema import ARRAY_SPECS, ShardData
+
+EXACT = "exact"
+U8_REL = "u8-rel"
+ENCODINGS = (EXACT, U8_REL)
+DEFAULT_STEP = 0.08
+MAX_CODE = 255
+# Decoded entries more than this many steps below their row's top-1 are below the grid
+# (code 255 decodes to 255 steps below the anchor, and the anchor is within step/2 of the top-1).
+GRID_STEPS = MAX_CODE - 0.5
+ENCODED_TOPK = ("topk_id_deltas", "topk_code_deltas", "topk_anchor")
+_ENCODED_SPECS = {"topk_id_deltas": (np.dtype(np.int32), 2), "topk_code_deltas": (np.dtype(np.uint8), 2),
+                  "topk_anchor": (np.dtype(np.float32), 1)}
+# float32 anchors and outputs round by < 2^-24 relative: allowance on top of `step` in checks.
+_ROUNDING = 1e-5
+
+
+class EncodingError(StorageError, ValueError):
+    """An encoding name or parameter outside what this code knows (config, manifest or shard)."""
+
+
+@dataclass(frozen=True)
+class LogprobEncoding:
+    """One log-prob encoding with its parameters; ``describe()`` is what the manifest records."""
+
+    name: str = EXACT
+    step: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in ENCODINGS:
+            raise EncodingError(f"unknown log-prob encoding {self.name!r}; this atkd knows {', '.join(ENCODINGS)}")
+        if self.name == U8_REL and not (isinstance(self.step, (int, float)) and 0 < self.step <= 1):
+            raise EncodingError(f"log-prob encoding {U8_REL} needs a step in (0, 1] nats, got {self.step!r}")
+        if self.name == EXACT and self.step is not None:
+            raise EncodingError("the exact log-prob encoding takes no step")
+
+    @classmethod
+    def from_config(cls, name: str, step: float = DEFAULT_STEP) -> "LogprobEncoding":
+        return cls(name, float(step) if name == U8_REL else None)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> "LogprobEncoding":
+        """From a manifest's / shard's ``logprob_encoding`` (None: exact)."""
+        if record is None:
+            return cls()
+        if not isinstance(record, dict) or "name" not in record:
+            raise EncodingError(f"logprob_encoding must be an object with a name, got {record!r}")
+        return cls(record["name"], record.get("step"))
+
+    @property
+    def lossy(self) -> bool:
+        return self.name != EXACT
+
+    @property
+    def max_abs_error(self) -> float:
+        """Largest |decoded - exact| of an entry above the grid floor (0 for exact)."""
+        return float(self.step) if self.lossy else 0.0
+
+    @property
+    def kl_bound(self) -> float:
+        """KL (nats) from the exact top-k-implied target to the decoded one, per position."""
+        return float(self.step) ** 2 / 8 if self.lossy else 0.0
+
+    @property
+    def grid_floor(self) -> float | None:
+        """Nats below the row's top-1 under which a decoded entry means 'this or less'."""
+        return GRID_STEPS * float(self.step) if self.lossy else None
+
+    def describe(self) -> dict[str, Any] | None:
+        """The manifest's and each shard's ``logprob_encoding`` attribute (None for exact)."""
+        if not self.lossy:
+            return None
+        return {"name": self.name, "step": float(self.step), "max_abs_error": self.max_abs_error,
+                "kl_bound": self.kl_bound, "grid_floor": self.grid_floor, "ids": "lossless"}
+
+    def label(self) -> str:
+        if not self.lossy:
+            return "exact (float16 log-probs, lossless)"
+        return (f"{self.name}, step {self.step:g} nats: |log-prob error| <= {self.max_abs_error:g}, "
+                f"KL to the exact target <= {self.kl_bound:.1e} nats per position")
+
+    # ---- arrays -----------------------------------------------------------
+    def array_specs(self) -> dict[str, tuple[np.dtype, int]]:
+        """name -> (dtype, ndim) of the arrays a shard stores, in write order."""
+        if not self.lossy:
+            return dict(ARRAY_SPECS)
+        specs = {n: s for n, s in ARRAY_SPECS.items() if n not in ("topk_ids", "topk_logprobs")}
+        return {**specs, **_ENCODED_SPECS}
+
+    @property
+    def topk_arrays(self) -> tuple[str, ...]:
+        """The stored arrays holding the top-k (for sizes)."""
+        return ENCODED_TOPK if self.lossy else ("topk_ids", "topk_logprobs")
+
+    def encode(self, data: ShardData) -> dict[str, np.ndarray]:
+        """The arrays to store for valid ``data`` (float16 log-probs); checks its own round trip."""
+        arrays = data.arrays()
+        if not self.lossy:
+            return arrays
+        stored = {n: a for n, a in arrays.items() if n not in ("topk_ids", "topk_logprobs")}
+        stored.update(_encode_u8(data, float(self.step)))
+        _check_round_trip(data, self.decode(stored), float(self.step))
+        return stored
+
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Stored arrays -> the ShardData arrays (log-probs float32 when lossy)."""
+        if not self.lossy:
+            return stored
+        arrays = {n: a for n, a in stored.items() if n not in ENCODED_TOPK}
+        ids, lp = decode_u8(stored["topk_id_deltas"], stored["topk_code_deltas"], stored["topk_anchor"],
+                            float(self.step))
+        return {**arrays, "topk_ids": ids, "topk_logprobs": lp}
+
+    def check(self, stored: dict[str, np.ndarray]) -> list[str]:
+        """The stored arrays keep this encoding's invariants ([] = they do)."""
+        return _check_u8(stored, float(self.step)) if self.lossy else []
+
+    def read_logprobs(self, group) -> np.ndarray:
+        """A zarr shard group's decoded top-k log-probs (float64), reading only what that needs."""
+        if not self.lossy:
+            return np.asarray(group["topk_logprobs"][...], dtype=np.float64)
+        codes = np.cumsum(np.asarray(group["topk_code_deltas"][...]), axis=1, dtype=np.int32)
+        return np.minimum(np.asarray(group["topk_anchor"][...], np.float64)[:, None] - codes * self.step, 0.0)
+
+
+# ---------------------------------------------------------------- u8-rel
+
+
+def _gold(data: ShardData) -> np.ndarray:
+    row_seq = np.repeat(np.arange(data.num_sequences), np.diff(data.target_offsets))
+    return data.input_ids[data.seq_offsets[row_seq] + data.target_positions.astype(np.int64) + 1]
+
+
+def _encode_u8(data: ShardData, step: float) -> dict[str, np.ndarray]:
+    x = data.topk_logprobs.astype(np.float64)  # descending per row
+    P, k = x.shape
+    top = x[:, :1] if k else np.zeros((P, 1))
+    codes = np.clip(np.rint((top - x) / step), 0, MAX_CODE).astype(np.int64)
+    # Shift the anchor so the non-gold entries on the grid keep their exact total mass.
+    keep = (data.topk_ids != _gold(data)[:, None]) & (codes < MAX_CODE)
+    grid = top - codes * step
+    with np.errstate(invalid="ignore"):  # rows with nothing kept: -inf - -inf
+        shift = _logsumexp(x, keep) - _logsumexp(grid, keep)
+    anchor = (top[:, 0] + np.where(np.isfinite(shift), shift, 0.0)).astype(np.float32)
+    # Order each row by (code, id): equal codes decode equally, so ties are free to sort.
+    order = np.lexsort((data.topk_ids, codes), axis=1) if k else np.zeros((P, 0), np.int64)
+    codes = np.take_along_axis(codes, order, 1)
+    ids = np.take_along_axis(data.topk_ids, order, 1)
+    code_deltas = np.diff(codes, axis=1, prepend=0).astype(np.uint8)
+    id_deltas = np.diff(ids, axis=1, prepend=0)
+    run_start = np.ones((P, k), bool)
+    run_start[:, 1:] = code_deltas[:, 1:] != 0
+    id_deltas = np.where(run_start, ids, id_deltas).astype(np.int32)
+    return {"topk_id_deltas": id_deltas, "topk_code_deltas": code_deltas, "topk_anchor": anchor}
+
+
+def _logsumexp(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Row-wise log(sum(exp(x))) over ``mask`` (-inf where nothing is masked in)."""
+    m = np.where(mask, x, -np.inf).max(axis=1, initial=-np.inf)
+    safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + np.log(np.where(mask, np.exp(x - safe[:, None]), 0.0).sum(axis=1))
+
+
+def decode_u8(id_deltas: np.ndarray, code_deltas: np.ndarray, anchor: np.ndarray, step: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(topk_ids int32, topk_logprobs float32) of ``u8-rel`` arrays, vectorised over the whole shard."""
+    P, k = code_deltas.shape
+    codes = np.cumsum(code_deltas, axis=1, dtype=np.int32)
+    logprobs = np.minimum(anchor.astype(np.float64)[:, None] - codes * step, 0.0).astype(np.float32)
+    # Each run of equal codes starts with an absolute id; the others add to the previous id.
+    run_start = np.ones((P, k), bool)
+    run_start[:, 1:] = code_deltas[:, 1:] != 0
+    start_col = np.maximum.accumulate(np.where(run_start, np.arange(k), 0), axis=1)
+    summed = np.cumsum(id_deltas, axis=1, dtype=np.int64)
+    ids = summed - np.take_along_axis(summed, start_col, 1) + np.take_along_axis(id_deltas, start_col, 1)
+    return ids.astype(np.int32), logprobs
+
+
+def _check_round_trip(data: ShardData, decoded: dict[str, np.ndarray], step: float) -> None:
+    """The encoder's own guarantee, checked on every write: same (id, value) pairs up to the bound."""
+    x = data.topk_logprobs.astype(np.float64)
+    order = np.argsort(data.topk_ids, axis=1, kind="stable")
+    back = np.argsort(decoded["topk_ids"], axis=1, kind="stable")
+    ids_in = np.take_along_axis(data.topk_ids, order, 1)
+    if not np.array_equal(ids_in, np.take_along_axis(decoded["topk_ids"], back, 1)):
+        raise AssertionError("u8-rel encoder bug: the decoded top-k ids differ from the input's")
+    got = np.take_along_axis(decoded["topk_logprobs"].astype(np.float64), back, 1)
+    want = np.take_along_axis(x, order, 1)
+    on_grid = want >= x[:, :1] - (GRID_STEPS - 0.5) * step  # the bound is stated for these
+    err = np.abs(got - want)[on_grid]
+    if err.size and err.max() > step + _ROUNDING:
+        raise AssertionError(f"u8-rel encoder bug: a decoded log-prob is {err.max():.4g} from its input "
+                             f"(bound {step})")
+
+
+def _check_u8(stored: dict[str, np.ndarray], step: float) -> list[str]:
+    problems = []
+    dc, ids, anchor = stored["topk_code_deltas"], stored["topk_id_deltas"], stored["topk_anchor"]
+    if dc.shape != ids.shape or anchor.shape != dc.shape[:1]:
+        return [f"topk_code_deltas {dc.shape}, topk_id_deltas {ids.shape} and topk_anchor {anchor.shape} "
+                "do not have matching shapes"]
+    if not dc.size:
+        return []
+    if np.any(dc[:, 0] != 0):
+        problems.append(f"topk_code_deltas: {int((dc[:, 0] != 0).sum())} rows do not start at code 0 "
+                        f"(the top-1), first: row {int(np.argmax(dc[:, 0] != 0))}")
+    total = dc.astype(np.int64).sum(axis=1)
+    if np.any(total > MAX_CODE):
+        problems.append(f"topk_code_deltas: {int((total > MAX_CODE).sum())} rows leave the 8-bit grid "
+                        f"(codes above {MAX_CODE}), first: row {int(np.argmax(total > MAX_CODE))}")
+    if not np.all(np.isfinite(anchor)):
+        problems.append(f"topk_anchor: {int((~np.isfinite(anchor)).sum())} non-finite values")
+    elif np.any(anchor > step / 2 + _ROUNDING):
+        i = int(np.argmax(anchor))
+        problems.append(f"topk_anchor: {int((anchor > step / 2 + _ROUNDING).sum())} anchors above step/2 = "
+                        f"{step / 2:g}, where the top-1 (a log-prob <= 0) shifted by at most step/2 must lie "
+                        f"(first: row {i}, {float(anchor[i])})")
+    within_run = np.zeros(dc.shape, bool)
+    within_run[:, 1:] = dc[:, 1:] == 0
+    if np.any(within_run & (ids <= 0)):
+        problems.append(f"topk_id_deltas: {int((within_run & (ids <= 0)).any(axis=1).sum())} rows whose ids "
+                        "are not ascending within a run of equal codes "
+                        f"(first: row {int(np.argmax((within_run & (ids <= 0)).any(axis=1)))})")
+    return problems
+
+
+def describe_record(record: dict[str, Any] | None) -> str:
+    """A shard's or manifest's ``logprob_encoding`` in words, for messages."""
+    try:
+        return LogprobEncoding.from_record(record).label()
+    except EncodingError:
+        return repr(record)
+
+
+__all__ = ["DEFAULT_STEP", "ENCODINGS", "EXACT", "U8_REL", "EncodingError", "LogprobEncoding", "decode_u8",
+           "describe_record"]
