@@ -144,6 +144,28 @@ def _masked_logsumexp(x: Tensor, mask: Tensor) -> Tensor:
     return torch.logsumexp(torch.where(mask, x, -math.inf), dim=-1)
 
 
+def bucket_present(topk_ids: Tensor, target_ids: Tensor, vocab: int, renormalize_topk: bool = False
+                   ) -> tuple[Tensor, Tensor]:
+    """(present [N, k+2] bool, covered [N] bool): which buckets [gold, top-k slots..., residual]
+    exist (g's duplicate slot does not; the residual not when S u {g} is the vocabulary, ``covered``)."""
+    n = topk_ids.shape[0]
+    slot_present = topk_ids != target_ids[:, None]  # drop g's duplicate from S
+    covered = slot_present.sum(dim=1) + 1 >= vocab  # S u {g} is the whole vocabulary
+    residual_present = ~covered & (not renormalize_topk)
+    ones = torch.ones(n, 1, dtype=torch.bool, device=topk_ids.device)
+    return torch.cat([ones, slot_present, residual_present[:, None]], 1), covered
+
+
+def teacher_bucket_logprobs(target_logprobs: Tensor, topk_logprobs: Tensor, present: Tensor) -> Tensor:
+    """The teacher's log-probs on the buckets (in the inputs' dtype; absent columns unmasked):
+    clamp at TEACHER_MIN_LOGPROB, add the residual 1 - sum (floored), renormalise over ``present``."""
+    known = torch.cat([target_logprobs[:, None], topk_logprobs], 1).clamp(min=TEACHER_MIN_LOGPROB)
+    known_lse = _masked_logsumexp(known, present[:, :-1])
+    residual_mass = (-torch.expm1(known_lse.clamp(max=0.0))).clamp(min=TEACHER_RESIDUAL_FLOOR)
+    teacher = torch.cat([known, residual_mass.log()[:, None]], 1)
+    return teacher - _masked_logsumexp(teacher, present)[:, None]
+
+
 def bucket_logprobs(
     student_logits: Tensor,
     topk_ids: Tensor,
@@ -174,17 +196,8 @@ def bucket_logprobs(
         target_lp = torch.where(valid, target_lp, 0.0)
         topk_lp = torch.where(valid[:, None], topk_lp, 0.0)
 
-    slot_present = topk_ids != target_ids[:, None]  # drop g's duplicate from S
-    covered = slot_present.sum(dim=1) + 1 >= vocab  # S u {g} is the whole vocabulary
-    residual_present = ~covered & (not renormalize_topk)
-    present = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=device), slot_present, residual_present[:, None]], 1)
-
-    # Teacher: clamp, add the residual 1 - sum (floored), renormalise.
-    known = torch.cat([target_lp[:, None], topk_lp], 1).clamp(min=TEACHER_MIN_LOGPROB)
-    known_lse = _masked_logsumexp(known, present[:, :-1])
-    residual_mass = (-torch.expm1(known_lse.clamp(max=0.0))).clamp(min=TEACHER_RESIDUAL_FLOOR)
-    teacher = torch.cat([known, residual_mass.log()[:, None]], 1)
-    teacher = teacher - _masked_logsumexp(teacher, present)[:, None]
+    present, covered = bucket_present(topk_ids, target_ids, vocab, renormalize_topk)
+    teacher = teacher_bucket_logprobs(target_lp, topk_lp, present)
 
     # Student: float32 logits of g and S, and logsumexp of the logits outside S u {g}.
     # Covered rows mask nothing (fill 0) so their logsumexp stays finite; unused.
