@@ -96,3 +96,39 @@ def test_student_killed_while_resume_rewrites_its_log_keeps_the_earlier_steps(ws
     assert counts.kills == 2
     got = fh.student_snapshot(ws["root"] / "student-log" / "students" / "s1")
     assert fh.compare_students(got, ws["ref_student"]) == []
+
+
+def test_lossy_teacher_killed_ends_bit_identical_and_within_its_bound_of_the_exact_cache(ws):
+    """cache.logprob_encoding u8-rel: killed captures resume bit for bit (the encoding is a pure
+    function of the scored rows), and the cache decodes to the exact run's top-k within the bound."""
+    import numpy as np
+
+    from bench._target_kl import target_kl
+    from storage.cache import Cache
+
+    def lossy_config(name: str) -> Path:
+        root = ws["root"]
+        cache = {"path": str(root / name / "cache"), "sequences_per_shard": 5, "logprob_encoding": "u8-rel"}
+        return fh.write_config(root / f"{name}.yaml", model=ws["model"], data=ws["data"], run_dir=str(root / name),
+                               cache="", extra={"cache": cache})
+
+    rc, out = fh.run_atkd(["teacher", str(lossy_config("lossy-ref"))], ws["root"] / "logs" / "lossy-ref.log")
+    assert rc == 0, out
+    ref = fh.cache_snapshot(str(ws["root"] / "lossy-ref" / "cache"))
+    counts = fh.run_campaign(["teacher", str(lossy_config("lossy-kills"))],
+                             ["shard.write:2", "shard.commit:1", "shard.committed:3"],
+                             ws["root"] / "logs" / "lossy-kills")
+    assert counts.kills == 3 and counts.mismatches == 0, counts
+    cache = str(ws["root"] / "lossy-kills" / "cache")
+    assert fh.compare_caches(fh.cache_snapshot(cache), ref) == []
+    verify_ok(cache)
+
+    lossy, exact = Cache.open(cache), Cache.open(str(ws["root"] / "ref" / "cache"))
+    assert lossy.encoding.lossy and not exact.encoding.lossy
+    for i in range(exact.num_shards):
+        a, b = exact.read_shard(i), lossy.read_shard(i)
+        gold = a.input_ids[a.seq_offsets[np.repeat(np.arange(a.num_sequences), np.diff(a.target_offsets))]
+                           + a.target_positions + 1]
+        kl = target_kl(a.topk_ids, a.topk_logprobs, b.topk_ids, b.topk_logprobs, gold, a.target_logprobs,
+                       lossy.vocab_size)
+        assert kl.max() <= lossy.encoding.kl_bound, (i, kl.max())
