@@ -1,11 +1,15 @@
 """Cache size and reader speed on realistic-looking teacher rows (issue 2's "bench/" check).
 
-    python bench/cache_bench.py [--positions 1000000] [--k 64] [--vocab 32000]
+    python bench/cache_bench.py [--positions 1000000] [--k 64] [--vocab 32000] [--steps 0.08]
 
 Generates a cache of >= --positions trained positions, then prints bytes per
 position and per top-k entry (raw vs stored), write time, a codec comparison
 on one shard, and reader throughput (positions/s, one process, shuffled,
-through CacheDataset + collate_sequences).
+through CacheDataset + collate_sequences). Then the same shards once more per
+lossy log-prob encoding (cache.logprob_encoding u8-rel, one per --steps),
+side by side with exact: bytes, write throughput, the per-position KL from the
+exact top-k-implied target to the decoded one (bench/_target_kl.py), reader
+throughput; plus fp16 with zeroed mantissa bits, considered and not adopted.
 
 How the rows are made (no real teacher on CPU, so a statistical stand-in):
 - top-k ids: Zipf(0.8) over the vocabulary, distinct within a row, ordered by
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage.cache import Cache  # noqa: E402
 from storage.dataset import CacheDataset  # noqa: E402
+from storage.encoding import LogprobEncoding  # noqa: E402
 from storage.schema import SequenceRecord, ShardData  # noqa: E402
 
 
@@ -135,6 +140,8 @@ def main() -> None:
     ap.add_argument("--shard-positions", type=int, default=131_072)
     ap.add_argument("--out", default=None, help="cache directory (default: a temp dir)")
     ap.add_argument("--read-only", action="store_true", help="only the reader figures, on an existing --out")
+    ap.add_argument("--steps", default="0.08", help="u8-rel steps to compare with exact, comma-separated ('' = none)")
+    ap.add_argument("--no-codecs", action="store_true", help="skip the codec comparison")
     args = ap.parse_args()
     if args.read_only:
         print_reader(os.path.join(args.out, "cache"))
@@ -177,6 +184,12 @@ def main() -> None:
     print(f"{'  of which topk_logprobs':44s} {2.0:10.3f} {per_array['topk_logprobs'] / (P * k):10.3f}")
     print(f"write (validate + compress + checksum + commit): {write_s:.1f}s, {P / write_s:,.0f} positions/s")
 
+    steps = [float(x) for x in args.steps.split(",") if x.strip()]
+    if steps:
+        print_encodings(root, url, shards, identity, plan, steps, write_s)
+    if args.no_codecs:
+        print_reader(url)
+        return
     print("\ncodec comparison on shard 0 (bytes per top-k entry; write s):")
     for codec in ("default", "shuffle", "bitshuffle", "lz4", "zstd9"):
         sub = Cache.create_or_open(os.path.join(root, f"codec-{codec}"), identity, plan[:1])
@@ -189,6 +202,74 @@ def main() -> None:
           "log-prob bit patterns delta-coded along the row, blosc zstd 9")
 
     print_reader(url)
+
+
+def _gold(s: ShardData) -> np.ndarray:
+    return s.input_ids[s.seq_offsets[np.repeat(np.arange(s.num_sequences), np.diff(s.target_offsets))]
+                       + s.target_positions.astype(np.int64) + 1]
+
+
+def _kl_stats(shards: list[ShardData], decoded: list[ShardData], vocab: int) -> str:
+    from bench._target_kl import target_kl
+
+    kl = np.concatenate([target_kl(a.topk_ids, a.topk_logprobs, b.topk_ids, b.topk_logprobs, _gold(a),
+                                   a.target_logprobs, vocab) for a, b in zip(shards, decoded)])
+    return (f"{kl.mean():9.1e} {np.quantile(kl, 0.99):9.1e} {np.quantile(kl, 0.999):9.1e} {kl.max():9.1e}")
+
+
+def print_encodings(root: str, exact_url: str, shards: list[ShardData], identity: dict, plan: list, steps: list[float],
+                    exact_write_s: float) -> None:
+    """Exact vs u8-rel on the same shards: bytes, write throughput, KL error, reader throughput."""
+    vocab, k = identity["vocab_size"], identity["top_k"]
+    P = sum(s.num_positions for s in shards)
+    print(f"\nlog-prob encodings, same {P:,} positions (B = stored bytes; KL = per-position KL from the exact "
+          "top-k-implied target to the decoded one, nats):")
+    print(f"  {'encoding':22s} {'B/token':>8s} {'B/pos':>7s} {'B/entry':>8s} {'ids':>6s} {'lp':>6s} "
+          f"{'write pos/s':>11s} {'KL mean':>9s} {'p99':>9s} {'p99.9':>9s} {'max':>9s} {'bound':>8s} "
+          f"{'read pos/s':>10s} {'pos/CPU-s':>10s}")
+    T = sum(s.num_tokens for s in shards)
+    for enc in [LogprobEncoding()] + [LogprobEncoding.from_config("u8-rel", st) for st in steps]:
+        if enc.lossy:
+            url = os.path.join(root, f"cache-{enc.name}-{enc.step:g}")
+            cache = Cache.create_or_open(url, identity, plan, logprob_encoding=enc)
+            t0 = time.perf_counter()
+            for i, s in enumerate(shards):
+                cache.write_shard(i, s)
+            write_s = time.perf_counter() - t0
+            kl = _kl_stats(shards, [cache.read_shard(i) for i in range(len(shards))], vocab)
+        else:
+            url, cache, write_s = exact_url, Cache.open(exact_url), exact_write_s
+            kl = f"{0.0:9.1e} {0.0:9.1e} {0.0:9.1e} {0.0:9.1e}"
+        size = {name: sum(dir_bytes(os.path.join(url, cache.shard_rel(i), name)) for i in range(len(shards)))
+                for name in enc.topk_arrays}
+        ids_b = size["topk_id_deltas" if enc.lossy else "topk_ids"] / (P * k)
+        stored = dir_bytes(os.path.join(url, "shards"))
+        rate, cpu_rate, _ = read_throughput(url)
+        label = enc.name if not enc.lossy else f"{enc.name} step {enc.step:g}"
+        print(f"  {label:22s} {stored / T:8.1f} {stored / P:7.1f} {sum(size.values()) / (P * k):8.3f} {ids_b:6.3f} "
+              f"{sum(size.values()) / (P * k) - ids_b:6.3f} {P / write_s:11,.0f} {kl} {enc.kl_bound:8.1e} "
+              f"{rate:10,.0f} {cpu_rate:10,.0f}")
+    print("  (reader: global shuffle, all shards cached, batch 32 sequences; B/token counts every array)")
+    _print_fp16_considered(shards[0], vocab)
+
+
+def _print_fp16_considered(shard: ShardData, vocab: int) -> None:
+    """fp16 with the low mantissa bits rounded away (zstd drops the zero bits): its error grows with
+    |log-prob|, and nothing keeps the residual bucket's mass, so its KL is far above u8-rel's."""
+    import numcodecs
+
+    from bench._target_kl import target_kl
+
+    print("  considered, not adopted (shard 0): float16 log-probs with mantissa bits rounded to zero")
+    z = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+    for m in (4, 6):
+        bits = shard.topk_logprobs.view(np.uint16).astype(np.uint32)
+        keep = (0xFFFF << (10 - m)) & 0xFFFF
+        lp = (((bits + (1 << (9 - m))) & keep).astype(np.uint16)).view(np.float16)
+        kl = target_kl(shard.topk_ids, shard.topk_logprobs, shard.topk_ids, lp, _gold(shard), shard.target_logprobs,
+                       vocab)
+        print(f"    fp16, {m} mantissa bits: log-probs {len(z.encode(lp)) / lp.size:.3f} B/entry, KL mean "
+              f"{kl.mean():.1e}, p99.9 {np.quantile(kl, 0.999):.1e}, max {kl.max():.1e}")
 
 
 def _delta_bound(shard: ShardData) -> float:

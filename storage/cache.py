@@ -60,7 +60,7 @@ class Cache:
         the top-k (default exact, format v1; storage/encoding.py).
         """
         fs = CacheFS(url, **storage_options)
-        enc = logprob_encoding or LogprobEncoding()
+        enc = (logprob_encoding or LogprobEncoding()).for_top_k(identity.get("top_k"))
         wanted = Manifest(identity=normalize_json(identity), shard_plan=normalize_json(shard_plan),
                           format_version=2 if enc.lossy else 1,
                           dtypes={n: str(spec[0]) for n, spec in enc.array_specs().items()},

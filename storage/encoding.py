@@ -9,11 +9,13 @@ on a grid of ``step`` nats below it; the decoded log-prob is
 that the decoded probabilities of the non-gold top-k entries sum to exactly
 what the exact values sum to: the loss's residual bucket (1 - gold - sum of the
 rest, docs/method.md) is then unchanged, and every decoded entry is within
-``step`` of its exact (float16) value. By Hoeffding's lemma the KL from the
-exact top-k-implied target to the decoded one is at most step^2 / 8 (8e-4 nats
-at step 0.08). Entries more than 254.5 steps below the top-1 take code 255 and
-decode to that floor (each holds < exp(-254.5 step) of the top-1's
-probability: ~1e-9 at step 0.08).
+``step`` of its exact (float16) value. Entries more than 254.5 steps below the
+top-1 take code 255 and decode to that floor; together they hold at most
+eps = (k-1) exp(-254.5 step) of probability (~1e-7 at step 0.08, k=64), before
+and after. The KL from the exact top-k-implied target to the decoded one is then
+at most step^2/8 (Hoeffding's lemma on the grid entries) + eps (2 + step) +
+eps^2 / 1e-6 (the floor entries and the residual bucket, floored at 1e-6 by the
+losses): ``kl_bound``, 8.0e-4 nats at step 0.08 and k=64.
 
 Within a row the entries are ordered by code, ties by ascending id (equal codes
 decode to equal values, so this order carries no information); the ids are
@@ -29,7 +31,8 @@ Shard arrays of ``u8-rel``: ``topk_id_deltas`` int32 [P, k],
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +53,7 @@ _ENCODED_SPECS = {"topk_id_deltas": (np.dtype(np.int32), 2), "topk_code_deltas":
                   "topk_anchor": (np.dtype(np.float32), 1)}
 # float32 anchors and outputs round by < 2^-24 relative: allowance on top of `step` in checks.
 _ROUNDING = 1e-5
+RESIDUAL_FLOOR = 1e-6  # = stages.student.losses.TEACHER_RESIDUAL_FLOOR (storage imports no stage)
 
 
 class EncodingError(StorageError, ValueError):
@@ -62,14 +66,15 @@ class LogprobEncoding:
 
     name: str = EXACT
     step: float | None = None
+    top_k: int | None = None  # entries per row; only the KL bound depends on it
 
     def __post_init__(self) -> None:
         if self.name not in ENCODINGS:
             raise EncodingError(f"unknown log-prob encoding {self.name!r}; this atkd knows {', '.join(ENCODINGS)}")
         if self.name == U8_REL and not (isinstance(self.step, (int, float)) and 0 < self.step <= 1):
             raise EncodingError(f"log-prob encoding {U8_REL} needs a step in (0, 1] nats, got {self.step!r}")
-        if self.name == EXACT and self.step is not None:
-            raise EncodingError("the exact log-prob encoding takes no step")
+        if self.name == EXACT and (self.step is not None or self.top_k is not None):
+            raise EncodingError("the exact log-prob encoding takes no parameters")
 
     @classmethod
     def from_config(cls, name: str, step: float = DEFAULT_STEP) -> "LogprobEncoding":
@@ -82,7 +87,11 @@ class LogprobEncoding:
             return cls()
         if not isinstance(record, dict) or "name" not in record:
             raise EncodingError(f"logprob_encoding must be an object with a name, got {record!r}")
-        return cls(record["name"], record.get("step"))
+        return cls(record["name"], record.get("step"), record.get("top_k"))
+
+    def for_top_k(self, top_k: int | None) -> "LogprobEncoding":
+        """This encoding with the cache's k (which its KL bound depends on)."""
+        return replace(self, top_k=int(top_k)) if self.lossy and top_k is not None else self
 
     @property
     def lossy(self) -> bool:
@@ -95,8 +104,13 @@ class LogprobEncoding:
 
     @property
     def kl_bound(self) -> float:
-        """KL (nats) from the exact top-k-implied target to the decoded one, per position."""
-        return float(self.step) ** 2 / 8 if self.lossy else 0.0
+        """KL (nats) from the exact top-k-implied target to the decoded one, per position
+        (module doc; k = ``top_k``, 1024 when unknown)."""
+        if not self.lossy:
+            return 0.0
+        s = float(self.step)
+        eps = ((self.top_k or 1024) - 1) * math.exp(-GRID_STEPS * s)
+        return s * s / 8 + eps * (2 + s) + eps * eps / RESIDUAL_FLOOR
 
     @property
     def grid_floor(self) -> float | None:
@@ -107,8 +121,9 @@ class LogprobEncoding:
         """The manifest's and each shard's ``logprob_encoding`` attribute (None for exact)."""
         if not self.lossy:
             return None
-        return {"name": self.name, "step": float(self.step), "max_abs_error": self.max_abs_error,
-                "kl_bound": self.kl_bound, "grid_floor": self.grid_floor, "ids": "lossless"}
+        return {"name": self.name, "step": float(self.step), "top_k": self.top_k,
+                "max_abs_error": self.max_abs_error, "kl_bound": self.kl_bound, "grid_floor": self.grid_floor,
+                "ids": "lossless"}
 
     def label(self) -> str:
         if not self.lossy:

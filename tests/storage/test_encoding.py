@@ -20,7 +20,7 @@ from storage.shard import array_checksum
 from storage.verify import verify_cache
 
 V, K = 400, 32
-U8 = LogprobEncoding.from_config("u8-rel", 0.08)
+U8 = LogprobEncoding.from_config("u8-rel", 0.08).for_top_k(K)
 
 
 def dense_rows(rng, P: int, kind: str):
@@ -96,13 +96,25 @@ def test_round_trip_within_the_stated_bound_of_the_float64_reference(kind, step)
     assert enc.describe()["max_abs_error"] == step
 
 
+@pytest.mark.parametrize("step", [0.03, 0.08, 0.2])
 @pytest.mark.parametrize("kind", ["peaked", "flat", "mixed", "split"])
-def test_kl_to_the_exact_target_stays_under_the_stated_bound(kind):
+def test_kl_to_the_exact_target_stays_under_the_stated_bound(kind, step):
     rng = np.random.default_rng(5)
     data, _ = shard_of(rng, dense_rows(rng, 400, kind))
-    kl = kl_of(data, decoded(U8, data))
-    assert kl.min() >= -1e-12 and kl.max() <= U8.kl_bound, (kl.max(), U8.kl_bound)
-    assert U8.kl_bound <= 1e-3  # the goal at the default step
+    enc = LogprobEncoding.from_config("u8-rel", step).for_top_k(K)
+    kl = kl_of(data, decoded(enc, data))
+    assert kl.min() >= -1e-12 and kl.max() <= enc.kl_bound, (kl.max(), enc.kl_bound)
+
+
+def test_the_stated_bound_at_the_default_step_meets_the_goal_and_uses_the_losses_floor():
+    from stages.student.losses import TEACHER_RESIDUAL_FLOOR
+    from storage.encoding import RESIDUAL_FLOOR
+
+    assert RESIDUAL_FLOOR == TEACHER_RESIDUAL_FLOOR
+    assert 0.08 ** 2 / 8 < LogprobEncoding.from_config("u8-rel").for_top_k(64).kl_bound < 8.01e-4
+    assert LogprobEncoding.from_config("u8-rel").for_top_k(1024).kl_bound < 1e-3
+    # A fine grid is short (255 codes): the floor's term dominates the bound, as it should.
+    assert LogprobEncoding.from_config("u8-rel", 0.03).for_top_k(64).kl_bound > 1.0
 
 
 def test_without_the_mass_preserving_anchor_the_bound_would_fail():
@@ -132,8 +144,8 @@ def test_manifest_and_shard_state_the_encoding_and_verify_passes(local_url):
     cache = _cache(local_url, data)
     manifest = json.loads(cache.fs.read_bytes("manifest.json"))
     assert manifest["format_version"] == 2
-    assert manifest["logprob_encoding"] == {"name": "u8-rel", "step": 0.08, "max_abs_error": 0.08,
-                                            "kl_bound": 0.08 ** 2 / 8, "grid_floor": 254.5 * 0.08,
+    assert manifest["logprob_encoding"] == {"name": "u8-rel", "step": 0.08, "top_k": K, "max_abs_error": 0.08,
+                                            "kl_bound": U8.kl_bound, "grid_floor": 254.5 * 0.08,
                                             "ids": "lossless"}
     assert manifest["dtypes"]["topk_code_deltas"] == "uint8" and "topk_logprobs" not in manifest["dtypes"]
     g = zarr.open_group(cache.fs.path(cache.shard_rel(0)), mode="r")
