@@ -151,7 +151,6 @@ class LogprobEncoding:
             return arrays
         stored = {n: a for n, a in arrays.items() if n not in ("topk_ids", "topk_logprobs")}
         stored.update(_encode_u8(data, float(self.step)))
-        _check_round_trip(data, self.decode(stored), float(self.step))
         return stored
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -184,63 +183,58 @@ def _gold(data: ShardData) -> np.ndarray:
 
 
 def _encode_u8(data: ShardData, step: float) -> dict[str, np.ndarray]:
-    x = data.topk_logprobs.astype(np.float64)  # descending per row
+    x = data.topk_logprobs.astype(np.float32)  # descending per row; float16 differences are exact in float32
     P, k = x.shape
-    top = x[:, :1] if k else np.zeros((P, 1))
-    codes = np.clip(np.rint((top - x) / step), 0, MAX_CODE).astype(np.int64)
-    # Shift the anchor so the non-gold entries on the grid keep their exact total mass.
+    below_top = (x[:, :1] if k else np.zeros((P, 1), np.float32)) - x  # >= 0
+    codes = np.minimum(np.rint(below_top / np.float32(step)), MAX_CODE).astype(np.int64)
+    # Shift the anchor so the non-gold entries on the grid keep their exact total mass (both
+    # sums relative to the top-1, so nothing overflows; float64 accumulation).
     keep = (data.topk_ids != _gold(data)[:, None]) & (codes < MAX_CODE)
-    grid = top - codes * step
-    with np.errstate(invalid="ignore"):  # rows with nothing kept: -inf - -inf
-        shift = _logsumexp(x, keep) - _logsumexp(grid, keep)
-    anchor = (top[:, 0] + np.where(np.isfinite(shift), shift, 0.0)).astype(np.float32)
+    exact = np.where(keep, np.exp(-below_top), 0).sum(axis=1, dtype=np.float64)
+    grid = np.where(keep, np.exp(-np.arange(MAX_CODE + 1) * step)[codes], 0).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # rows with nothing kept: 0 / 0
+        shift = np.log(exact / grid)
+    top = x[:, 0].astype(np.float64) if k else np.zeros(P)
+    anchor = (top + np.where(np.isfinite(shift), shift, 0.0)).astype(np.float32)
     # Order each row by (code, id): equal codes decode equally, so ties are free to sort.
-    order = np.lexsort((data.topk_ids, codes), axis=1) if k else np.zeros((P, 0), np.int64)
-    codes = np.take_along_axis(codes, order, 1)
-    ids = np.take_along_axis(data.topk_ids, order, 1)
-    code_deltas = np.diff(codes, axis=1, prepend=0).astype(np.uint8)
-    id_deltas = np.diff(ids, axis=1, prepend=0)
+    key = np.sort((codes << 32) | data.topk_ids.astype(np.int64), axis=1)
+    sorted_codes, ids = key >> 32, (key & 0xFFFFFFFF).astype(np.int32)
+    code_deltas = np.diff(sorted_codes, axis=1, prepend=0).astype(np.uint8)
     run_start = np.ones((P, k), bool)
     run_start[:, 1:] = code_deltas[:, 1:] != 0
-    id_deltas = np.where(run_start, ids, id_deltas).astype(np.int32)
-    return {"topk_id_deltas": id_deltas, "topk_code_deltas": code_deltas, "topk_anchor": anchor}
-
-
-def _logsumexp(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Row-wise log(sum(exp(x))) over ``mask`` (-inf where nothing is masked in)."""
-    m = np.where(mask, x, -np.inf).max(axis=1, initial=-np.inf)
-    safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return safe + np.log(np.where(mask, np.exp(x - safe[:, None]), 0.0).sum(axis=1))
+    id_deltas = np.where(run_start, ids, np.diff(ids, axis=1, prepend=0)).astype(np.int32)
+    stored = {"topk_id_deltas": id_deltas, "topk_code_deltas": code_deltas, "topk_anchor": anchor}
+    _check_round_trip(stored, ids, x, codes, step)
+    return stored
 
 
 def decode_u8(id_deltas: np.ndarray, code_deltas: np.ndarray, anchor: np.ndarray, step: float
               ) -> tuple[np.ndarray, np.ndarray]:
     """(topk_ids int32, topk_logprobs float32) of ``u8-rel`` arrays, vectorised over the whole shard."""
-    P, k = code_deltas.shape
-    codes = np.cumsum(code_deltas, axis=1, dtype=np.int32)
-    logprobs = np.minimum(anchor.astype(np.float64)[:, None] - codes * step, 0.0).astype(np.float32)
-    # Each run of equal codes starts with an absolute id; the others add to the previous id.
-    run_start = np.ones((P, k), bool)
-    run_start[:, 1:] = code_deltas[:, 1:] != 0
-    start_col = np.maximum.accumulate(np.where(run_start, np.arange(k), 0), axis=1)
-    summed = np.cumsum(id_deltas, axis=1, dtype=np.int64)
-    ids = summed - np.take_along_axis(summed, start_col, 1) + np.take_along_axis(id_deltas, start_col, 1)
-    return ids.astype(np.int32), logprobs
+    codes = np.cumsum(code_deltas, axis=1, dtype=np.int16)
+    logprobs = np.minimum(anchor[:, None] - codes * np.float32(step), np.float32(0.0))
+    # Each run of equal codes starts with an absolute id, the others add to the previous id. All
+    # are >= 0 (_check_u8), so along a row the running sum before each run start never
+    # decreases and a running maximum carries it over the run.
+    k = id_deltas.shape[1]
+    small = id_deltas.size == 0 or k * int(id_deltas.max()) < 2**31
+    summed = np.cumsum(id_deltas, axis=1, dtype=np.int32 if small else np.int64)
+    before_run = summed - id_deltas
+    before_run[:, 1:][code_deltas[:, 1:] == 0] = 0
+    np.maximum.accumulate(before_run, axis=1, out=before_run)
+    summed -= before_run
+    return summed.astype(np.int32, copy=False), logprobs
 
 
-def _check_round_trip(data: ShardData, decoded: dict[str, np.ndarray], step: float) -> None:
-    """The encoder's own guarantee, checked on every write: same (id, value) pairs up to the bound."""
-    x = data.topk_logprobs.astype(np.float64)
-    order = np.argsort(data.topk_ids, axis=1, kind="stable")
-    back = np.argsort(decoded["topk_ids"], axis=1, kind="stable")
-    ids_in = np.take_along_axis(data.topk_ids, order, 1)
-    if not np.array_equal(ids_in, np.take_along_axis(decoded["topk_ids"], back, 1)):
+def _check_round_trip(stored: dict[str, np.ndarray], ids: np.ndarray, x: np.ndarray, codes: np.ndarray,
+                      step: float) -> None:
+    """The encoder's own guarantee, checked on every write: the ids come back, and each entry on
+    the grid decodes within ``step`` of its input (``codes`` in the input's order)."""
+    got_ids, _ = decode_u8(stored["topk_id_deltas"], stored["topk_code_deltas"], stored["topk_anchor"], step)
+    if not np.array_equal(got_ids, ids):
         raise AssertionError("u8-rel encoder bug: the decoded top-k ids differ from the input's")
-    got = np.take_along_axis(decoded["topk_logprobs"].astype(np.float64), back, 1)
-    want = np.take_along_axis(x, order, 1)
-    on_grid = want >= x[:, :1] - (GRID_STEPS - 0.5) * step  # the bound is stated for these
-    err = np.abs(got - want)[on_grid]
+    anchor = stored["topk_anchor"][:, None]
+    err = np.abs(np.minimum(anchor - (codes * np.float32(step)).astype(np.float32), 0) - x)[codes < MAX_CODE]
     if err.size and err.max() > step + _ROUNDING:
         raise AssertionError(f"u8-rel encoder bug: a decoded log-prob is {err.max():.4g} from its input "
                              f"(bound {step})")
@@ -257,7 +251,7 @@ def _check_u8(stored: dict[str, np.ndarray], step: float) -> list[str]:
     if np.any(dc[:, 0] != 0):
         problems.append(f"topk_code_deltas: {int((dc[:, 0] != 0).sum())} rows do not start at code 0 "
                         f"(the top-1), first: row {int(np.argmax(dc[:, 0] != 0))}")
-    total = dc.astype(np.int64).sum(axis=1)
+    total = dc.sum(axis=1, dtype=np.int32)
     if np.any(total > MAX_CODE):
         problems.append(f"topk_code_deltas: {int((total > MAX_CODE).sum())} rows leave the 8-bit grid "
                         f"(codes above {MAX_CODE}), first: row {int(np.argmax(total > MAX_CODE))}")
@@ -270,6 +264,9 @@ def _check_u8(stored: dict[str, np.ndarray], step: float) -> list[str]:
                         f"(first: row {i}, {float(anchor[i])})")
     within_run = np.zeros(dc.shape, bool)
     within_run[:, 1:] = dc[:, 1:] == 0
+    if np.any(ids < 0):
+        problems.append(f"topk_id_deltas: {int((ids < 0).any(axis=1).sum())} rows with a negative id or "
+                        f"difference (first: row {int(np.argmax((ids < 0).any(axis=1)))})")
     if np.any(within_run & (ids <= 0)):
         problems.append(f"topk_id_deltas: {int((within_run & (ids <= 0)).any(axis=1).sum())} rows whose ids "
                         "are not ascending within a run of equal codes "
