@@ -151,10 +151,16 @@ def test_manifest_and_shard_state_the_encoding_and_verify_passes(local_url):
     g = zarr.open_group(cache.fs.path(cache.shard_rel(0)), mode="r")
     assert g.attrs["format_version"] == 2 and g.attrs["logprob_encoding"] == manifest["logprob_encoding"]
     # Plain zarr decode, as docs/cache-format.md shows it, gives what atkd's reader gives.
-    codes = np.cumsum(g["topk_code_deltas"][...], axis=1)
-    plain = np.minimum(g["topk_anchor"][...][:, None] - codes * 0.08, 0)
+    dc, idd, anchor = g["topk_code_deltas"][...], g["topk_id_deltas"][...], g["topk_anchor"][...]
+    codes = np.cumsum(dc, axis=1)
+    plain = np.minimum(anchor[:, None] - codes * manifest["logprob_encoding"]["step"], 0)
+    start = np.ones(dc.shape, bool)
+    start[:, 1:] = dc[:, 1:] != 0
+    summed = np.cumsum(idd, axis=1, dtype=np.int64)
+    before = np.where(start, summed - idd, 0)
+    plain_ids = summed - np.maximum.accumulate(before, axis=1)
     back = cache.read_shard(0)
-    assert np.allclose(plain, back.topk_logprobs, atol=1e-6)
+    assert np.allclose(plain, back.topk_logprobs, atol=1e-5) and np.array_equal(plain_ids, back.topk_ids)
     report = verify_cache(local_url)
     assert report.ok, report.summary()
     assert "u8-rel, step 0.08" in inspect_cache(local_url).text()
