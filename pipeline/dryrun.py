@@ -22,6 +22,8 @@ SAMPLE_ROWS = 256
 # Stored bytes: per top-k entry (ids + log-probs, measured 2.43 by bench/cache_bench.py),
 # per position (float32 gold log-prob), per token (int32 input id).
 BYTES_PER_TOPK_ENTRY, BYTES_PER_POSITION, BYTES_PER_TOKEN = 2.5, 4, 4
+# cache.logprob_encoding u8-rel: 1.45 B per entry measured, plus a float32 anchor per position.
+ENCODED_BYTES = {"exact": (BYTES_PER_TOPK_ENTRY, BYTES_PER_POSITION), "u8-rel": (1.5, 8)}
 
 
 @dataclass
@@ -92,16 +94,18 @@ def teacher_lines(cfg: PipelineConfig) -> list[str]:
     elif est.rows is not None:
         shards = math.ceil(est.rows / cfg.cache.sequences_per_shard)
     if est.rows is not None:
-        size = cache_bytes(est.tokens, est.positions, cfg.teacher.top_k)
+        size = cache_bytes(est.tokens, est.positions, cfg.teacher.top_k, cfg.cache.logprob_encoding)
+        per_entry, per_position = ENCODED_BYTES[cfg.cache.logprob_encoding]
         lines += [f"  shards: {shards} of up to {cfg.cache.sequences_per_shard} sequences",
                   f"  tokens ~{est.tokens:,.0f}, target positions ~{est.positions:,.0f} ({est.tokens_note})",
-                  f"  estimated cache size ~{_human(size)} (an estimate: {BYTES_PER_TOPK_ENTRY} B per top-k "
-                  f"entry + {BYTES_PER_POSITION} B per position + {BYTES_PER_TOKEN} B per token)"]
+                  f"  estimated cache size ~{_human(size)} (an estimate: {per_entry} B per top-k "
+                  f"entry + {per_position} B per position + {BYTES_PER_TOKEN} B per token)"]
     return lines
 
 
-def cache_bytes(tokens: float, positions: float, top_k: int) -> float:
-    return positions * top_k * BYTES_PER_TOPK_ENTRY + positions * BYTES_PER_POSITION + tokens * BYTES_PER_TOKEN
+def cache_bytes(tokens: float, positions: float, top_k: int, encoding: str = "exact") -> float:
+    per_entry, per_position = ENCODED_BYTES[encoding]
+    return positions * top_k * per_entry + positions * per_position + tokens * BYTES_PER_TOKEN
 
 
 def estimate_data(cfg: PipelineConfig) -> DataEstimate:
