@@ -18,10 +18,11 @@ def test_atkd_run_with_u8_rel_captures_trains_evaluates_and_verifies(tmp_path, t
 
     run_dir = tmp_path / "run"
     cache = {"path": str(run_dir / "cache"), "sequences_per_shard": 20, "logprob_encoding": "u8-rel"}
-    evaluation = {"path": str(train_jsonl), "validation_path": str(train_jsonl), "max_examples": 4,
-                  "max_new_tokens": 4, "batch_size": 4, "backend": "transformers"}
+    data = {"path": str(train_jsonl), "max_seq_len": 64, "holdout": {"validation": 4, "test": 4}}
+    evaluation = {"max_examples": 4, "max_new_tokens": 4, "batch_size": 4, "backend": "transformers"}
     cfg = fh.write_config(tmp_path / "pipeline.yaml", model=str(tiny_llama_dir), data=str(train_jsonl),
-                          run_dir=str(run_dir), cache="", max_steps=6, extra={"cache": cache, "eval": evaluation})
+                          run_dir=str(run_dir), cache="", max_steps=6,
+                          extra={"data": data, "cache": cache, "eval": evaluation})
     rc, out = atkd_here(capsys, "run", str(cfg))
     assert rc == 0, out
     done = json.loads((run_dir / "students" / "s1" / "done.json").read_text())
