@@ -125,6 +125,14 @@ def run_validation_capture(cfg: PipelineConfig) -> bool:
         return _run_teacher(cfg, [job])
 
 
+def _teacher_for(cfg: PipelineConfig, label: str):
+    """The validation cache is always top-k (KL to the teacher, top-1 agreement need it); the
+    training cache holds what teacher.targets asks for."""
+    if label == "validation" and cfg.teacher.targets != "topk":
+        return dataclasses.replace(cfg.teacher, targets="topk")
+    return cfg.teacher
+
+
 def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) -> bool:
     from stages.teacher.capture import run_capture
 
@@ -138,7 +146,7 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) ->
             # complete cache of another teacher must be refused, not silently reused. run_capture
             # loads the data, checks the identity and returns without starting an engine.
             _log(f"{label} cache {cache_cfg.path} is complete; checking that it matches the config")
-            run_capture(data_cfg, cfg.teacher, cache_cfg, progress=False)
+            run_capture(data_cfg, _teacher_for(cfg, label), cache_cfg, progress=False)
         else:
             todo.append((label, data_cfg, cache_cfg))
     if not todo:
@@ -157,7 +165,7 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) ->
         for label, data_cfg, cache_cfg in todo:
             _log(f"stage one ({label} data): caching top-{cfg.teacher.top_k} log-probs of "
                  f"{cfg.teacher.model} into {cache_cfg.path}")
-            run_capture(data_cfg, cfg.teacher, cache_cfg, engine=engine)
+            run_capture(data_cfg, _teacher_for(cfg, label), cache_cfg, engine=engine)
     finally:
         if engine is not None:
             engine.close()
@@ -189,6 +197,21 @@ def check_training_cache(cfg: PipelineConfig) -> int:
     return _checked_caches[cfg.cache.path]
 
 
+def _check_loss_targets(cfg: PipelineConfig, scfg: StudentConfig) -> None:
+    """The student's loss fits the cache's targets (topk / sampled): a ConfigError naming the field."""
+    from stages.errors import TrainingError
+    from stages.student.objective import resolve_targets
+    from storage.cache import Cache
+    from storage.schema import targets_of
+
+    i = next((i for i, s in enumerate(cfg.students) if s.name == scfg.name), 0)
+    try:
+        resolve_targets(scfg.loss, targets_of(Cache.open(cfg.cache.path).manifest.identity),
+                        f"students[{i}].loss ({scfg.name})")
+    except TrainingError as e:
+        raise ConfigError(str(e)) from None
+
+
 def run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
     """Stage two for one student. Returns True if it did any work."""
     with stage_log(cfg, "student"):
@@ -206,6 +229,7 @@ def _run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
             f"the teacher cache {cfg.cache.path} is not complete; run `atkd teacher` first (or `atkd run`)"
         )
     top_k = check_training_cache(cfg)
+    _check_loss_targets(cfg, scfg)
     if scfg.init_from:
         if not student_done(cfg, scfg.init_from):
             raise ConfigError(f"student {scfg.name!r} starts from student {scfg.init_from!r}, which is not "

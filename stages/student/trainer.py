@@ -238,7 +238,9 @@ def _train(cfg: StudentConfig, name: str, cache_url: str, out: Path, tokenizer_p
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.to(d.device).train()
-    objective = StudentObjective(student, cfg.loss)
+    from storage.schema import targets_of
+
+    objective = StudentObjective(student, cfg.loss, targets_of(cache.manifest.identity))
 
     dataset = CacheDataset(cache_url, optim.batch_size, seed=cfg.seed, rank=d.rank,
                            world_size=d.world_size, shuffle=True, pad_id=pad_id(tokenizer), top_k=top_k)

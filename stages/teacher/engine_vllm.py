@@ -36,6 +36,15 @@ from stages.errors import TeacherError
 from stages.logs import engine_output
 from stages.teacher.engine_hf import TeacherRows
 
+# Why sampled targets are not drawn through vLLM (docs/cache-format.md, "Sampled targets
+# and vLLM"): prompt rows skip vLLM's sampler and logits processors, so the only exact
+# route is prompt_logprobs=-1 (max_logprobs=-1), which returns all V log-probs of every
+# prompt position as python lists through the engine-core IPC: ~V x 12 bytes per
+# position (400 KB at V=32k), far more than the forward pass costs.
+VLLM_SAMPLED_REASON = ("vLLM 0.32 gives prompt positions no sampler or logits-processor hook; exact draws would "
+                       "need prompt_logprobs=-1, i.e. the whole vocabulary of every position as python lists "
+                       "(~12 x vocab bytes per position), so sampled targets are drawn by the transformers engine")
+
 # Prompt tokens per `LLM.generate` call: bounds the python-side result lists.
 _REQUEST_TOKENS = 1 << 16
 

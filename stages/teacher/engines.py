@@ -5,7 +5,9 @@ starts; otherwise the transformers engine. The choice and the reason are
 printed, and kept on the engine as `.choice_reason`.
 
 Every engine has: `name`, `description`, `vocab_size`,
-`score(examples, top_k) -> list[TeacherRows]`, `close()`.
+`score(examples, top_k) -> list[TeacherRows]`, `close()`. Sampled targets
+(`teacher.targets` sampled or topk+sampled) need `score(..., sampler=)`, which
+only the transformers engine has (VLLM_SAMPLED_REASON); "auto" picks it for them.
 """
 
 from __future__ import annotations
@@ -53,6 +55,16 @@ def make_vllm_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None)
 def make_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None):
     """Start the engine `teacher_cfg.backend` asks for (see module doc for "auto")."""
     backend = teacher_cfg.backend
+    if teacher_cfg.targets != "topk" and backend != "transformers":
+        from stages.teacher.engine_vllm import VLLM_SAMPLED_REASON
+
+        if backend == "vllm":
+            raise TeacherError(f"teacher.targets={teacher_cfg.targets} with teacher.backend=vllm: "
+                               f"{VLLM_SAMPLED_REASON}. Use teacher.backend=transformers or auto")
+        engine = make_hf_engine(teacher_cfg)
+        engine.choice_reason = f"backend auto: transformers, because teacher.targets={teacher_cfg.targets}"
+        _log(f"engine: {engine.description} ({engine.choice_reason})")
+        return engine
     if backend == "transformers":
         engine, reason = make_hf_engine(teacher_cfg), "teacher.backend=transformers"
     elif backend == "vllm":
