@@ -71,7 +71,7 @@ def test_draws_follow_the_teacher_distribution_chi_square():
     assert chi_square(observed, wrong)[0] > 3 * limit  # the test can tell a different distribution apart
 
 
-def test_engine_draws_equal_draws_from_the_dense_float64_reference(tiny_llama_dir, examples):
+def test_engine_draws_equal_draws_from_the_dense_float64_reference(tiny_llama_dir, examples):  # noqa: F811
     """The engine's float32 log-probs and a float64 forward give the same draws (same uniforms)
     except where a uniform falls within float32 error of a CDF step; and batching does not matter."""
     key, subset = 1234, examples[:12]
@@ -185,3 +185,61 @@ def test_killed_sampled_capture_resumes_bit_for_bit(tmp_path, sampled_cache, dat
                               CacheConfig(path=str(path), sequences_per_shard=8), progress=False)
     assert summary.shards_written == 3
     assert_caches_equal(path, sampled_cache)
+
+
+# ---------------------------------------------------------------- stage two
+def test_objective_on_sampled_cache_equals_the_sampled_losses(sampled_cache, tiny_llama_dir):
+    """StudentObjective's chunked kd / atkd on a v2 batch == sampled_kd_loss / sampled_atkd_loss on full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.lm import target_logits
+    from stages.student.config import LossConfig
+    from stages.student.objective import StudentObjective
+    from stages.student.sampled_losses import sampled_atkd_loss, sampled_kd_loss
+    from storage.dataset import CacheDataset
+
+    batch = next(iter(CacheDataset(str(sampled_cache), 4, seed=0, epochs=1)))
+    assert batch["sample_ids"].shape[0] == batch["target_ids"].shape[0] and batch["topk_ids"].shape[1] == 0
+    assert (batch["sample_counts"].sum(1) == N).all()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight) * 0.5)
+    args = (batch["sample_ids"], batch["sample_counts"], batch["target_ids"], batch["target_logprobs"])
+    valid = torch.ones_like(batch["target_ids"], dtype=torch.bool)
+    with torch.no_grad():
+        logits = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["row_batch"],
+                               batch["row_pos"]).float()
+    for kind, ref in (("kd", sampled_kd_loss(logits, *args, valid, ce_weight=0.1, reduction="sum")),
+                      ("atkd", sampled_atkd_loss(logits, *args, valid, group_ids=batch["group_ids"], ce_weight=0.1,
+                                                 reduction="sum"))):
+        objective = StudentObjective(model, LossConfig(kind=kind, chunk_size=7, ce_weight=0.1), "sampled")
+        assert objective.targets == "sampled"
+        loss, _ = objective(batch)
+        torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache, loss, message", [
+    ("topk", {"targets": "sampled"}, "loss.targets=sampled: the cache holds topk targets"),
+    ("sampled", {"targets": "topk"}, "loss.targets=topk: the cache holds sampled targets"),
+    ("sampled", {"kind": "kd", "divergence": "reverse_kl"}, "loss.divergence=reverse_kl on sampled"),
+    ("topk+sampled", {"kind": "atkd", "base": "reverse_kl"}, "loss.base=reverse_kl on sampled"),
+])
+def test_loss_targets_that_do_not_fit_the_cache_are_refused(cache, loss, message):
+    from stages.errors import TrainingError
+    from stages.student.config import LossConfig
+    from stages.student.objective import resolve_targets
+
+    with pytest.raises(TrainingError, match=message):
+        resolve_targets(LossConfig(**loss), cache)
+
+
+def test_loss_targets_auto_prefers_samples_and_topk_stays_possible():
+    from stages.student.config import LossConfig
+    from stages.student.objective import resolve_targets
+
+    assert resolve_targets(LossConfig(), "topk") == "topk"
+    assert resolve_targets(LossConfig(), "sampled") == "sampled"
+    assert resolve_targets(LossConfig(), "topk+sampled") == "sampled"
+    assert resolve_targets(LossConfig(targets="topk", base="reverse_kl"), "topk+sampled") == "topk"
+    assert resolve_targets(LossConfig(kind="sft", divergence="tvd"), "sampled") == "sampled"
