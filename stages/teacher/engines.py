@@ -6,8 +6,10 @@ printed, and kept on the engine as `.choice_reason`.
 
 Every engine has: `name`, `description`, `vocab_size`,
 `score(examples, top_k) -> list[TeacherRows]`, `close()`. Sampled targets
-(`teacher.targets` sampled or topk+sampled) need `score(..., sampler=)`, which
-only the transformers engine has (VLLM_SAMPLED_REASON); "auto" picks it for them.
+(`teacher.targets` sampled or topk+sampled) use `score(..., sampler=)`: the
+transformers engine draws from each chunk's full log-softmax; vLLM has to return
+the whole vocabulary of every prompt position (exact, but slow: VLLM_SAMPLED_COST),
+so "auto" picks the transformers engine for them and backend vllm says the cost.
 """
 
 from __future__ import annotations
@@ -49,27 +51,23 @@ def make_vllm_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None)
         enforce_eager=teacher_cfg.enforce_eager,
         trust_remote_code=teacher_cfg.trust_remote_code,
         max_seq_len=max_seq_len,
+        full_vocab=teacher_cfg.targets != "topk",
     )
 
 
 def make_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None):
     """Start the engine `teacher_cfg.backend` asks for (see module doc for "auto")."""
     backend = teacher_cfg.backend
-    if teacher_cfg.targets != "topk" and backend != "transformers":
-        from stages.teacher.engine_vllm import VLLM_SAMPLED_REASON
-
-        if backend == "vllm":
-            raise TeacherError(f"teacher.targets={teacher_cfg.targets} with teacher.backend=vllm: "
-                               f"{VLLM_SAMPLED_REASON}. Use teacher.backend=transformers or auto")
-        engine = make_hf_engine(teacher_cfg)
-        engine.choice_reason = f"backend auto: transformers, because teacher.targets={teacher_cfg.targets}"
-        _log(f"engine: {engine.description} ({engine.choice_reason})")
-        return engine
     if backend == "transformers":
         engine, reason = make_hf_engine(teacher_cfg), "teacher.backend=transformers"
+    elif backend == "auto" and teacher_cfg.targets != "topk":
+        engine = make_hf_engine(teacher_cfg)
+        reason = f"backend auto: transformers, because teacher.targets={teacher_cfg.targets} (vLLM: full rows only)"
     elif backend == "vllm":
-        from stages.teacher.engine_vllm import unsupported_reason
+        from stages.teacher.engine_vllm import VLLM_SAMPLED_COST, unsupported_reason
 
+        if teacher_cfg.targets != "topk":
+            _log(f"teacher.targets={teacher_cfg.targets} with backend vllm: {VLLM_SAMPLED_COST}")
         why_not = unsupported_reason(teacher_cfg.model)
         if why_not is not None:
             raise TeacherError(f"teacher.backend=vllm cannot serve teacher.model {teacher_cfg.model!r}: {why_not}. "

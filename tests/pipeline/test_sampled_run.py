@@ -52,11 +52,23 @@ def test_atkd_run_end_to_end_on_sampled_targets(tmp_path, capsys, tiny_llama_dir
     assert rc == 0, out
 
 
-def test_sampled_targets_with_vllm_are_refused(tmp_path, tiny_llama_dir, train_jsonl):
+def test_bad_samples_and_targets_are_refused(tmp_path, tiny_llama_dir, train_jsonl):
     from pipeline.config import ConfigError, load_config
 
     config = sampled_config(tmp_path, str(tiny_llama_dir), str(train_jsonl), "sampled")
-    with pytest.raises(ConfigError, match="teacher.targets=sampled cannot use teacher.backend=vllm: vLLM 0.32"):
-        load_config(config, ["teacher.backend=vllm"])
+    assert load_config(config, ["teacher.backend=vllm"]).teacher.targets == "sampled"  # allowed: full rows
     with pytest.raises(ConfigError, match=r"teacher.samples: must be in \[1, 255\]"):
         load_config(config, ["teacher.samples=0"])
+    with pytest.raises(ConfigError, match="teacher.targets: 'top-k' is not one of"):
+        load_config(config, ["teacher.targets=top-k"])
+
+
+@pytest.mark.integration
+def test_student_loss_that_does_not_fit_the_cache_is_a_config_error(tmp_path, capsys, tiny_llama_dir, train_jsonl):
+    import torch
+
+    torch.set_num_threads(1)
+    config = sampled_config(tmp_path, str(tiny_llama_dir), str(train_jsonl), "sampled",
+                            [{"name": "rkl", "loss": {"kind": "kd", "divergence": "reverse_kl"}}])
+    rc, out = atkd_here(capsys, "run", str(config))
+    assert rc != 0 and "students[0].loss (rkl).divergence=reverse_kl on sampled teacher targets" in out, out[-2000:]

