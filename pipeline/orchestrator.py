@@ -133,6 +133,14 @@ def _teacher_for(cfg: PipelineConfig, label: str):
     return cfg.teacher
 
 
+def _what(teacher) -> str:
+    """What stage one caches, for the log: 'top-64 log-probs', '16 draws per position', or both."""
+    parts = [f"top-{teacher.top_k} log-probs"] if teacher.targets != "sampled" else []
+    if teacher.targets != "topk":
+        parts.append(f"{teacher.samples} draws per position")
+    return " and ".join(parts)
+
+
 def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) -> bool:
     from stages.teacher.capture import run_capture
 
@@ -152,8 +160,8 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) ->
     if not todo:
         return False
     if num_workers > 1 and todo[0][0] == "training":
-        _log(f"stage one (training data): {num_workers} worker processes caching top-{cfg.teacher.top_k} "
-             f"log-probs of {cfg.teacher.model} into {cfg.cache.path}")
+        _log(f"stage one (training data): {num_workers} worker processes caching {_what(cfg.teacher)} "
+             f"of {cfg.teacher.model} into {cfg.cache.path}")
         run_workers(cfg, num_workers, gpu_groups)
         todo = todo[1:]  # the validation cache is small: this process does it
     engine = None
@@ -163,7 +171,7 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) ->
         engine = make_engine(cfg.teacher, max_seq_len=cfg.data.max_seq_len)
     try:
         for label, data_cfg, cache_cfg in todo:
-            _log(f"stage one ({label} data): caching top-{cfg.teacher.top_k} log-probs of "
+            _log(f"stage one ({label} data): caching {_what(_teacher_for(cfg, label))} of "
                  f"{cfg.teacher.model} into {cache_cfg.path}")
             run_capture(data_cfg, _teacher_for(cfg, label), cache_cfg, engine=engine)
     finally:
