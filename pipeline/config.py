@@ -210,6 +210,7 @@ def derive_paths(cfg: PipelineConfig) -> None:
     With the demo on, the data, teacher and eval paths point at what the demo
     builds under run_dir (data/, teacher/) and `eval.answer_rule: auto` is the
     demo's answer check; set any of them to override. Without it, auto is "exact".
+    With data.holdout (a test part) and no eval.path, evaluation reads data.path's test part.
     """
     run = Path(cfg.run_dir)
     if not cfg.cache.path:
@@ -219,8 +220,12 @@ def derive_paths(cfg: PipelineConfig) -> None:
         cfg.teacher.model = cfg.teacher.model or str(run / "teacher")
         cfg.eval.path = cfg.eval.path or str(run / "data" / "test.jsonl")
         cfg.eval.validation_path = cfg.eval.validation_path or str(run / "data" / "validation.jsonl")
+    if cfg.data.holdout is not None and cfg.data.holdout.test and not cfg.eval.path:
+        cfg.eval.path, cfg.eval.split = cfg.data.path, cfg.data.split  # evaluation reads its test part
     if cfg.eval.answer_rule == "auto":
         cfg.eval.answer_rule = "demo" if cfg.demo.enabled else "exact"
+    if cfg.eval.allow_train_overlap is None:  # the demo's fact-recall task repeats training facts by design
+        cfg.eval.allow_train_overlap = cfg.demo.enabled
 
 
 def validate(cfg: PipelineConfig) -> None:
@@ -244,6 +249,16 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.max_dropped_fraction: must be in [0, 1], got {cfg.data.max_dropped_fraction}")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ConfigError(f"data.limit: must be >= 1 (or null for all rows), got {cfg.data.limit}")
+    holdout = cfg.data.holdout
+    if holdout is not None:
+        for key in ("validation", "test"):
+            value = getattr(holdout, key)
+            if value < 0 or (isinstance(value, float) and value >= 1.0):
+                raise ConfigError(f"data.holdout.{key}: a row count (whole number >= 0) or a fraction in [0, 1), "
+                                  f"got {value!r}")
+        if holdout.part != "train":
+            raise ConfigError(f"data.holdout.part: the pipeline trains on the train part (it reads validation and "
+                              f"test itself), got {holdout.part!r}")
     if cfg.cache.sequences_per_shard <= 0:
         raise ConfigError("cache.sequences_per_shard: must be > 0")
     if cfg.data.kind == "prompt_response":

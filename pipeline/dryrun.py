@@ -65,8 +65,18 @@ def teacher_lines(cfg: PipelineConfig) -> list[str]:
              f"targets {cfg.teacher.targets}) "
              f"-> cache {cfg.cache.path} (not started)",
              f"  data {cfg.data.path}: {est.rows_note}"]
-    if est.rows is not None:
+    if est.rows is not None and cfg.data.holdout is not None:
+        from stages.split import sizes
+
+        parts = sizes(cfg.data.holdout, est.rows)
+        lines.append(f"  data.holdout: train {parts['train']:,}, validation {parts['validation']:,}, test "
+                     f"{parts['test']:,} rows (the cache holds the train part)")
+        est = DataEstimate(parts["train"], est.rows_note, est.tokens * parts["train"] / est.rows,
+                           est.positions * parts["train"] / est.rows, est.tokens_note)
+        shards = math.ceil(sum(parts.values()) / cfg.cache.sequences_per_shard)
+    elif est.rows is not None:
         shards = math.ceil(est.rows / cfg.cache.sequences_per_shard)
+    if est.rows is not None:
         t = cfg.teacher
         size = cache_bytes(est.tokens, est.positions, 0 if t.targets == "sampled" else t.top_k) \
             + (est.positions * bytes_per_sampled_position(t.samples) if t.targets != "topk" else 0)

@@ -3,10 +3,13 @@
 Run directory layout (everything a run produces lives under `run_dir`):
 
     <run_dir>/config.yaml              the resolved config of the last command
+    <run_dir>/split.json               the held-out split (data.holdout): spec, sizes, fingerprint
     <run_dir>/students/<name>/         checkpoints, log.jsonl, tb/, final/, done.json
     <run_dir>/cache-val/               teacher cache over the validation split (stage one, for eval)
     <run_dir>/eval/results.json        metrics per model (written by stages.evaluate only)
     <run_dir>/eval/settings.json       what results.json was computed from (config, models, their done.json)
+    <run_dir>/eval/overlap.json        evaluation rows found among the training rows (stages.overlap), keyed
+                                       by both sides' fingerprints so a rerun does not rescan
     <run_dir>/eval/<model>.generations.jsonl
     <run_dir>/report/                  report.md + PNG plots (stages.report, from the results)
 The training cache lives at `cache.path` (often `<run_dir>/cache`, but it can be
@@ -50,6 +53,10 @@ def eval_settings_path(cfg: PipelineConfig) -> Path:
     return results_path(cfg).with_name("settings.json")
 
 
+def split_path(cfg: PipelineConfig) -> Path:
+    return Path(cfg.run_dir) / "split.json"
+
+
 # ------------------------------------------------------------------ stages
 
 
@@ -72,6 +79,25 @@ def prepare(cfg: PipelineConfig) -> None:
 
         with stage_log(cfg, "demo"):
             prepare_demo(cfg.demo, cfg.run_dir, cfg.data)
+    record_split(cfg)
+
+
+def record_split(cfg: PipelineConfig) -> None:
+    """<run_dir>/split.json: the held-out split of data.path (data.holdout) with its sizes and
+    fingerprint; rewritten only when it changes. One indexing pass over the data (stages.rows)."""
+    if cfg.data.holdout is None:
+        return
+    from stages.data import open_source
+    from stages.split import split_record
+
+    record = split_record(cfg.data, open_source(cfg.data))
+    text = json.dumps(record, indent=1) + "\n"
+    path = split_path(cfg)
+    if not path.is_file() or path.read_text() != text:
+        sizes = record["sizes"]
+        _log(f"held-out split of {cfg.data.path} (seed {record['spec']['seed']}): train {sizes['train']:,}, "
+             f"validation {sizes['validation']:,}, test {sizes['test']:,} rows -> {path}")
+        atomic_write(path, text)
 
 
 def open_cache(url: str):
@@ -94,11 +120,16 @@ def capture_jobs(cfg: PipelineConfig, *, validation: bool) -> list[tuple[str, Da
 
 
 def validation_job(cfg: PipelineConfig) -> tuple[str, object, object] | None:
-    """Stage one over `eval.validation_path` into <run_dir>/cache-val (None when no validation data is set)."""
-    if not cfg.eval.validation_path:
-        return None
+    """Stage one over the validation data into <run_dir>/cache-val: `eval.validation_path`, or with
+    data.holdout (and no other validation_path) the split's validation part. None when there is none."""
     val_data = copy.deepcopy(cfg.data)
-    val_data.path, val_data.limit = cfg.eval.validation_path, None
+    holdout = cfg.data.holdout
+    if holdout is not None and holdout.validation and cfg.eval.validation_path in ("", cfg.data.path):
+        val_data.holdout.part = "validation"  # the same rows and limit: the split is over the same n
+    elif cfg.eval.validation_path:
+        val_data.path, val_data.limit, val_data.holdout = cfg.eval.validation_path, None, None
+    else:
+        return None
     val_cache = copy.deepcopy(cfg.cache)
     val_cache.path = val_cache_path(cfg)
     return ("validation", val_data, val_cache)
@@ -303,7 +334,7 @@ def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
         return None
     if validation_job(cfg) is not None and not cache_complete(val_cache_path(cfg)):
         _log(f"the validation cache {val_cache_path(cfg)} is not complete: running stage one over "
-             f"{cfg.eval.validation_path} first")
+             f"{cfg.eval.validation_path or 'the validation part of ' + cfg.data.path} first")
         run_validation_capture(cfg)
     with stage_log(cfg, "eval"):
         return _run_eval(cfg)
@@ -335,13 +366,15 @@ def _run_eval(cfg: PipelineConfig) -> dict:
     from stages.report import write_report
 
     settings = eval_settings(cfg)  # before evaluating: a student finishing meanwhile makes the results stale
-    val_url = val_cache_path(cfg) if validation_job(cfg) is not None else None
+    val_job = validation_job(cfg)
+    val_url = val_cache_path(cfg) if val_job is not None else None
     if val_url is None:
         _log("KL to the teacher, top-1 agreement and ECE are skipped: they need held-out rows cached by the "
-             "teacher; set eval.validation_path to a file of them")
+             "teacher; set eval.validation_path to a file of them, or data.holdout.validation")
     results = evaluate_models(eval_models(cfg), eval_cfg=cfg.eval, data_cfg=cfg.data, teacher_dir=cfg.teacher.model,
                               val_cache_url=val_url, backend=cfg.eval.backend, out_dir=str(results_path(cfg).parent),
-                              settings=settings, answer_rule=answer_rule(cfg))
+                              settings=settings, answer_rule=answer_rule(cfg),
+                              val_data_cfg=val_job[1] if val_job else None)
     logs = {s.name: str(student_dir(cfg, s.name) / "log.jsonl") for s in cfg.students}
     report = write_report(cfg.run_dir, results, logs, cfg.cache.path, sections=report_sections(cfg))
     _log(f"report written to {report}")

@@ -284,12 +284,16 @@ def _assemble(segments: list[tuple[list[int], bool]]) -> tuple[list[int], np.nda
 
 
 def tokenize_rows(rows: Sequence[Any], tokenizer, data_cfg: DataConfig, *, start: int = 0,
-                  locate: Callable[[int], str] | None = None) -> tuple[list[TokenizedExample], DataStats]:
-    """Rows start, start+1, ... of a source -> TokenizedExamples (example_id = row index) and
-    counts of what was dropped and why. `locate(row_index)` names a row in messages
-    ('train.jsonl:88'); no rows, or none usable, is not an error here (the caller decides)."""
+                  locate: Callable[[int], str] | None = None,
+                  indices: Sequence[int] | None = None) -> tuple[list[TokenizedExample], DataStats]:
+    """Rows start, start+1, ... of a source (or the rows at `indices`: a part of a held-out split,
+    stages/split.py) -> TokenizedExamples (example_id = row index) and counts of what was dropped
+    and why. `locate(row_index)` names a row in messages ('train.jsonl:88'); no rows, or none
+    usable, is not an error here (the caller decides)."""
     stats = DataStats(rows=len(rows))
-    locate = locate or (lambda index: f"row {index}")
+    named = locate or (lambda index: f"row {index}")
+    row_ids = [start + i for i in range(len(rows))] if indices is None else [int(i) for i in indices]
+    locate = lambda k: named(row_ids[k - start])  # noqa: E731 - k = start + position in rows
     max_len = int(data_cfg.max_seq_len)
     examples: list[TokenizedExample] = []
     segments, bad = _build_segments(rows, tokenizer, data_cfg, list(range(len(rows))),
@@ -313,7 +317,7 @@ def tokenize_rows(rows: Sequence[Any], tokenizer, data_cfg: DataConfig, *, start
                                       "no trained target is left (the prompt alone fills it)")
                 continue
             stats.truncated += 1
-        examples.append(TokenizedExample(example_id=start + i, input_ids=ids, target_positions=targets))
+        examples.append(TokenizedExample(example_id=row_ids[i], input_ids=ids, target_positions=targets))
         stats.tokens += len(ids)
         stats.targets += int(targets.size)
     stats.examples = len(examples)

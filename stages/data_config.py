@@ -6,7 +6,19 @@ Loaded and validated by pipeline/config.py; the stages only read it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
+
+
+@dataclass
+class HoldoutConfig:
+    """`data.holdout`: a deterministic train / validation / test split of the data (stages/split.py)."""
+
+    validation: Union[int, float] = 0  # a row count (int) or a fraction of the rows in [0, 1) (float)
+    test: Union[int, float] = 0
+    seed: int = 0
+    # The part this data section reads. Leave it "train": the pipeline reads validation (the
+    # validation cache) and test (evaluation) itself.
+    part: Literal["train", "validation", "test"] = "train"
 
 
 @dataclass
@@ -33,3 +45,7 @@ class DataConfig:
     # Stage one fails when a shard drops (skips as over-long or bad) a larger share of its rows.
     max_dropped_fraction: float = 0.1
     limit: Optional[int] = None  # use only the first N rows (quick runs)
+    # A held-out split of these rows (absent: every row trains; eval.path/validation_path say where
+    # evaluation reads). With it, stage one caches the train part only, the validation cache holds
+    # the validation part and evaluation the test part, unless eval.* name other data.
+    holdout: Optional[HoldoutConfig] = None

@@ -6,14 +6,17 @@ Loaded and validated by pipeline/config.py; the stages only read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 
 @dataclass
 class EvalConfig:
-    path: str = ""  # held-out data (same fields as `data`); empty: skip generation metrics
+    # Held-out data (same fields as `data`); empty: skip generation metrics, or with data.holdout
+    # its test part (eval.path naming the training data also means the test part).
+    path: str = ""
     split: str = "test"
-    validation_path: str = ""  # data to cache for KL / top-1 agreement; empty: use a slice of `path`
+    # Data to cache for KL / top-1 agreement / ECE; empty: none, or with data.holdout its validation part.
+    validation_path: str = ""
     max_examples: int = 200
     max_new_tokens: int = 64
     backend: Literal["auto", "vllm", "transformers"] = "auto"
@@ -22,3 +25,8 @@ class EvalConfig:
     # the demo's answer inside any phrasing, per task (stages.demo.evaluation). "auto" (the default)
     # is resolved when the config is loaded: "demo" with demo.enabled, else "exact".
     answer_rule: Literal["auto", "exact", "demo"] = "auto"
+    # Evaluation rows with the same content as a training row (stages/overlap.py) are refused; true:
+    # evaluate anyway with a loud warning, the count in results.json (train_overlap). Unset (null) is
+    # resolved when the config is loaded: true with demo.enabled (the demo's fact-recall task repeats
+    # training facts by design), else false.
+    allow_train_overlap: Optional[bool] = None

@@ -3,9 +3,12 @@
     results = evaluate_models({"teacher": dir, "atkd": dir, ...}, eval_cfg=..., data_cfg=...,
                               teacher_dir=..., val_cache_url=...)
 
-Per model:
+First, the evaluation rows (and the validation cache's first rows) are compared with
+the training rows by content (stages/overlap.py): an overlap is an EvalError unless
+eval.allow_train_overlap. Then, per model:
 - generation metrics on the first `eval_cfg.max_examples` rows of
-  `eval_cfg.path`: greedy decoding from the project's own prompt template
+  `eval_cfg.path` (of its held-out test part when it is the training source and
+  data.holdout is set, stages/split.py): greedy decoding from the project's own prompt template
   (stages.data.prompt_ids, the exact training prompt tokens), then
   `exact_match` by the caller's `AnswerRule` (default `ExactResponse`: the
   whole generated text equals the row's reference response after strip; the
@@ -251,12 +254,50 @@ def teacher_agreement(model, records: list, pad_id: int, batch_size: int = 32) -
 # ---------------------------------------------------------------- entry point
 
 
+def eval_rows(data_cfg: DataConfig, eval_cfg: EvalConfig, train_source=None):
+    """The first eval.max_examples rows evaluation generates from, as overlap.EvalRows: those of
+    eval.path, or, when eval.path is the training source and data.holdout is set, of its test part."""
+    from stages import split
+    from stages.data import num_rows, open_source
+    from stages.overlap import EvalRows
+
+    source = open_source(data_cfg, eval_cfg.path, eval_cfg.split)
+    n = num_rows(data_cfg, source)
+    if data_cfg.holdout is not None and train_source is not None and source.fingerprint == train_source.fingerprint:
+        indices = split.members(data_cfg, n, "test")[: eval_cfg.max_examples]
+        if not len(indices):
+            raise EvalError(f"eval.path {eval_cfg.path!r} is the training data and its held-out test part is "
+                            "empty: set data.holdout.test, or point eval.path at other held-out data")
+        print(f"[eval] generation metrics on {len(indices)} rows of the held-out test part "
+              f"({split.part_size(data_cfg, n, 'test')} rows) of {eval_cfg.path}", flush=True)
+        return EvalRows("test", split.read_indices(source, indices), indices.tolist(), source.location)
+    end = min(n, eval_cfg.max_examples)
+    return EvalRows("test", source.read(0, end), list(range(end)), source.location)
+
+
+def validation_rows(val_data_cfg: DataConfig, limit: int):
+    """The first `limit` rows of the data the validation cache was built from (its part, with a split)."""
+    from stages import split
+    from stages.data import open_source
+    from stages.overlap import EvalRows
+
+    source = open_source(val_data_cfg)
+    for idx, chunk in split.iter_part(val_data_cfg, split.part_name(val_data_cfg), source, chunk_rows=limit):
+        return EvalRows("validation", chunk[:limit], idx[:limit].tolist(), source.location)
+    return EvalRows("validation", [], [], source.location)
+
+
 def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: DataConfig, teacher_dir: str,
                     val_cache_url: str | None = None, backend: str | None = None,
                     out_dir: str | None = None, settings: dict | None = None,
-                    answer_rule: AnswerRule | None = None, progress: bool = True) -> dict[str, dict]:
+                    answer_rule: AnswerRule | None = None, progress: bool = True,
+                    val_data_cfg: DataConfig | None = None) -> dict[str, dict]:
     """Metrics per model name (see the module doc); `backend` None = eval_cfg.backend,
     `answer_rule` None = ExactResponse(data_cfg).
+
+    Before any model is loaded, the evaluation rows (and the first rows of `val_data_cfg`, the
+    data of the validation cache) are compared with the training rows of `data_cfg`
+    (stages.overlap): an overlap is an EvalError unless eval.allow_train_overlap.
 
     With `out_dir`, each model's generations go to `<out_dir>/<name>.generations.jsonl`
     and all metrics to `<out_dir>/results.json` (this is its only writer), in the order
@@ -264,13 +305,20 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
     current) then goes to `<out_dir>/settings.json`, written after results.json and
     removed before it is replaced, so it never vouches for other results.
     """
-    from stages.data import load_rows, reference_response, tokenize_examples
+    from stages.data import open_source, reference_response, tokenize_examples
+    from stages.overlap import check_train_overlap
 
     backend = resolve_backend(backend or eval_cfg.backend)
     rule = answer_rule if answer_rule is not None else ExactResponse(data_cfg)
-    rows: list[dict] = []
-    if eval_cfg.path:
-        rows = load_rows(data_cfg, path=eval_cfg.path, split=eval_cfg.split)[: eval_cfg.max_examples]
+    train_source = open_source(data_cfg) if data_cfg.path else None
+    sets = [eval_rows(data_cfg, eval_cfg, train_source)] if eval_cfg.path else []
+    if val_data_cfg is not None and val_cache_url:
+        sets.append(validation_rows(val_data_cfg, eval_cfg.max_examples))
+    overlap = None
+    if sets and train_source is not None:
+        overlap = check_train_overlap(data_cfg, sets, allow=bool(eval_cfg.allow_train_overlap), out_dir=out_dir,
+                                      source=train_source)
+    rows: list[dict] = sets[0].rows if eval_cfg.path else []
     references = [reference_response(row, data_cfg, i) for i, row in enumerate(rows)]
     records = read_cache_records(val_cache_url, eval_cfg.max_examples) if val_cache_url else []
     out = Path(out_dir) if out_dir else None
@@ -285,6 +333,8 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
         res: dict[str, Any] = dict.fromkeys(METRICS)
         res.update(model_dir=str(model_dir), generation_backend=backend if rows else None, num_examples=len(rows),
                    answer_rule=rule.description if rows else None)
+        if overlap is not None:
+            res["train_overlap"] = overlap["overlap"]  # evaluation rows that are training rows (0 unless allowed)
         if rows:
             tg = time.perf_counter()
             if backend == "vllm":

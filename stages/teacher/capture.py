@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from stages import data as data_mod
+from stages import split
 from stages.data_config import DataConfig
 from stages.errors import EngineError
 from stages.teacher import provenance
@@ -81,10 +82,13 @@ def open_for_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg
         raise data_mod.DataError(f"the dataset {data_cfg.path!r} has no rows; check data.path, data.split "
                                  "and data.limit")
     identity = cache_identity(data_cfg, teacher_cfg, tokenizer, source, vocab_size)
-    plan = shard_plan(rows, cache_cfg.sequences_per_shard)
+    plan = shard_plan(data_cfg, rows, cache_cfg.sequences_per_shard)
+    if not plan:
+        raise data_mod.DataError(f"the {data_cfg.holdout.part} part of {data_cfg.path!r} has no rows; "
+                                 "raise its size in data.holdout")
     refuse_legacy(cache_cfg.path)
     if not Cache.exists(cache_cfg.path):
-        _preflight(source, tokenizer, data_cfg, plan[0])
+        _preflight(source, tokenizer, data_cfg, plan[0], rows)
     try:
         cache = Cache.create_or_open(cache_cfg.path, identity, plan)
     except CacheMismatchError as e:
@@ -93,13 +97,14 @@ def open_for_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg
     return cache, source, tokenizer, vocab_size
 
 
-def _preflight(source, tokenizer, data_cfg: DataConfig, entry) -> None:
+def _preflight(source, tokenizer, data_cfg: DataConfig, entry, num_rows: int) -> None:
     """Tokenise the first shard's rows before the cache exists, so wrong field names, a
     wrong kind or a max_seq_len that drops most rows fail before anything is written."""
     start, end = int(entry["row_start"]), int(entry["row_end"])
-    _, stats = data_mod.tokenize_rows(source.read(start, end), tokenizer, data_cfg, start=start,
-                                      locate=source.location)
-    data_mod.check_dropped(stats, data_cfg, f"the first {end - start} rows")
+    indices, rows = split.read_part(data_cfg, source, num_rows, start, end)
+    _, stats = data_mod.tokenize_rows(rows, tokenizer, data_cfg, start=start, locate=source.location,
+                                      indices=indices)
+    data_mod.check_dropped(stats, data_cfg, f"the first shard's {len(rows)} rows")
 
 
 def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: CacheConfig, *, progress: bool = True,
@@ -175,7 +180,7 @@ def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: Cac
             beat = Heartbeat(lease, teacher_cfg.lease_seconds)
             try:
                 shard = _score_shard(lease, beat, plan[lease.shard_index], source, tokenizer, data_cfg,
-                                     top_k, get_engine, sampler)
+                                     top_k, get_engine, data_mod.num_rows(data_cfg, source), sampler)
             except BaseException:
                 beat.stop()
                 _release_quietly(lease)  # let another worker take the shard at once
@@ -225,11 +230,12 @@ def _sampler(identity: dict):
 
 
 def _score_shard(lease, beat, entry, source, tokenizer, data_cfg: DataConfig, top_k: int, get_engine,
-                 sampler=None) -> ScoredShard:
+                 num_rows: int, sampler=None) -> ScoredShard:
     """Read and tokenise one shard's rows, check what was dropped, score them."""
     start, end = int(entry["row_start"]), int(entry["row_end"])
-    examples, stats = data_mod.tokenize_rows(source.read(start, end), tokenizer, data_cfg, start=start,
-                                             locate=source.location)
+    indices, part_rows = split.read_part(data_cfg, source, num_rows, start, end)
+    examples, stats = data_mod.tokenize_rows(part_rows, tokenizer, data_cfg, start=start, locate=source.location,
+                                             indices=indices)
     data_mod.check_dropped(stats, data_cfg, f"shard {lease.shard_index} (rows {start}-{end - 1})")
     if not examples:
         rows = []
@@ -238,8 +244,10 @@ def _score_shard(lease, beat, entry, source, tokenizer, data_cfg: DataConfig, to
     else:
         rows = get_engine().score(examples, top_k, sampler=sampler)
     beat.raise_if_lost()
-    return ScoredShard(lease=lease, heartbeat=beat, examples=examples, rows=rows,
-                       attrs={"data": stats.as_dict(), "rows": [start, end]})
+    attrs = {"data": stats.as_dict(), "rows": [start, end]}
+    if data_cfg.holdout is not None:  # data.rows counts the part's rows in the range; the rest are held out
+        attrs["held_out"] = (end - start) - len(part_rows)
+    return ScoredShard(lease=lease, heartbeat=beat, examples=examples, rows=rows, attrs=attrs)
 
 
 def _wait_for_others(cache, lease_seconds: float, bar) -> bool:

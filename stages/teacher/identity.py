@@ -12,6 +12,7 @@ import os
 import socket
 
 from stages import data as data_mod
+from stages import split
 from stages.data_config import DataConfig
 from stages.errors import ModelError, TeacherError
 from stages.fingerprint import (
@@ -149,6 +150,9 @@ def cache_identity(data_cfg: DataConfig, teacher_cfg: TeacherConfig, tokenizer, 
         "topk_logprobs_dtype": "float16",
         "target_logprobs_dtype": "float32",
     }
+    holdout = split.identity_key(data_cfg, rows)
+    if holdout is not None:  # absent without a split, so caches written before splits still match
+        identity["holdout"] = holdout
     if teacher_cfg.targets != "topk":  # absent for top-k: every v1 cache keeps its identity
         identity.update(targets=teacher_cfg.targets, samples=int(teacher_cfg.samples), sampling="exact")
         if teacher_cfg.targets == "sampled":
@@ -156,11 +160,11 @@ def cache_identity(data_cfg: DataConfig, teacher_cfg: TeacherConfig, tokenizer, 
     return identity
 
 
-def shard_plan(num_rows: int, sequences_per_shard: int) -> list[dict]:
-    """Row ranges [row_start, row_end) of `sequences_per_shard` rows; known from the row count alone.
-    A shard holds the usable rows of its range (skipped rows are counted in its attributes)."""
-    return [{"index": i, "row_start": start, "row_end": min(start + sequences_per_shard, num_rows)}
-            for i, start in enumerate(range(0, num_rows, sequences_per_shard))]
+def shard_plan(data_cfg: DataConfig, num_rows: int, sequences_per_shard: int) -> list[dict]:
+    """Row ranges [row_start, row_end) of the source (stages.split.shard_plan): without a split,
+    `sequences_per_shard` rows each, known from the row count alone. A shard holds the usable rows
+    of its part in its range (skipped and held-out rows are counted in its attributes)."""
+    return split.shard_plan(data_cfg, num_rows, sequences_per_shard)
 
 
 def check_teacher(teacher_cfg: TeacherConfig):

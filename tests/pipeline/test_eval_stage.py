@@ -23,7 +23,8 @@ def run(tmp_path_factory, tiny_llama_dir, train_jsonl):
     shutil.copytree(tiny_llama_dir, student / "final")
     (student / "done.json").write_text(json.dumps({"steps": 12, "finished_at": 1.0}))
     evaluation = {"path": str(train_jsonl), "validation_path": str(train_jsonl), "max_examples": 4,
-                  "max_new_tokens": 4, "batch_size": 4, "backend": "transformers"}
+                  "max_new_tokens": 4, "batch_size": 4, "backend": "transformers",
+                  "allow_train_overlap": True}  # the training rows; the refusal: tests/pipeline/test_split_run.py
     cfg = fh.write_config(root / "pipeline.yaml", model=str(tiny_llama_dir), data=str(train_jsonl),
                           run_dir=str(run_dir), cache=str(run_dir / "cache"), sequences_per_shard=20,
                           extra={"eval": evaluation})

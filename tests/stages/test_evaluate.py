@@ -38,7 +38,8 @@ def demo_setup(tmp_path_factory):
     run_capture(val_cfg, TeacherConfig(model=str(teacher), backend="transformers", top_k=8),
                 CacheConfig(path=str(cache), sequences_per_shard=5), progress=False)
     eval_cfg = EvalConfig(path=str(root / "test.jsonl"), validation_path=str(root / "validation.jsonl"),
-                          max_new_tokens=12, batch_size=4, backend="transformers")
+                          max_new_tokens=12, batch_size=4, backend="transformers",
+                          allow_train_overlap=True)  # the demo's fact rows repeat training rows by design
     return {"root": root, "data_cfg": data_cfg, "eval_cfg": eval_cfg, "teacher": str(teacher),
             "other": str(other), "cache": str(cache), "rows": splits["test"]}
 
@@ -74,7 +75,7 @@ def test_a_model_that_says_the_reference_scores_one(demo_setup, monkeypatch):
         return [row["response"] for row in rows]
 
     monkeypatch.setattr(evaluate, "generate_greedy", say_reference)
-    cfg = EvalConfig(path=s["eval_cfg"].path, max_new_tokens=4, batch_size=4)
+    cfg = EvalConfig(path=s["eval_cfg"].path, max_new_tokens=4, batch_size=4, allow_train_overlap=True)
     res = evaluate.evaluate_models({"ref": s["teacher"]}, eval_cfg=cfg, data_cfg=s["data_cfg"],
                                    teacher_dir=s["teacher"], progress=False)["ref"]
     assert res["exact_match"] == 1.0 and res["rouge_l"] == pytest.approx(1.0)
@@ -207,10 +208,11 @@ def test_generic_data_needs_no_demo(tmp_path, tiny_llama_dir, train_jsonl, monke
     monkeypatch.setitem(sys.modules, "stages.demo", None)
     with pytest.raises(ImportError):
         import stages.demo.task  # noqa: F401
-    cfg = EvalConfig(path=str(train_jsonl), max_examples=6, max_new_tokens=6, batch_size=3)
+    # Evaluating on the training rows is refused unless allowed (tests/stages/test_overlap.py); here it is.
+    cfg = EvalConfig(path=str(train_jsonl), max_examples=6, max_new_tokens=6, batch_size=3, allow_train_overlap=True)
     res = evaluate.evaluate_models({"m": str(tiny_llama_dir)}, eval_cfg=cfg, data_cfg=data_cfg,
                                    teacher_dir=str(tiny_llama_dir), val_cache_url=str(cache), progress=False)["m"]
-    assert res["num_examples"] == 6 and res["exact_match"] == 0.0
+    assert res["num_examples"] == 6 and res["exact_match"] == 0.0 and res["train_overlap"] == 6
     assert res["answer_rule"] == evaluate.ExactResponse.description
     for key in evaluate.METRICS:
         assert res[key] is not None and math.isfinite(res[key]), key
