@@ -21,7 +21,8 @@ def sampled_config(tmp_path, model, data, targets: str, students: list[dict] | N
     cfg["students"] = [{**base, "name": s["name"], "loss": {**base["loss"], **s["loss"]}}
                        for s in (students or [{"name": "kd", "loss": {"kind": "kd"}},
                                               {"name": "atkd", "loss": {"kind": "atkd"}}])]
-    cfg["eval"] = {"validation_path": data, "max_examples": 8, "backend": "transformers"}
+    cfg["data"]["holdout"] = {"validation": 8, "test": 4}  # the validation cache and eval rows are held out
+    cfg["eval"] = {"max_examples": 4, "backend": "transformers", "max_new_tokens": 8}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
