@@ -250,6 +250,11 @@ def validate(cfg: PipelineConfig) -> None:
                           "all `loss.kind: sft` reading the rows needs no teacher)")
     if cfg.teacher.top_k <= 0:
         raise ConfigError(f"teacher.top_k: must be > 0, got {cfg.teacher.top_k}")
+    if cfg.teacher.targets != "topk":
+        from stages.teacher.sampling import MAX_SAMPLES
+
+        if not 1 <= cfg.teacher.samples <= MAX_SAMPLES:
+            raise ConfigError(f"teacher.samples: must be in [1, {MAX_SAMPLES}], got {cfg.teacher.samples}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.teacher.device):
         raise ConfigError(f"teacher.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.teacher.device!r}")
     if cfg.data.max_seq_len < 2:

@@ -22,6 +22,10 @@ SAMPLE_ROWS = 256
 # Stored bytes: per top-k entry (ids + log-probs, measured 2.43 by bench/cache_bench.py),
 # per position (float32 gold log-prob), per token (int32 input id).
 BYTES_PER_TOPK_ENTRY, BYTES_PER_POSITION, BYTES_PER_TOKEN = 2.5, 4, 4
+# Sampled targets (cache format v2): ids + counts + offsets per position with n draws,
+# ~8.7 B at n=16 and ~11.7 at n=32 (bench/cache_bench.py --targets, V=32k).
+def bytes_per_sampled_position(n: int) -> float:
+    return 5.0 + 0.23 * n
 
 
 @dataclass
@@ -77,7 +81,8 @@ def teacher_lines(cfg: PipelineConfig) -> list[str]:
         return [f"teacher cache {cfg.cache.path}: {state}"]
     est = estimate_data(cfg)
     teacher = runner.cached_teacher(cfg).model
-    lines = [f"stage one: teacher {teacher} (backend {cfg.teacher.backend}, top_k {cfg.teacher.top_k}) "
+    lines = [f"stage one: teacher {teacher} (backend {cfg.teacher.backend}, top_k {cfg.teacher.top_k}, "
+             f"targets {cfg.teacher.targets}) "
              f"-> cache {cfg.cache.path} (not started)",
              f"  data {cfg.data.path}: {est.rows_note}"]
     if est.rows is not None and cfg.data.holdout is not None:
@@ -92,11 +97,15 @@ def teacher_lines(cfg: PipelineConfig) -> list[str]:
     elif est.rows is not None:
         shards = math.ceil(est.rows / cfg.cache.sequences_per_shard)
     if est.rows is not None:
-        size = cache_bytes(est.tokens, est.positions, cfg.teacher.top_k)
+        t = cfg.teacher
+        size = cache_bytes(est.tokens, est.positions, 0 if t.targets == "sampled" else t.top_k) \
+            + (est.positions * bytes_per_sampled_position(t.samples) if t.targets != "topk" else 0)
         lines += [f"  shards: {shards} of up to {cfg.cache.sequences_per_shard} sequences",
                   f"  tokens ~{est.tokens:,.0f}, target positions ~{est.positions:,.0f} ({est.tokens_note})",
                   f"  estimated cache size ~{_human(size)} (an estimate: {BYTES_PER_TOPK_ENTRY} B per top-k "
-                  f"entry + {BYTES_PER_POSITION} B per position + {BYTES_PER_TOKEN} B per token)"]
+                  f"entry + {BYTES_PER_POSITION} B per position + {BYTES_PER_TOKEN} B per token"
+                  + (f" + {bytes_per_sampled_position(t.samples):.1f} B per position for {t.samples} draws"
+                     if t.targets != "topk" else "") + ")"]
     return lines
 
 

@@ -21,7 +21,7 @@ from storage.errors import (CacheMismatchError, CorruptShardError, ManifestError
 from storage.fs import CacheFS
 from storage.lease import Lease
 from storage.manifest import MANIFEST_NAME, Manifest, create_manifest, normalize_json, read_manifest, write_manifest
-from storage.schema import ShardData
+from storage.schema import ShardData, has_samples, targets_of
 
 _SHARD_NAME = re.compile(r"^shard-(\d{5,})\.zarr$")
 
@@ -58,7 +58,7 @@ class Cache:
         differing key with both values.
         """
         fs = CacheFS(url, **storage_options)
-        wanted = Manifest(identity=normalize_json(identity), shard_plan=normalize_json(shard_plan))
+        wanted = Manifest.for_identity(normalize_json(identity), normalize_json(shard_plan))
         # Existing cache: compare only (no write, so a read-only complete cache can be checked).
         if fs.exists(MANIFEST_NAME):
             created = False
@@ -192,6 +192,10 @@ class Cache:
         top_k = self.manifest.identity.get("top_k")
         if top_k is not None and data.top_k != int(top_k):
             problems.append(f"top_k is {data.top_k}, the cache identity says {top_k}")
+        targets = targets_of(self.manifest.identity)
+        if has_samples(targets) != data.has_samples:
+            problems.append(f"the cache holds {targets} targets but the shard {'has' if data.has_samples else 'lacks'} "
+                            "sample arrays")
         if problems:
             raise ValueError(f"refusing to write invalid data as {self.fs.display(rel)}:\n  "
                              + "\n  ".join(problems) + "\nThis is a bug in the code producing the shard.")

@@ -17,6 +17,7 @@ import numpy as np
 
 from storage.cache import Cache
 from storage.errors import StorageArgumentError
+from storage.schema import has_samples, targets_of
 
 HIST_BINS = 10
 BAR_WIDTH = 40
@@ -136,9 +137,19 @@ def _header(r: InspectReport) -> list[str]:
     return [f"cache {r.url} (fingerprint {r.fingerprint})",
             f"  teacher {teacher}, top_k {r.top_k if r.top_k is not None else '?'}, "
             f"vocab {r.identity.get('vocab_size', '?')}, max_seq_len {r.identity.get('max_seq_len', '?')}",
+            f"  targets {_targets(r.identity)}",
             f"  shards done {len(r.done)}/{r.num_shards}",
             f"  {c['num_sequences']:,} sequences, {c['num_tokens']:,} tokens, "
             f"{c['num_positions']:,} target positions (in complete shards)"]
+
+
+def _targets(identity: dict[str, Any]) -> str:
+    """The cache's targets kind (format v2: with its draws per position and sampling method)."""
+    kind = targets_of(identity)
+    if not has_samples(kind):
+        return f"{kind} (cache format v1)"
+    return f"{kind} ({identity.get('samples', '?')} draws per position, sampling {identity.get('sampling', '?')}, " \
+           "cache format v2)"
 
 
 def _sizes(r: InspectReport) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from storage.errors import CacheMismatchError, ManifestError
 from storage.fs import CacheFS
-from storage.schema import ARRAY_DTYPES, FORMAT_VERSION
+from storage.schema import ARRAY_DTYPES, FORMAT_VERSION, SUPPORTED_VERSIONS, dtypes_for, format_version_for
 
 MANIFEST_NAME = "manifest.json"
 
@@ -48,6 +48,13 @@ class Manifest:
     updated_at: float = field(default_factory=time.time)
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def for_identity(cls, identity: dict[str, Any], shard_plan: list[dict[str, Any]]) -> "Manifest":
+        """A new manifest; its format version and dtypes follow the identity's ``targets``
+        (absent or topk: v1, exactly as before; sampled kinds: v2 with the sample arrays)."""
+        return cls(identity=identity, shard_plan=shard_plan, format_version=format_version_for(identity),
+                   dtypes=dtypes_for(identity))
+
     @property
     def num_shards(self) -> int:
         return len(self.shard_plan)
@@ -76,9 +83,10 @@ class Manifest:
         if not isinstance(raw, dict):
             raise ManifestError(f"{where} does not hold a JSON object")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ManifestError(f"{where} has cache format version {version!r}; this code reads version "
-                                f"{FORMAT_VERSION}. Use the matching atkd release, or rebuild the cache.")
+        if version not in SUPPORTED_VERSIONS:
+            raise ManifestError(f"{where} has cache format version {version!r}; this code reads versions "
+                                f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Use the matching atkd release, "
+                                "or rebuild the cache.")
         missing = [k for k in ("identity", "shard_plan") if k not in raw]
         if missing:
             raise ManifestError(f"{where} lacks required keys {missing}")

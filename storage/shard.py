@@ -37,7 +37,8 @@ from zarr.errors import GroupNotFoundError
 from storage.errors import CorruptShardError, ShardExistsError
 from storage.faults import fault_point
 from storage.fs import CacheFS
-from storage.schema import ARRAY_NAMES, ARRAY_SPECS, FORMAT_VERSION, ShardData
+from storage.schema import (ARRAY_NAMES, ARRAY_SPECS, SAMPLE_ARRAY_NAMES, SAMPLE_ARRAY_SPECS, SAMPLED_FORMAT_VERSION,
+                            SUPPORTED_VERSIONS, ShardData)
 
 SHARDS_DIR = "shards"
 
@@ -76,8 +77,14 @@ def array_checksum(a: np.ndarray) -> str:
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
 
 
-def _compressor(dtype: np.dtype, preset: str) -> BloscCodec:
+# Format v2's sample ids (ascending per position, mostly < 2^16) compress ~20% better
+# byte-shuffled than bit-shuffled (bench/cache_bench.py --sampled).
+_SHUFFLE_BY_NAME = {"sample_ids": "shuffle"}
+
+
+def _compressor(dtype: np.dtype, preset: str, name: str = "") -> BloscCodec:
     cname, clevel, shuffle = CODEC_PRESETS[preset]["float" if dtype.kind == "f" else "int"]
+    shuffle = _SHUFFLE_BY_NAME.get(name, shuffle)
     return BloscCodec(cname=cname, clevel=clevel, shuffle=BloscShuffle(shuffle), typesize=dtype.itemsize)
 
 
@@ -98,7 +105,7 @@ def write_shard(fs: CacheFS, rel: str, data: ShardData, *, codec: str = "default
     validates ``data`` first (Cache.write_shard does).
     """
     attrs = {
-        "format_version": FORMAT_VERSION,
+        "format_version": data.format_version,
         "counts": data.counts(),
         "checksums": {name: array_checksum(a) for name, a in data.arrays().items()},
         "codec": codec,
@@ -193,7 +200,7 @@ def _write_group(store, data: ShardData, attrs: dict[str, Any], codec: str) -> N
     def write(item: tuple[str, np.ndarray]) -> None:
         name, a = item
         group.create_array(name, data=np.ascontiguousarray(a), chunks=_chunks(a),
-                           compressors=[_compressor(a.dtype, codec)], fill_value=0)
+                           compressors=[_compressor(a.dtype, codec, name)], fill_value=0)
 
     _concurrently(write, data.arrays().items())
 
@@ -265,16 +272,18 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True
         return {}, ["zarr.json is not valid JSON (truncated or overwritten)"]
     if attrs.get("complete") is not True:
         return {}, ["group attribute complete is not true (a half-written shard)"]
-    if attrs.get("format_version") != FORMAT_VERSION:
-        return {}, [f"format_version {attrs.get('format_version')!r}, this reader supports {FORMAT_VERSION}"]
+    version = attrs.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        return {}, [f"format_version {version!r}, this reader supports {', '.join(map(str, SUPPORTED_VERSIONS))}"]
+    names = ARRAY_NAMES + (SAMPLE_ARRAY_NAMES if version == SAMPLED_FORMAT_VERSION else ())
     try:
-        decoded = _read_arrays(group)
+        decoded = _read_arrays(group, names)
     except Exception as e:  # zarr raises various types on broken group metadata
         return {}, [f"cannot open the zarr group ({type(e).__name__}: {e})"]
     checksums = attrs.get("checksums", {})
     arrays: dict[str, np.ndarray] = {}
     problems: list[str] = []
-    for name in ARRAY_NAMES:
+    for name in names:
         a = decoded[name]
         if isinstance(a, KeyError):
             problems.append(f"array {name!r} is missing")
@@ -282,7 +291,7 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True
         if isinstance(a, Exception):
             problems.append(f"array {name!r} cannot be decoded ({type(a).__name__}: {a})")
             continue
-        dtype, ndim = ARRAY_SPECS[name]
+        dtype, ndim = {**ARRAY_SPECS, **SAMPLE_ARRAY_SPECS}[name]
         if a.dtype != dtype or a.ndim != ndim:
             problems.append(f"array {name!r} is {a.dtype} {a.ndim}-d, expected {dtype} {ndim}-d")
             continue
@@ -294,7 +303,7 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True
     return arrays, problems
 
 
-def _read_arrays(group) -> dict[str, Any]:
+def _read_arrays(group, names: tuple[str, ...] = ARRAY_NAMES) -> dict[str, Any]:
     """name -> decoded array, or the exception reading it raised; all arrays concurrently.
 
     The arrays' metadata comes from one ``members()`` call; when that fails (a
@@ -313,7 +322,7 @@ def _read_arrays(group) -> dict[str, Any]:
         except Exception as e:
             return name, e
 
-    return dict(_concurrently(one, ARRAY_NAMES))
+    return dict(_concurrently(one, names))
 
 
 def _check_counts(arrays: dict[str, np.ndarray], counts: dict[str, int]) -> list[str]:

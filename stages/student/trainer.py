@@ -251,7 +251,9 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.to(d.device).train()
-    objective = StudentObjective(student, cfg.loss)
+    from storage.schema import targets_of
+
+    objective = StudentObjective(student, cfg.loss, targets_of(cache.manifest.identity))
 
     if cache is not None:
         dataset = CacheDataset(cache_url, optim.batch_size, seed=cfg.seed, rank=d.rank,
