@@ -111,9 +111,12 @@ def make_tiny_llama(
     seed: int = 0,
     init_std: float = 0.2,
     max_positions: int = 512,
+    vocab: int | None = None,
 ):
     """A random-weight LlamaConfig model saved (with its tokenizer) to `out_dir`.
 
+    `vocab`: logits beyond the tokenizer's (default: exactly its size), e.g. 32000 to
+    time a realistic head and sampling cost with a tiny tokenizer.
     head_dim >= 32 because vLLM's CPU attention kernels refuse 16. `init_std`
     is large on purpose so the next-token distributions are peaked rather than
     near-uniform: top-k orders are then well separated and comparable between
@@ -123,7 +126,7 @@ def make_tiny_llama(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab or len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,

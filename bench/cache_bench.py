@@ -1,6 +1,7 @@
 """Cache size and reader speed on realistic-looking teacher rows (issue 2's "bench/" check).
 
     python bench/cache_bench.py [--positions 1000000] [--k 64] [--vocab 32000] [--steps 0.08]
+    python bench/cache_bench.py --targets [--positions 16384] [--capture-rows 96]
 
 Generates a cache of >= --positions trained positions, then prints bytes per
 position and per top-k entry (raw vs stored), write time, a codec comparison
@@ -21,6 +22,21 @@ How the rows are made (no real teacher on CPU, so a statistical stand-in):
   This gives top-1 probabilities from ~0.01 to ~1 (median ~0.75).
 - the gold token is drawn from the row's distribution (inside the top-k with
   its probability, else an outside token with a lower log-prob).
+
+`--targets` compares the teacher-target kinds (issue 13) on the same positions:
+top-64 (format v1), sampled n=16 and n=32, topk+sampled (n=16) (format v2), and
+topk+sampled once more with the top-k stored as u8-rel (bytes only). It
+needs every position's full distribution, so it makes dense rows of the same
+family: logits = (log Zipf(0.8) frequency prior of the id + Gumbel noise x 2) / T,
+T log-uniform in [0.05, 2], gold drawn from the row. Printed: stored bytes per
+position (all arrays, and the teacher's arrays alone), and per position the
+error of each kind's implied target against the exact p: KL(p || top-k with the
+tail mass spread uniformly), and the total variation TV(p, target) of one cache
+and of the mean target of 16 independently seeded caches (sampling is
+unbiased, so averaging caches drives its error towards 0; top-k's error is a
+bias and stays). Then capture
+throughput of each kind through run_capture (transformers engine, a tiny Llama
+with a 32000-logit head, --capture-rows rows, this machine's CPU).
 """
 
 from __future__ import annotations
@@ -283,5 +299,175 @@ def _delta_bound(shard: ShardData) -> float:
     return (len(z.encode(delta)) + len(ids)) / shard.topk_ids.size
 
 
+# ---------------------------------------------------------------- --targets (issue 13)
+TARGET_KINDS = (("top-64 (v1)", 64, None), ("sampled n=16", 0, 16), ("sampled n=32", 0, 32),
+                ("topk+sampled (64, n=16)", 64, 16))
+# Format v2's two features together: the topk+sampled rows once more with the top-k as u8-rel.
+COMBINED = ("topk+sampled (64, n=16)", "topk+sampled u8-rel")
+REPEATS = 16  # independently seeded caches for the bias column
+
+
+def dense_rows(rng, P: int, V: int, rank_to_id: np.ndarray):
+    """[P, V] float64 log-probs (see the module doc) and gold ids drawn from them."""
+    prior = np.empty(V)
+    prior[rank_to_id] = -0.8 * np.log(np.arange(1, V + 1))
+    T = np.exp(rng.uniform(np.log(0.05), np.log(2.0), (P, 1)))
+    z = (prior[None, :] + 2.0 * rng.gumbel(size=(P, V))) / T
+    lp = z - z.max(1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+    gold = (np.cumsum(np.exp(lp), axis=1) < rng.random((P, 1))).sum(1).clip(0, V - 1)
+    return lp, gold
+
+
+def target_errors(lp: np.ndarray, k: int, samples: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per position: KL(p || top-k + uniform tail) and TV of each implied target against p."""
+    import torch
+
+    p = np.exp(lp)
+    P, V = p.shape
+    out = {}
+    if k:
+        top = torch.topk(torch.from_numpy(lp), k, dim=1)
+        ids = top.indices.numpy()
+        q = np.empty_like(p)
+        kept = np.exp(top.values.numpy().astype(np.float16).astype(np.float64))  # as stored (float16)
+        tail = np.clip(1.0 - kept.sum(1), 1e-12, None) / (V - k)
+        q[:] = tail[:, None]
+        np.put_along_axis(q, ids, kept, axis=1)
+        out["kl"] = (p * (lp - np.log(q))).sum(1)
+        out["tv"] = 0.5 * np.abs(p - q).sum(1)
+        out["tv_mean"] = out["tv"]
+    else:
+        mean = np.zeros_like(p)
+        for r, (ids, counts) in enumerate(samples):
+            q = np.zeros_like(p)
+            rows = np.repeat(np.arange(P), ids.shape[1]).reshape(ids.shape)
+            used = counts > 0
+            weight = counts / counts.sum(1, keepdims=True)  # c / n
+            np.add.at(q, (rows[used], ids[used]), weight[used])
+            if r == 0:
+                out["tv"] = 0.5 * np.abs(p - q).sum(1)
+            mean += q / len(samples)
+        out["tv_mean"] = 0.5 * np.abs(p - mean).sum(1)
+    return out
+
+
+def targets_main(args) -> None:
+    import torch
+
+    from stages.teacher import sampling
+
+    rng = np.random.default_rng(0)
+    V, L = args.vocab, 257  # sequences of one prompt token + 256 targets
+    rank_to_id = np.argsort(np.arange(V) * np.exp(rng.normal(0, 0.5, V)), kind="stable").astype(np.int32)
+    P = -(-args.positions // (L - 1)) * (L - 1)
+    seqs = P // (L - 1)
+    root = args.out or tempfile.mkdtemp(prefix="atkd-bench-targets-")
+    errors = {name: {"kl": [], "tv": [], "tv_mean": []} for name, _, _ in TARGET_KINDS}
+    records = {name: [] for name, _, _ in TARGET_KINDS}
+    chunk_seqs = 2
+    for s0 in range(0, seqs, chunk_seqs):
+        n_seq = min(chunk_seqs, seqs - s0)
+        lp, gold = dense_rows(rng, n_seq * (L - 1), V, rank_to_id)
+        lp_t = torch.from_numpy(lp)
+        seq_of = s0 + np.repeat(np.arange(n_seq), L - 1)
+        t_of = np.tile(np.arange(L - 1), n_seq)
+        top = torch.topk(lp_t, 64, dim=1)
+        enc = {}
+        for n in (16, 32):
+            enc[n] = [sampling.encode(sampling.draw(lp_t, sampling.uniforms(1000 + r, seq_of, t_of, n)).numpy())
+                      for r in range(REPEATS)]
+        for name, k, n in TARGET_KINDS:
+            for key, v in target_errors(lp, k, enc[n] if n and not k else []).items():
+                errors[name][key].append(v)
+            for j in range(n_seq):
+                rows = slice(j * (L - 1), (j + 1) * (L - 1))
+                tokens = np.concatenate([[rank_to_id[0]], gold[rows]]).astype(np.int32)
+                samples = {}
+                if n:
+                    ids, counts = enc[n][0][0][rows], enc[n][0][1][rows]
+                    used = counts > 0
+                    samples = dict(sample_offsets=np.concatenate([[0], np.cumsum(used.sum(1))]).astype(np.int64),
+                                   sample_ids=ids[used].astype(np.int32), sample_counts=counts[used])
+                records[name].append(SequenceRecord(
+                    s0 + j, tokens, np.arange(L - 1, dtype=np.int32),
+                    top.indices[rows, :k].numpy().astype(np.int32),
+                    top.values[rows, :k].numpy().astype(np.float16),
+                    lp[rows][np.arange(L - 1), gold[rows]].astype(np.float32), **samples))
+    top1 = np.exp(np.concatenate([r.topk_logprobs[:, 0] for r in records["top-64 (v1)"]]).astype(np.float64))
+    print(f"{P:,} positions, vocab {V}, top-1 prob p10/p50/p90 = {np.percentile(top1, 10):.2f}/"
+          f"{np.percentile(top1, 50):.2f}/{np.percentile(top1, 90):.2f}")
+    print(f"{'targets':26s} {'B/pos all':>10s} {'B/pos teacher':>14s} {'KL(p||top-k)':>13s} "
+          f"{'TV one cache':>13s} {'TV mean of 16':>14s}")
+    teacher_arrays = ("topk_ids", "topk_logprobs", "target_logprobs", "sample_offsets", "sample_ids", "sample_counts")
+    for name, k, n in TARGET_KINDS:
+        identity = {"teacher": "bench-dense", "top_k": k, "vocab_size": V}
+        if n:
+            identity.update(targets="topk+sampled" if k else "sampled", samples=n)
+        shards = [ShardData.from_sequences(records[name][i:i + 32]) for i in range(0, seqs, 32)]
+        url = os.path.join(root, name.split()[0].replace("+", "-") + f"-{n or k}")
+        cache = Cache.create_or_open(url, identity, [{"index": i} for i in range(len(shards))])
+        for i, s in enumerate(shards):
+            cache.write_shard(i, s)
+        total = dir_bytes(os.path.join(url, "shards"))
+        teacher = sum(dir_bytes(os.path.join(url, cache.shard_rel(i), a)) for i in range(len(shards))
+                      for a in teacher_arrays if os.path.isdir(os.path.join(url, cache.shard_rel(i), a)))
+        e = {key: np.concatenate(v) if v else None for key, v in errors[name].items()}
+        kl = f"{e['kl'].mean():13.4f}" if e["kl"] is not None else f"{'(inf)':>13s}"
+        print(f"{name:26s} {total / P:10.1f} {teacher / P:14.1f} {kl} {e['tv'].mean():13.4f} "
+              f"{e['tv_mean'].mean():14.4f}")
+        if name == COMBINED[0]:
+            url = os.path.join(root, "topk-sampled-u8")
+            lossy = Cache.create_or_open(url, identity, [{"index": i} for i in range(len(shards))],
+                                         logprob_encoding=LogprobEncoding.from_config("u8-rel"))
+            for i, s in enumerate(shards):
+                lossy.write_shard(i, s)
+            arrays = teacher_arrays + lossy.encoding.topk_arrays
+            total = dir_bytes(os.path.join(url, "shards"))
+            teacher = sum(dir_bytes(os.path.join(url, lossy.shard_rel(i), a)) for i in range(len(shards))
+                          for a in arrays if os.path.isdir(os.path.join(url, lossy.shard_rel(i), a)))
+            print(f"{COMBINED[1]:26s} {total / P:10.1f} {teacher / P:14.1f} {'(as above, step 0.08)':>42s}")
+    print("  (topk+sampled trains on one of its parts: its errors are those of the part used)")
+    if args.capture_rows:
+        capture_throughput(args.capture_rows, root)
+
+
+def capture_throughput(rows: int, root: str) -> None:
+    """Tokens per second of run_capture for each targets kind (tiny Llama, 32000 logits, CPU)."""
+    import dataclasses
+
+    import torch
+
+    from bench import _harness as fh
+    from stages.data_config import DataConfig
+    from stages.teacher.capture import run_capture
+    from stages.teacher.config import CacheConfig, TeacherConfig
+
+    tok = fh.make_tokenizer(os.path.join(root, "tok"))
+    model = fh.make_tiny_llama(os.path.join(root, "llama32k"), tok, vocab=32000)
+    data = fh.write_jsonl(os.path.join(root, "rows.jsonl"), fh.prompt_response_rows(rows))
+    base = TeacherConfig(model=str(model), backend="transformers", dtype="float32", device="cpu", top_k=64,
+                         batch_tokens=4096, logprob_chunk=512, overlap_writes=False)
+    print(f"\ncapture throughput (run_capture, transformers, tiny Llama with 32000 logits, {rows} rows, "
+          f"{torch.get_num_threads()} threads):")
+    for name, k, n in TARGET_KINDS:
+        cfg = dataclasses.replace(base, targets="topk" if not n else ("topk+sampled" if k else "sampled"),
+                                  samples=n or 16)
+        summary = run_capture(DataConfig(path=str(data), max_seq_len=256), cfg,
+                              CacheConfig(path=os.path.join(root, f"capture-{cfg.targets}-{n}"),
+                                          sequences_per_shard=rows), progress=False)
+        print(f"  {name:26s} {summary.tokens_per_second:10,.0f} tokens/s ({summary.targets:,} targets, "
+              f"{summary.busy_seconds:.1f} s)")
+
+
 if __name__ == "__main__":
-    main()
+    if "--targets" in sys.argv:
+        ap = argparse.ArgumentParser(description="teacher-target kinds compared (issue 13)")
+        ap.add_argument("--targets", action="store_true")
+        ap.add_argument("--positions", type=int, default=16384)
+        ap.add_argument("--vocab", type=int, default=32_000)
+        ap.add_argument("--capture-rows", type=int, default=96)
+        ap.add_argument("--out", default=None)
+        targets_main(ap.parse_args())
+    else:
+        main()

@@ -250,6 +250,11 @@ def validate(cfg: PipelineConfig) -> None:
                           "all `loss.kind: sft` reading the rows needs no teacher)")
     if cfg.teacher.top_k <= 0:
         raise ConfigError(f"teacher.top_k: must be > 0, got {cfg.teacher.top_k}")
+    if cfg.teacher.targets != "topk":
+        from stages.teacher.sampling import MAX_SAMPLES
+
+        if not 1 <= cfg.teacher.samples <= MAX_SAMPLES:
+            raise ConfigError(f"teacher.samples: must be in [1, {MAX_SAMPLES}], got {cfg.teacher.samples}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.teacher.device):
         raise ConfigError(f"teacher.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.teacher.device!r}")
     if cfg.data.max_seq_len < 2:
@@ -272,6 +277,10 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError("cache.sequences_per_shard: must be > 0")
     if cfg.cache.logprob_encoding == "u8-rel" and not 0.0 < cfg.cache.logprob_step <= 1.0:
         raise ConfigError(f"cache.logprob_step: must be in (0, 1] nats, got {cfg.cache.logprob_step}")
+    if cfg.cache.logprob_encoding != "exact" and cfg.teacher.targets == "sampled":
+        raise ConfigError(f"cache.logprob_encoding: {cfg.cache.logprob_encoding} encodes the top-k log-probs, but "
+                          "teacher.targets: sampled stores no top-k (only the draws and the gold log-prob); use "
+                          "cache.logprob_encoding: exact, or teacher.targets: topk+sampled")
     if cfg.data.kind == "prompt_response":
         from stages.template import template_names, used_names
 

@@ -26,6 +26,12 @@ BYTES_PER_TOPK_ENTRY, BYTES_PER_POSITION, BYTES_PER_TOKEN = 2.5, 4, 4
 ENCODED_BYTES = {"exact": (BYTES_PER_TOPK_ENTRY, BYTES_PER_POSITION), "u8-rel": (1.5, 8)}
 
 
+# Sampled targets (cache format v2): ids + counts + offsets per position with n draws,
+# ~8.7 B at n=16 and ~11.7 at n=32 (bench/cache_bench.py --targets, V=32k).
+def bytes_per_sampled_position(n: int) -> float:
+    return 5.0 + 0.23 * n
+
+
 @dataclass
 class DataEstimate:
     rows: int | None
@@ -79,7 +85,8 @@ def teacher_lines(cfg: PipelineConfig) -> list[str]:
         return [f"teacher cache {cfg.cache.path}: {state}"]
     est = estimate_data(cfg)
     teacher = runner.cached_teacher(cfg).model
-    lines = [f"stage one: teacher {teacher} (backend {cfg.teacher.backend}, top_k {cfg.teacher.top_k}) "
+    lines = [f"stage one: teacher {teacher} (backend {cfg.teacher.backend}, top_k {cfg.teacher.top_k}, "
+             f"targets {cfg.teacher.targets}, log-probs {cfg.cache.logprob_encoding}) "
              f"-> cache {cfg.cache.path} (not started)",
              f"  data {cfg.data.path}: {est.rows_note}"]
     if est.rows is not None and cfg.data.holdout is not None:
@@ -94,18 +101,26 @@ def teacher_lines(cfg: PipelineConfig) -> list[str]:
     elif est.rows is not None:
         shards = math.ceil(est.rows / cfg.cache.sequences_per_shard)
     if est.rows is not None:
-        size = cache_bytes(est.tokens, est.positions, cfg.teacher.top_k, cfg.cache.logprob_encoding)
-        per_entry, per_position = ENCODED_BYTES[cfg.cache.logprob_encoding]
+        t, encoding = cfg.teacher, cfg.cache.logprob_encoding
+        top_k, samples = (0 if t.targets == "sampled" else t.top_k), (t.samples if t.targets != "topk" else 0)
+        size = cache_bytes(est.tokens, est.positions, top_k, encoding, samples)
+        per_entry, per_position = ENCODED_BYTES[encoding]
         lines += [f"  shards: {shards} of up to {cfg.cache.sequences_per_shard} sequences",
                   f"  tokens ~{est.tokens:,.0f}, target positions ~{est.positions:,.0f} ({est.tokens_note})",
-                  f"  estimated cache size ~{_human(size)} (an estimate: {per_entry} B per top-k "
-                  f"entry + {per_position} B per position + {BYTES_PER_TOKEN} B per token)"]
+                  f"  estimated cache size ~{_human(size)} (an estimate: "
+                  + (f"{per_entry} B per top-k entry ({encoding}) + " if top_k else "")
+                  + f"{per_position} B per position + {BYTES_PER_TOKEN} B per token"
+                  + (f" + {bytes_per_sampled_position(samples):.1f} B per position for {samples} draws"
+                     if samples else "") + ")"]
     return lines
 
 
-def cache_bytes(tokens: float, positions: float, top_k: int, encoding: str = "exact") -> float:
+def cache_bytes(tokens: float, positions: float, top_k: int, encoding: str = "exact", samples: int = 0) -> float:
+    """Estimated stored bytes: the top-k by its log-prob encoding, the gold log-prob (and
+    u8-rel's anchor) per position, the input ids, and ``samples`` draws per position if any."""
     per_entry, per_position = ENCODED_BYTES[encoding]
-    return positions * top_k * per_entry + positions * per_position + tokens * BYTES_PER_TOKEN
+    sampled = positions * bytes_per_sampled_position(samples) if samples else 0.0
+    return positions * top_k * per_entry + positions * per_position + tokens * BYTES_PER_TOKEN + sampled
 
 
 def estimate_data(cfg: PipelineConfig) -> DataEstimate:

@@ -210,6 +210,22 @@ def run_validation_capture(cfg: PipelineConfig) -> bool:
         return _run_teacher(cfg, [job])
 
 
+def _teacher_for(teacher: TeacherConfig, label: str) -> TeacherConfig:
+    """The validation cache is always top-k (KL to the teacher, top-1 agreement need it); the
+    training cache holds what teacher.targets asks for."""
+    if label == "validation" and teacher.targets != "topk":
+        return dataclasses.replace(teacher, targets="topk")
+    return teacher
+
+
+def _what(teacher) -> str:
+    """What stage one caches, for the log: 'top-64 log-probs', '16 draws per position', or both."""
+    parts = [f"top-{teacher.top_k} log-probs"] if teacher.targets != "sampled" else []
+    if teacher.targets != "topk":
+        parts.append(f"{teacher.samples} draws per position")
+    return " and ".join(parts)
+
+
 def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) -> bool:
     from stages.teacher.capture import run_capture
 
@@ -224,14 +240,14 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) ->
             # complete cache of another teacher must be refused, not silently reused. run_capture
             # loads the data, checks the identity and returns without starting an engine.
             _log(f"{label} cache {cache_cfg.path} is complete; checking that it matches the config")
-            run_capture(data_cfg, teacher, cache_cfg, progress=False)
+            run_capture(data_cfg, _teacher_for(teacher, label), cache_cfg, progress=False)
         else:
             todo.append((label, data_cfg, cache_cfg))
     if not todo:
         return False
     if num_workers > 1 and todo[0][0] == "training":
-        _log(f"stage one (training data): {num_workers} worker processes caching top-{teacher.top_k} "
-             f"log-probs of {teacher.model} into {cfg.cache.path}")
+        _log(f"stage one (training data): {num_workers} worker processes caching {_what(teacher)} "
+             f"of {teacher.model} into {cfg.cache.path}")
         run_workers(dataclasses.replace(cfg, teacher=teacher), num_workers, gpu_groups)
         todo = todo[1:]  # the validation cache is small: this process does it
     engine = None
@@ -241,9 +257,9 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) ->
         engine = make_engine(teacher, max_seq_len=cfg.data.max_seq_len)
     try:
         for label, data_cfg, cache_cfg in todo:
-            _log(f"stage one ({label} data): caching top-{teacher.top_k} log-probs of "
+            _log(f"stage one ({label} data): caching {_what(_teacher_for(teacher, label))} of "
                  f"{teacher.model} into {cache_cfg.path}")
-            run_capture(data_cfg, teacher, cache_cfg, engine=engine)
+            run_capture(data_cfg, _teacher_for(teacher, label), cache_cfg, engine=engine)
     finally:
         if engine is not None:
             engine.close()
@@ -275,6 +291,21 @@ def check_training_cache(cfg: PipelineConfig) -> int:
     return _checked_caches[cfg.cache.path]
 
 
+def _check_loss_targets(cfg: PipelineConfig, scfg: StudentConfig) -> None:
+    """The student's loss fits the cache's targets (topk / sampled): a ConfigError naming the field."""
+    from stages.errors import TrainingError
+    from stages.student.objective import resolve_targets
+    from storage.cache import Cache
+    from storage.schema import targets_of
+
+    i = next((i for i, s in enumerate(cfg.students) if s.name == scfg.name), 0)
+    try:
+        resolve_targets(scfg.loss, targets_of(Cache.open(cfg.cache.path).manifest.identity),
+                        f"students[{i}].loss ({scfg.name})")
+    except TrainingError as e:
+        raise ConfigError(str(e)) from None
+
+
 def run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
     """Stage two for one student. Returns True if it did any work."""
     with stage_log(cfg, "student"):
@@ -293,6 +324,8 @@ def _run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
             f"the teacher cache {cfg.cache.path} is not complete; run `atkd teacher` first (or `atkd run`)"
         )
     top_k = None if rows else check_training_cache(cfg)
+    if not rows:
+        _check_loss_targets(cfg, scfg)
     if scfg.init_from:
         if not student_done(cfg, scfg.init_from):
             raise ConfigError(f"student {scfg.name!r} starts from student {scfg.init_from!r}, which is not "

@@ -200,8 +200,10 @@ def write_report(run_dir: str | os.PathLike, results: dict[str, dict], students_
                            xlabel="UNC = 1 - p_teacher(gold token)"):
             plots.append(("Teacher uncertainty (ATKD ranks positions by it)", "teacher_uncertainty.png"))
         k = f"top-{stats['top_k']}" if stats["top_k"] else "top-k"
-        if _plot_histogram(mass, out / "topk_coverage.png", title=f"Teacher {k} mass kept in the cache",
-                           xlabel=f"sum of {k} probabilities per position", zoom=True):
+        # top_k 0: a cache of sampled targets only, no top-k mass to show
+        if stats["top_k"] != 0 and _plot_histogram(mass, out / "topk_coverage.png",
+                                                   title=f"Teacher {k} mass kept in the cache",
+                                                   xlabel=f"sum of {k} probabilities per position", zoom=True):
             plots.append((f"{k} mass coverage of the cache", "topk_coverage.png"))
         if unc.size:
             sections += ["## Cache", "",

@@ -22,7 +22,7 @@ from storage.fs import CacheFS
 from storage.encoding import LogprobEncoding, describe_record
 from storage.lease import Lease
 from storage.manifest import MANIFEST_NAME, Manifest, create_manifest, normalize_json, read_manifest, write_manifest
-from storage.schema import ShardData
+from storage.schema import ShardData, has_samples, targets_of
 
 _SHARD_NAME = re.compile(r"^shard-(\d{5,})\.zarr$")
 
@@ -57,14 +57,10 @@ class Cache:
         Safe when many workers start at once: one creates the manifest, the
         others compare against it. Raises CacheMismatchError naming each
         differing key with both values. ``logprob_encoding``: how shards store
-        the top-k (default exact, format v1; storage/encoding.py).
+        the top-k (default exact; a lossy one makes the cache format v2, storage/encoding.py).
         """
         fs = CacheFS(url, **storage_options)
-        enc = (logprob_encoding or LogprobEncoding()).for_top_k(identity.get("top_k"))
-        wanted = Manifest(identity=normalize_json(identity), shard_plan=normalize_json(shard_plan),
-                          format_version=2 if enc.lossy else 1,
-                          dtypes={n: str(spec[0]) for n, spec in enc.array_specs().items()},
-                          logprob_encoding=enc.describe())
+        wanted = Manifest.for_identity(normalize_json(identity), normalize_json(shard_plan), logprob_encoding)
         # Existing cache: compare only (no write, so a read-only complete cache can be checked).
         if fs.exists(MANIFEST_NAME):
             created = False
@@ -113,7 +109,7 @@ class Cache:
     @property
     def encoding(self) -> LogprobEncoding:
         """How the shards store the top-k log-probs (the manifest's ``logprob_encoding``)."""
-        return LogprobEncoding.from_record(self.manifest.logprob_encoding)
+        return self.manifest.encoding
 
     @property
     def vocab_size(self) -> int | None:
@@ -209,6 +205,10 @@ class Cache:
         top_k = self.manifest.identity.get("top_k")
         if top_k is not None and data.top_k != int(top_k):
             problems.append(f"top_k is {data.top_k}, the cache identity says {top_k}")
+        targets = targets_of(self.manifest.identity)
+        if has_samples(targets) != data.has_samples:
+            problems.append(f"the cache holds {targets} targets but the shard {'has' if data.has_samples else 'lacks'} "
+                            "sample arrays")
         if problems:
             raise ValueError(f"refusing to write invalid data as {self.fs.display(rel)}:\n  "
                              + "\n  ".join(problems) + "\nThis is a bug in the code producing the shard.")
@@ -276,7 +276,7 @@ class Cache:
         """Decode shard ``index``; CorruptShardError (naming the shard) if it is
         missing, incomplete, or fails its checksums."""
         return shards.read_shard(self.fs, self.shard_rel(index), verify_checksums=verify_checksums,
-                                 encoding=self.encoding)
+                                 encoding=self.encoding, samples=self.manifest.has_samples)
 
     def shard_num_sequences(self, index: int) -> int:
         """Sequence count of a complete shard, from its attributes (no decoding)."""

@@ -79,7 +79,7 @@ class CacheDataset(IterableDataset):
         self.shuffle_window = shuffle_window if shuffle_window is not None else (1 if follow else None)
         self.shard_cache_bytes = shard_cache_bytes
         cached_k = self.cache.manifest.identity.get("top_k")
-        if top_k is not None and cached_k is not None and not 1 <= top_k <= int(cached_k):
+        if top_k is not None and cached_k is not None and not min(1, int(cached_k)) <= top_k <= int(cached_k):
             raise ReaderStateError(f"top_k={top_k}: the cache at {self.cache.url} holds the teacher's top-{cached_k}; "
                                    f"use at most {cached_k} entries")
         self.top_k = top_k
@@ -212,6 +212,7 @@ def collate_sequences(records: Sequence[SequenceRecord], pad_id: int,
     positions; ``target_ids`` are the gold next tokens; ``group_ids`` is the
     sequence index within the batch (the ATKD grouping); ``example_ids`` [B]
     names the source examples. ``top_k`` keeps the first top_k (largest) entries per row.
+    A format v2 cache's batches add ``sample_ids`` / ``sample_counts`` [P, m] (``_pad_samples``).
     """
     B = len(records)
     lengths = np.array([len(r.input_ids) for r in records], dtype=np.int64)
@@ -235,7 +236,7 @@ def collate_sequences(records: Sequence[SequenceRecord], pad_id: int,
             parts = [a[:, : shape[0]] for a in parts]
         return np.concatenate(parts).astype(dtype, copy=False)
 
-    return {
+    batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask),
         "row_batch": torch.from_numpy(row_batch),
@@ -247,3 +248,21 @@ def collate_sequences(records: Sequence[SequenceRecord], pad_id: int,
         "group_ids": torch.from_numpy(row_batch.copy()),
         "example_ids": torch.tensor([r.example_id for r in records], dtype=torch.long),
     }
+    if B and records[0].sample_ids is not None:
+        batch["sample_ids"], batch["sample_counts"] = _pad_samples(records)
+    return batch
+
+
+def _pad_samples(records: Sequence[SequenceRecord]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Format v2's ragged draws -> ``sample_ids`` [P, m] long (padding -1) and ``sample_counts``
+    [P, m] long (padding 0), m = the most distinct ids at one position of the batch."""
+    per_pos = np.concatenate([np.diff(r.sample_offsets) for r in records]).astype(np.int64)
+    ids = np.concatenate([r.sample_ids for r in records]).astype(np.int64)
+    counts = np.concatenate([r.sample_counts for r in records]).astype(np.int64)
+    m = int(per_pos.max()) if per_pos.size else 1
+    row = np.repeat(np.arange(len(per_pos)), per_pos)
+    col = np.arange(len(ids)) - np.repeat(np.cumsum(per_pos) - per_pos, per_pos)
+    out_ids = np.full((len(per_pos), m), -1, dtype=np.int64)
+    out_counts = np.zeros((len(per_pos), m), dtype=np.int64)
+    out_ids[row, col], out_counts[row, col] = ids, counts
+    return torch.from_numpy(out_ids), torch.from_numpy(out_counts)

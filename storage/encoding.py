@@ -1,4 +1,4 @@
-"""How a shard stores its top-k: ``exact`` (format v1) or ``u8-rel`` (lossy log-probs, format v2).
+"""How a shard stores its top-k: ``exact`` (as in format v1) or ``u8-rel`` (lossy log-probs, a format v2 feature).
 
 ``exact`` stores ``topk_ids`` int32 and ``topk_logprobs`` float16 as they are.
 
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from storage.errors import StorageError
-from storage.schema import ARRAY_SPECS, ShardData
+from storage.schema import ARRAY_SPECS, SAMPLE_ARRAY_SPECS, ShardData
 
 EXACT = "exact"
 U8_REL = "u8-rel"
@@ -132,12 +132,14 @@ class LogprobEncoding:
                 f"KL to the exact target <= {self.kl_bound:.1e} nats per position")
 
     # ---- arrays -----------------------------------------------------------
-    def array_specs(self) -> dict[str, tuple[np.dtype, int]]:
-        """name -> (dtype, ndim) of the arrays a shard stores, in write order."""
+    def array_specs(self, samples: bool = False) -> dict[str, tuple[np.dtype, int]]:
+        """name -> (dtype, ndim) of the arrays a shard stores, in write order; ``samples``: the
+        cache also holds sampled targets (their arrays are stored as they are, schema.py)."""
+        extra = SAMPLE_ARRAY_SPECS if samples else {}
         if not self.lossy:
-            return dict(ARRAY_SPECS)
+            return {**ARRAY_SPECS, **extra}
         specs = {n: s for n, s in ARRAY_SPECS.items() if n not in ("topk_ids", "topk_logprobs")}
-        return {**specs, **_ENCODED_SPECS}
+        return {**specs, **extra, **_ENCODED_SPECS}
 
     @property
     def topk_arrays(self) -> tuple[str, ...]:

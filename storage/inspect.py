@@ -17,6 +17,7 @@ import numpy as np
 
 from storage.cache import Cache
 from storage.errors import StorageArgumentError
+from storage.schema import has_samples, targets_of
 
 HIST_BINS = 10
 BAR_WIDTH = 40
@@ -39,6 +40,7 @@ class InspectReport:
     provenance: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
     encoding: str = "exact"  # how the log-probs are stored (storage/encoding.py), in words
+    format_version: int = 1  # the manifest's: 2 with sampled targets and/or a lossy encoding
 
     def text(self) -> str:
         return "\n".join(_header(self) + _sizes(self) + _uncertainty(self) + _provenance(self))
@@ -57,7 +59,7 @@ def inspect_cache(url: str, max_shards: int = 8, **storage_options) -> InspectRe
                            bytes_topk=sum(_bytes_under(cache.fs, f"{cache.shard_rel(i)}/{a}")
                                           for i in done for a in cache.encoding.topk_arrays),
                            provenance=dict(cache.manifest.provenance), identity=dict(ident),
-                           encoding=cache.encoding.label())
+                           encoding=cache.encoding.label(), format_version=cache.manifest.format_version)
     report.sampled = sample_shards(done, max_shards)
     _read_logprobs(cache, report)
     return report
@@ -137,10 +139,20 @@ def _header(r: InspectReport) -> list[str]:
     return [f"cache {r.url} (fingerprint {r.fingerprint})",
             f"  teacher {teacher}, top_k {r.top_k if r.top_k is not None else '?'}, "
             f"vocab {r.identity.get('vocab_size', '?')}, max_seq_len {r.identity.get('max_seq_len', '?')}",
+            f"  targets {_targets(r.identity, r.format_version)}",
             f"  log-probs {r.encoding}",
             f"  shards done {len(r.done)}/{r.num_shards}",
             f"  {c['num_sequences']:,} sequences, {c['num_tokens']:,} tokens, "
             f"{c['num_positions']:,} target positions (in complete shards)"]
+
+
+def _targets(identity: dict[str, Any], version: int) -> str:
+    """The cache's targets kind (sampled: with its draws per position and sampling method)."""
+    kind = targets_of(identity)
+    if not has_samples(kind):
+        return f"{kind} (cache format v{version})"
+    return f"{kind} ({identity.get('samples', '?')} draws per position, sampling {identity.get('sampling', '?')}, " \
+           f"cache format v{version})"
 
 
 def _sizes(r: InspectReport) -> list[str]:

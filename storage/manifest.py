@@ -18,7 +18,7 @@ from typing import Any
 from storage.encoding import EncodingError, LogprobEncoding
 from storage.errors import CacheMismatchError, ManifestError
 from storage.fs import CacheFS
-from storage.schema import ARRAY_DTYPES, FORMAT_VERSION, FORMAT_VERSIONS
+from storage.schema import ARRAY_DTYPES, FORMAT_VERSION, SUPPORTED_VERSIONS, format_version_for, has_samples, targets_of
 
 MANIFEST_NAME = "manifest.json"
 
@@ -39,9 +39,9 @@ class Manifest:
     provenance: how it was made (teacher path, engine and version, dtype, host,
     start/end times); informational only, so never part of the fingerprint or
     of the identity comparison. Manifests written before it existed read as {}.
-    logprob_encoding: None for the exact top-k (format v1), else the lossy
-    encoding's description (storage/encoding.py; format v2): part of the
-    fingerprint and compared on reopen, absent from an exact cache's JSON."""
+    logprob_encoding: None for the exact top-k, else the lossy encoding's
+    description (storage/encoding.py; format v2): part of the fingerprint and
+    compared on reopen, absent from an exact cache's JSON."""
 
     identity: dict[str, Any]
     shard_plan: list[dict[str, Any]]
@@ -52,6 +52,31 @@ class Manifest:
     updated_at: float = field(default_factory=time.time)
     provenance: dict[str, Any] = field(default_factory=dict)
     logprob_encoding: dict[str, Any] | None = None
+
+    @classmethod
+    def for_identity(cls, identity: dict[str, Any], shard_plan: list[dict[str, Any]],
+                     encoding: LogprobEncoding | None = None) -> "Manifest":
+        """A new manifest; its format version and dtypes follow the identity's ``targets`` and
+        the log-prob ``encoding`` (exact top-k only: v1, exactly as before; sampled targets
+        and/or a lossy encoding: v2 with their arrays)."""
+        enc = (encoding or LogprobEncoding()).for_top_k(identity.get("top_k"))
+        samples = has_samples(targets_of(identity))
+        if enc.lossy and identity.get("top_k") == 0:
+            raise EncodingError(f"log-prob encoding {enc.name}: this cache has no top-k to encode (targets "
+                                f"{targets_of(identity)}, top_k 0); store it exact")
+        return cls(identity=identity, shard_plan=shard_plan, format_version=format_version_for(samples, enc.lossy),
+                   dtypes={name: str(spec[0]) for name, spec in enc.array_specs(samples).items()},
+                   logprob_encoding=enc.describe())
+
+    @property
+    def encoding(self) -> LogprobEncoding:
+        """How the shards store the top-k log-probs (``logprob_encoding``; absent: exact)."""
+        return LogprobEncoding.from_record(self.logprob_encoding)
+
+    @property
+    def has_samples(self) -> bool:
+        """Whether the shards hold sampled teacher targets (the identity's ``targets``)."""
+        return has_samples(targets_of(self.identity))
 
     @property
     def num_shards(self) -> int:
@@ -86,9 +111,9 @@ class Manifest:
         if not isinstance(raw, dict):
             raise ManifestError(f"{where} does not hold a JSON object")
         version = raw.get("format_version")
-        if version not in FORMAT_VERSIONS:
+        if version not in SUPPORTED_VERSIONS:
             raise ManifestError(f"{where} has cache format version {version!r}; this code reads versions "
-                                f"{', '.join(map(str, FORMAT_VERSIONS))}. Use the matching atkd release, "
+                                f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Use the matching atkd release, "
                                 "or rebuild the cache.")
         missing = [k for k in ("identity", "shard_plan") if k not in raw]
         if missing:

@@ -1,4 +1,4 @@
-"""Cache format v1: the arrays of one shard, their dtypes, and their validation.
+"""Cache formats v1 and v2: the arrays of one shard, their dtypes, and their validation.
 
 A shard holds n sequences packed end to end (docs/cache-format.md):
 
@@ -10,9 +10,18 @@ A shard holds n sequences packed end to end (docs/cache-format.md):
 - ``topk_ids`` int32 [P, k], ``topk_logprobs`` float16 [P, k] (descending per row),
   ``target_logprobs`` float32 [P] (teacher log p of the gold next token)
 
-Changing any name, dtype or meaning here means bumping FORMAT_VERSION.
-A cache whose log-probs use a lossy encoding (storage/encoding.py) stores other
-top-k arrays and is format v2; decoded, its ``topk_logprobs`` are float32.
+Format v2 is v1 plus the optional features its manifest names (either or both).
+Sampled teacher targets (identity ``targets`` sampled or topk+sampled) add,
+ragged over the P positions (S = total distinct draws):
+
+- ``sample_offsets`` int64 [P+1]: position i's draws are ``sample_offsets[i]:sample_offsets[i+1]``
+- ``sample_ids`` int32 [S]: the distinct ids drawn at the position, ascending
+- ``sample_counts`` uint8 [S]: how often each was drawn; a position's counts sum to n
+
+A ``sampled`` cache has k = 0 (``topk_*`` of shape [P, 0]). A lossy log-prob
+encoding (manifest ``logprob_encoding``, storage/encoding.py) stores other top-k
+arrays; decoded, its ``topk_logprobs`` are float32. v1 caches read unchanged.
+Changing any name, dtype or meaning here means a new format version.
 """
 
 from __future__ import annotations
@@ -22,8 +31,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-FORMAT_VERSION = 1  # a cache with the exact (lossless) top-k
-FORMAT_VERSIONS = (1, 2)  # readable; 2 = v1 plus a lossy log-prob encoding named in the manifest
+FORMAT_VERSION = 1  # the plain top-k, stored exactly
+# v1 plus the optional features the manifest names: sampled targets (identity ``targets``)
+# and/or a lossy log-prob encoding (``logprob_encoding``).
+FORMAT_V2 = 2
+SUPPORTED_VERSIONS = (FORMAT_VERSION, FORMAT_V2)
 
 # name -> (dtype, ndim); the order is the order arrays are written and checked.
 ARRAY_SPECS: dict[str, tuple[np.dtype, int]] = {
@@ -38,6 +50,29 @@ ARRAY_SPECS: dict[str, tuple[np.dtype, int]] = {
 }
 ARRAY_NAMES: tuple[str, ...] = tuple(ARRAY_SPECS)
 ARRAY_DTYPES: dict[str, str] = {name: str(spec[0]) for name, spec in ARRAY_SPECS.items()}
+
+# Format v2's sampled teacher targets (docs/cache-format.md), ragged over positions.
+SAMPLE_ARRAY_SPECS: dict[str, tuple[np.dtype, int]] = {
+    "sample_offsets": (np.dtype(np.int64), 1),
+    "sample_ids": (np.dtype(np.int32), 1),
+    "sample_counts": (np.dtype(np.uint8), 1),
+}
+SAMPLE_ARRAY_NAMES: tuple[str, ...] = tuple(SAMPLE_ARRAY_SPECS)
+TARGET_KINDS = ("topk", "sampled", "topk+sampled")
+
+
+def targets_of(identity: dict) -> str:
+    """The cache's targets kind from its identity (absent: topk, every v1 cache)."""
+    return str(identity.get("targets", "topk"))
+
+
+def has_samples(targets: str) -> bool:
+    return targets in ("sampled", "topk+sampled")
+
+
+def format_version_for(samples: bool, lossy: bool) -> int:
+    """v1 for the plain exact top-k (unchanged since v1), v2 with either optional feature."""
+    return FORMAT_V2 if samples or lossy else FORMAT_VERSION
 
 # A gold token inside the top-k must carry (about) the same log-prob in both
 # places; float16 rounding of a log-prob near -20 is ~0.016, engines may compute
@@ -56,6 +91,10 @@ class SequenceRecord:
     topk_ids: np.ndarray  # int32 [p, k]
     topk_logprobs: np.ndarray  # float16 [p, k]
     target_logprobs: np.ndarray  # float32 [p]
+    # format v2 only: position i's draws are sample_ids/counts[sample_offsets[i]:sample_offsets[i+1]]
+    sample_offsets: np.ndarray | None = None  # int64 [p+1], starts at 0
+    sample_ids: np.ndarray | None = None  # int32 [s]
+    sample_counts: np.ndarray | None = None  # uint8 [s]
 
     @property
     def num_positions(self) -> int:
@@ -64,7 +103,7 @@ class SequenceRecord:
 
 @dataclass
 class ShardData:
-    """The eight arrays of one shard, as numpy arrays with the v1 dtypes."""
+    """The eight arrays of one shard (v1 dtypes), plus the three sample arrays of format v2."""
 
     input_ids: np.ndarray
     seq_offsets: np.ndarray
@@ -74,6 +113,9 @@ class ShardData:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     target_logprobs: np.ndarray
+    sample_offsets: np.ndarray | None = None
+    sample_ids: np.ndarray | None = None
+    sample_counts: np.ndarray | None = None
 
     # ---- construction ---------------------------------------------------
     @classmethod
@@ -86,10 +128,18 @@ class ShardData:
         counts = np.array([len(r.target_positions) for r in records], dtype=np.int64)
 
         def cat(get, dtype, shape_tail=()):
-            parts = [np.asarray(get(r), dtype=dtype).reshape((-1, *shape_tail)) for r in records]
+            parts = [np.asarray(get(r), dtype=dtype).reshape((len(np.asarray(get(r))), *shape_tail))
+                     for r in records]
             return np.concatenate(parts) if parts else np.zeros((0, *shape_tail), dtype=dtype)
 
+        samples = {}
+        if records and records[0].sample_offsets is not None:
+            per_pos = np.concatenate([np.diff(r.sample_offsets) for r in records]).astype(np.int64)
+            samples = dict(sample_offsets=np.concatenate([[0], np.cumsum(per_pos)]).astype(np.int64),
+                           sample_ids=cat(lambda r: r.sample_ids, np.int32),
+                           sample_counts=cat(lambda r: r.sample_counts, np.uint8))
         return cls(
+            **samples,
             input_ids=cat(lambda r: r.input_ids, np.int32),
             seq_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             example_ids=np.array([r.example_id for r in records], dtype=np.int64),
@@ -102,11 +152,15 @@ class ShardData:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "ShardData":
-        return cls(**{name: arrays[name] for name in ARRAY_NAMES})
+        return cls(**{name: arrays[name] for name in ARRAY_NAMES + SAMPLE_ARRAY_NAMES if name in arrays})
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """name -> array, in ARRAY_NAMES order."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """name -> array, in ARRAY_NAMES order, then the sample arrays when present."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @property
+    def has_samples(self) -> bool:
+        return self.sample_ids is not None
 
     # ---- sizes ----------------------------------------------------------
     @property
@@ -138,7 +192,13 @@ class ShardData:
         """Sequence j as views (no copy) into this shard's arrays."""
         a, b = int(self.seq_offsets[j]), int(self.seq_offsets[j + 1])
         c, d = int(self.target_offsets[j]), int(self.target_offsets[j + 1])
+        samples = {}
+        if self.has_samples:
+            off = self.sample_offsets[c:d + 1]
+            samples = dict(sample_offsets=off - off[0], sample_ids=self.sample_ids[off[0]:off[-1]],
+                           sample_counts=self.sample_counts[off[0]:off[-1]])
         return SequenceRecord(
+            **samples,
             example_id=int(self.example_ids[j]),
             input_ids=self.input_ids[a:b],
             target_positions=self.target_positions[c:d],
@@ -153,9 +213,10 @@ class ShardData:
 
     def equals(self, other: "ShardData") -> bool:
         """Bit-exact equality of every array (dtype, shape and bytes)."""
-        return all(
+        mine, theirs = self.arrays(), other.arrays()
+        return mine.keys() == theirs.keys() and all(
             a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-            for a, b in zip(self.arrays().values(), other.arrays().values())
+            for a, b in zip(mine.values(), theirs.values())
         )
 
     # ---- validation -----------------------------------------------------
@@ -174,8 +235,9 @@ class ShardData:
             return problems
         problems = _check_offsets(self)
         # Gold-token checks index input_ids through the offsets: only when sound.
-        return problems + _check_values(self, vocab_size, check_targets=not problems,
-                                        atol=logprob_atol, grid_floor=grid_floor)
+        problems += _check_values(self, vocab_size, check_targets=not problems, atol=logprob_atol,
+                                  grid_floor=grid_floor)
+        return problems + (_check_samples(self, vocab_size) if self.has_samples else [])
 
 
 def _check_structure(d: ShardData, decoded: bool = False) -> list[str]:
@@ -202,8 +264,8 @@ def _check_structure(d: ShardData, decoded: bool = False) -> list[str]:
         if getattr(d, name).shape != shape:
             problems.append(f"{name}: shape {getattr(d, name).shape}, expected {shape} "
                             f"(n_seq={n}, positions={p}, k={d.topk_ids.shape[1]})")
-    if d.topk_ids.shape[1] < 1:
-        problems.append("topk_ids: k must be >= 1")
+    if d.topk_ids.shape[1] < 1 and not d.has_samples:
+        problems.append("topk_ids: k must be >= 1 (k = 0 only with sampled targets)")
     return problems
 
 
@@ -249,6 +311,8 @@ def _check_values(d: ShardData, vocab_size: int | None, check_targets: bool, ato
             problems.append(f"{name}: {int((~np.isfinite(a)).sum())} non-finite values (NaN or inf)")
         elif a.size and a.max() > 0:
             problems.append(f"{name}: log-probs must be <= 0, max is {float(a.max())}")
+    if lp.shape[1] == 0:  # a sampled cache: no top-k to check
+        return problems
     if lp.shape[1] > 1:
         rising = lp[:, 1:] > lp[:, :-1]
         if rising.any():
@@ -290,4 +354,36 @@ def _check_target_rows(d: ShardData, lp: np.ndarray, atol: float = 0.0, grid_flo
         i = int(np.argmax(missing))
         problems.append(f"target_logprobs: {int(missing.sum())} rows where the gold token is missing from "
                         f"the top-k yet more probable than its last entry (first: row {i})")
+    return problems
+
+
+def _check_samples(d: ShardData, vocab_size: int | None) -> list[str]:
+    """Format v2's sample arrays: dtypes, ragged offsets, ids in range and ascending per
+    position, counts >= 1 summing to the same n at every position."""
+    arrays = {name: getattr(d, name) for name in SAMPLE_ARRAY_NAMES}
+    problems = [f"{name}: expected a numpy array of dtype {dtype}, 1-d"
+                for name, (dtype, _) in SAMPLE_ARRAY_SPECS.items()
+                if not isinstance(arrays[name], np.ndarray) or arrays[name].dtype != dtype or arrays[name].ndim != 1]
+    if problems:
+        return problems
+    off, ids, counts = arrays["sample_offsets"], arrays["sample_ids"], arrays["sample_counts"]
+    if off.shape != (d.num_positions + 1,):
+        return [f"sample_offsets: shape {off.shape}, expected ({d.num_positions + 1},) (positions + 1)"]
+    if ids.shape != counts.shape:
+        return [f"sample_counts: shape {counts.shape} != sample_ids shape {ids.shape}"]
+    if off[0] != 0 or off[-1] != len(ids) or np.any(np.diff(off) < 1):
+        return [f"sample_offsets: must start at 0, end at {len(ids)} and give every position >= 1 draw"]
+    hi = vocab_size if vocab_size is not None else np.iinfo(np.int32).max
+    if ids.size and (ids.min() < 0 or ids.max() >= hi):
+        problems.append(f"sample_ids: ids must be in [0, {hi}), found {ids.min()}..{ids.max()}")
+    if counts.size and counts.min() < 1:
+        problems.append(f"sample_counts: {int((counts < 1).sum())} zero counts")
+    first = np.zeros(len(ids), dtype=bool)
+    first[off[:-1]] = True
+    if np.any(~first[1:] & (np.diff(ids.astype(np.int64)) <= 0)):
+        problems.append("sample_ids: not strictly ascending within a position")
+    n = np.add.reduceat(counts.astype(np.int64), off[:-1]) if len(ids) else np.zeros(0, np.int64)
+    if n.size and np.any(n != n[0]):
+        problems.append(f"sample_counts: draws per position differ ({int(n.min())}..{int(n.max())}); "
+                        "every position holds the same n")
     return problems

@@ -1,4 +1,4 @@
-"""Write and read one shard: a zarr v3 group with the format v1 arrays (or v2's encoded top-k).
+"""Write and read one shard: a zarr v3 group with the format v1 arrays (v2: plus sample arrays and/or an encoded top-k).
 
 Commit protocol (a half-written shard is never read):
 - local/NFS: the group is written under ``shard-00000.zarr.partial-<uuid>``
@@ -12,8 +12,9 @@ Group attributes: ``format_version``, ``counts`` (sequences, tokens, positions,
 top_k), ``checksums`` (sha256 of each decoded array's C-order bytes, so the
 check is independent of codec and chunking), ``codec``, ``complete``, plus
 what the writers add (``shard_index``, ``written_at``, ``worker_id``; stage one: ``data``, ``rows``);
-see docs/cache-format.md. A lossy log-prob encoding (storage/encoding.py) is
-applied on write and undone on read, named in ``logprob_encoding`` (format v2).
+see docs/cache-format.md. Format v2's optional features: the sample arrays of
+sampled targets (stored as they are), and a lossy log-prob encoding
+(storage/encoding.py) applied on write and undone on read, named in ``logprob_encoding``.
 
 Only zarr's public API is used (zarr.open_group, Group.create_array, group
 attributes; tests/storage/test_public_api.py checks it), so a zarr upgrade
@@ -39,7 +40,7 @@ from storage.encoding import LogprobEncoding, describe_record
 from storage.errors import CorruptShardError, ShardExistsError
 from storage.faults import fault_point
 from storage.fs import CacheFS
-from storage.schema import ARRAY_NAMES, FORMAT_VERSIONS, ShardData
+from storage.schema import ARRAY_NAMES, SUPPORTED_VERSIONS, ShardData, format_version_for
 
 SHARDS_DIR = "shards"
 
@@ -78,8 +79,14 @@ def array_checksum(a: np.ndarray) -> str:
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
 
 
-def _compressor(dtype: np.dtype, preset: str) -> BloscCodec:
+# Format v2's sample ids (ascending per position, mostly < 2^16) compress ~20% better
+# byte-shuffled than bit-shuffled (bench/cache_bench.py --sampled).
+_SHUFFLE_BY_NAME = {"sample_ids": "shuffle"}
+
+
+def _compressor(dtype: np.dtype, preset: str, name: str = "") -> BloscCodec:
     cname, clevel, shuffle = CODEC_PRESETS[preset]["float" if dtype.kind == "f" else "int"]
+    shuffle = _SHUFFLE_BY_NAME.get(name, shuffle)
     return BloscCodec(cname=cname, clevel=clevel, shuffle=BloscShuffle(shuffle), typesize=dtype.itemsize)
 
 
@@ -103,7 +110,7 @@ def write_shard(fs: CacheFS, rel: str, data: ShardData, *, codec: str = "default
     encoding = encoding or LogprobEncoding()
     stored = encoding.encode(data)
     attrs = {
-        "format_version": 2 if encoding.lossy else 1,
+        "format_version": format_version_for(data.has_samples, encoding.lossy),
         "counts": data.counts(),
         "checksums": {name: array_checksum(a) for name, a in stored.items()},
         "codec": codec,
@@ -199,7 +206,7 @@ def _write_group(store, arrays: dict[str, np.ndarray], attrs: dict[str, Any], co
     def write(item: tuple[str, np.ndarray]) -> None:
         name, a = item
         group.create_array(name, data=np.ascontiguousarray(a), chunks=_chunks(a),
-                           compressors=[_compressor(a.dtype, codec)], fill_value=0)
+                           compressors=[_compressor(a.dtype, codec, name)], fill_value=0)
 
     _concurrently(write, arrays.items())
 
@@ -248,10 +255,11 @@ def is_complete(fs: CacheFS, rel: str) -> bool:
 
 
 def read_shard(fs: CacheFS, rel: str, *, verify_checksums: bool = True,
-               encoding: LogprobEncoding | None = None) -> ShardData:
+               encoding: LogprobEncoding | None = None, samples: bool | None = None) -> ShardData:
     """Read a complete shard, decoding its top-k; CorruptShardError names the shard and every problem.
-    ``encoding``: the one the manifest names (default exact); a shard stored otherwise is refused."""
-    arrays, problems = load_arrays(fs, rel, verify_checksums=verify_checksums, encoding=encoding)
+    ``encoding``: the one the manifest names (default exact); a shard stored otherwise is refused.
+    ``samples``: whether the manifest says the cache holds sampled targets (None: as the shard says)."""
+    arrays, problems = load_arrays(fs, rel, verify_checksums=verify_checksums, encoding=encoding, samples=samples)
     if problems:
         raise CorruptShardError(
             f"shard {fs.display(rel)} is unusable: " + "; ".join(problems)
@@ -260,10 +268,11 @@ def read_shard(fs: CacheFS, rel: str, *, verify_checksums: bool = True,
     return ShardData.from_arrays(arrays)
 
 
-def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True,
-                encoding: LogprobEncoding | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True, encoding: LogprobEncoding | None = None,
+                samples: bool | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Decode every array, check it against the group attributes and the encoding's
-    invariants, and undo the log-prob encoding (``encoding``: the manifest's, default exact).
+    invariants, and undo the log-prob encoding (``encoding``: the manifest's, default exact;
+    ``samples``: the manifest's sampled targets, None to take the shard's word for it).
 
     Returns (the ShardData arrays, problems); shared by read_shard (raises) and verify (reports).
     """
@@ -275,13 +284,19 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True,
         return {}, ["zarr.json is not valid JSON (truncated or overwritten)"]
     if attrs.get("complete") is not True:
         return {}, ["group attribute complete is not true (a half-written shard)"]
-    if attrs.get("format_version") not in FORMAT_VERSIONS:
-        return {}, [f"format_version {attrs.get('format_version')!r}, this reader supports "
-                    f"{', '.join(map(str, FORMAT_VERSIONS))}"]
+    version = attrs.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        return {}, [f"format_version {version!r}, this reader supports {', '.join(map(str, SUPPORTED_VERSIONS))}"]
     if attrs.get("logprob_encoding") != encoding.describe():
         return {}, [f"written with log-prob encoding {describe_record(attrs.get('logprob_encoding'))}, "
                     f"but the cache manifest says {describe_record(encoding.describe())}"]
-    specs = encoding.array_specs()
+    if samples is None:  # no manifest at hand: the shard's own checksums name its arrays
+        samples = "sample_ids" in (attrs.get("checksums") or {})
+    expected = format_version_for(samples, encoding.lossy)
+    if version != expected:
+        return {}, [f"format_version {version!r}, but a shard {'with' if samples else 'without'} sampled targets "
+                    f"and with the {encoding.name} log-prob encoding is format v{expected}"]
+    specs = encoding.array_specs(samples)
     try:
         decoded = _read_arrays(group, list(specs))
     except Exception as e:  # zarr raises various types on broken group metadata

@@ -96,7 +96,8 @@ def _check_shard(cache: Cache, index: int, attrs: dict, deep: bool, vocab: int |
             problems.append("zarr.json is not valid JSON")
         return problems
     enc = cache.encoding  # a shard stored with another one is reported by load_arrays
-    arrays, problems = shards.load_arrays(cache.fs, rel, verify_checksums=True, encoding=enc)
+    arrays, problems = shards.load_arrays(cache.fs, rel, verify_checksums=True, encoding=enc,
+                                          samples=cache.manifest.has_samples)
     if problems:
         return problems
     data = ShardData.from_arrays(arrays)

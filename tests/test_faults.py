@@ -132,3 +132,27 @@ def test_lossy_teacher_killed_ends_bit_identical_and_within_its_bound_of_the_exa
         kl = target_kl(a.topk_ids, a.topk_logprobs, b.topk_ids, b.topk_logprobs, gold, a.target_logprobs,
                        lossy.vocab_size)
         assert kl.max() <= lossy.encoding.kl_bound, (i, kl.max())
+
+
+def test_sampled_teacher_killed_at_crash_points_ends_bit_identical(ws):
+    """teacher.targets=sampled (cache format v2): killed at crash points and a random moment,
+    the rerun's cache equals an uninterrupted sampled run's, draws included."""
+    import yaml
+
+    def sampled(name: str) -> Path:
+        path = config(ws, name)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["teacher"].update(targets="sampled", samples=8)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    rc, out = fh.run_atkd(["teacher", str(sampled("sampled-ref"))], ws["root"] / "logs" / "sampled-ref.log")
+    assert rc == 0, out
+    ref = fh.cache_snapshot(str(ws["root"] / "sampled-ref" / "cache"))
+    rng = random.Random(SEED + 1)
+    kills = ["shard.write:2", "shard.committed:3", round(rng.uniform(0.3, 1.5), 2)]
+    counts = fh.run_campaign(["teacher", str(sampled("sampled-kills"))], kills, ws["root"] / "logs" / "sampled-kills")
+    assert counts.kills >= 2 and counts.mismatches == 0, counts
+    cache = str(ws["root"] / "sampled-kills" / "cache")
+    assert fh.compare_caches(fh.cache_snapshot(cache), ref) == []
+    verify_ok(cache)

@@ -38,6 +38,9 @@ class LossConfig:
     group: Literal["sequence", "batch"] = "sequence"  # atkd split group
     ce_weight: float = 0.0  # mix of cross-entropy on the gold tokens
     renormalize_topk: bool = False
+    # Which teacher targets kd/atkd train on: auto = sampled when the cache holds draws
+    # (teacher.targets sampled or topk+sampled), else top-k. Sampled: forward KL only.
+    targets: Literal["auto", "topk", "sampled"] = "auto"
     beta: float = 0.5  # js
     alpha: float = 0.1  # skew_kl / skew_rkl
     # Positions per LM-head chunk: peak memory ~ chunk_size x vocab x a few float32

@@ -15,6 +15,11 @@ trainer divides by the global count of positions or groups, so the gradient is
 the same whether the global batch is split over micro-batches, ranks or chunks.
 Everything happens inside `StudentObjective.forward`, so DDP and FSDP see one
 ordinary forward and one backward per micro-batch.
+
+On a cache with sampled targets (format v2) kd and atkd use the unbiased
+estimators of stages.student.sampled_losses (`resolve_targets` says which
+targets a loss trains on); the kd "loss" logged there is then the cross-entropy
+estimate H(p, q) = KL + H(p), with the same gradient as the KL.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stages.errors import TrainingError
 from stages.student.config import LossConfig
 from stages.lm import hidden_at_targets
 from stages.student.losses import atkd_position_weights, bucket_divergence, bucket_logprobs, position_terms
+from stages.student.sampled_losses import sampled_position_terms
 
 ChunkLoss = Callable[[Tensor, slice, dict], Tensor]
 
@@ -83,6 +90,29 @@ def chunked_head_loss(rows: Tensor, head: nn.Module, chunk_loss: ChunkLoss, chun
                                   int(chunk_size), softcap, stats)
 
 
+def resolve_targets(loss_cfg: LossConfig, cache_targets: str, where: str = "loss") -> str:
+    """'topk' or 'sampled': the teacher targets this loss trains on, given the cache's kind
+    (storage.schema.targets_of). TrainingError names what does not fit: a kind the cache
+    lacks, or a divergence the sampled estimator cannot give without bias (only forward KL)."""
+    have_topk, have_samples = cache_targets in ("topk", "topk+sampled"), cache_targets != "topk"
+    want = loss_cfg.targets
+    if want == "auto":
+        want = "sampled" if have_samples else "topk"
+    if loss_cfg.kind == "sft":
+        return want
+    if (want == "sampled" and not have_samples) or (want == "topk" and not have_topk):
+        raise TrainingError(f"{where}.targets={loss_cfg.targets}: the cache holds {cache_targets} targets; "
+                            f"use auto, or a cache built with teacher.targets={want} or topk+sampled")
+    if want == "sampled":
+        bad = ("divergence", loss_cfg.divergence) if loss_cfg.kind == "kd" else ("base", loss_cfg.base)
+        if bad[1] != "forward_kl":
+            raise TrainingError(
+                f"{where}.{bad[0]}={bad[1]} on sampled teacher targets: only forward_kl has an unbiased "
+                "estimate from teacher draws (docs/method.md); set it to forward_kl, or train on top-k "
+                f"({where}.targets=topk with a topk or topk+sampled cache)")
+    return want
+
+
 def _add(stats: dict, key: str, value) -> None:
     value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
     stats[key] = stats[key] + value if key in stats else value
@@ -101,12 +131,13 @@ class StudentObjective(nn.Module):
     the matching count, which the trainer adds up over the global batch.
     """
 
-    def __init__(self, model: nn.Module, loss_cfg: LossConfig) -> None:
+    def __init__(self, model: nn.Module, loss_cfg: LossConfig, cache_targets: str = "topk") -> None:
         super().__init__()
         if loss_cfg.kind not in ("sft", "kd", "atkd"):
             raise ValueError(f"loss.kind: unknown {loss_cfg.kind!r}; expected sft, kd or atkd")
         self.model = model
         self.cfg = loss_cfg
+        self.targets = resolve_targets(loss_cfg, cache_targets)  # "topk" | "sampled"
         config = getattr(model, "config", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_scale = getattr(config, "logit_scale", None) if config is not None and \
@@ -151,6 +182,18 @@ class StudentObjective(nn.Module):
         teacher = (batch["topk_ids"], batch["topk_logprobs"], target_ids, batch["target_logprobs"])
         valid = torch.ones_like(target_ids, dtype=torch.bool)
 
+        sampled = None
+        if self.targets == "sampled":
+            sampled = (batch["sample_ids"], batch["sample_counts"], target_ids, batch["target_logprobs"])
+
+        if cfg.kind == "kd" and sampled is not None:
+            def sampled_kd(logits: Tensor, part: slice, stats: dict) -> Tensor:
+                terms = sampled_position_terms(logits, *(t[part] for t in sampled), valid=valid[part])
+                _add(stats, "nll", terms.nll.sum())
+                per_position = terms.kl + cfg.ce_weight * terms.nll if cfg.ce_weight else terms.kl
+                return per_position.sum()
+            return sampled_kd
+
         if cfg.kind == "kd":
             def kd(logits: Tensor, part: slice, stats: dict) -> Tensor:
                 buckets = bucket_logprobs(logits, *(t[part] for t in teacher), cfg.renormalize_topk, valid[part])
@@ -170,8 +213,11 @@ class StudentObjective(nn.Module):
         _add(stats, "unc", weights.unc.sum())
 
         def atkd(logits: Tensor, part: slice, stats: dict) -> Tensor:
-            buckets = bucket_logprobs(logits, *(t[part] for t in teacher), cfg.renormalize_topk, valid[part])
-            terms = position_terms(buckets, cfg.base)
+            if sampled is not None:
+                terms = sampled_position_terms(logits, *(t[part] for t in sampled), valid=valid[part])
+            else:
+                buckets = bucket_logprobs(logits, *(t[part] for t in teacher), cfg.renormalize_topk, valid[part])
+                terms = position_terms(buckets, cfg.base)
             _add(stats, "nll", terms.nll.sum())
             _add(stats, "tkd_hard", (terms.tkd * weights.hard[part]).sum())
             _add(stats, "dkd", terms.dkd.sum())

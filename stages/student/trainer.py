@@ -59,6 +59,7 @@ from stages.student.objective import StudentObjective
 from stages.student.optim import (apply_config, build_optimizer, clip_and_step, lr_at, schedule_meta, set_lr,
                                   steps_for_epochs, warmup_for)
 from storage.faults import fault_point
+from storage.schema import targets_of
 from storage.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.to(d.device).train()
-    objective = StudentObjective(student, cfg.loss)
+    objective = StudentObjective(student, cfg.loss, targets_of(identity))
 
     if cache is not None:
         dataset = CacheDataset(cache_url, optim.batch_size, seed=cfg.seed, rank=d.rank,

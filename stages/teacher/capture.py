@@ -164,7 +164,9 @@ def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: Cac
         summary.shards_lost += 1
         _log(f"shard {shard.lease.shard_index}: {error}")
 
-    writer = ShardWriter(cache, teacher_cfg.top_k, on_commit=on_commit, on_lost=on_lost)
+    top_k = int(cache.manifest.identity["top_k"])  # 0 for sampled targets
+    sampler = _sampler(cache.manifest.identity)
+    writer = ShardWriter(cache, top_k, on_commit=on_commit, on_lost=on_lost)
     failed = True
     try:
         while True:
@@ -180,7 +182,7 @@ def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: Cac
             beat = Heartbeat(lease, teacher_cfg.lease_seconds)
             try:
                 shard = _score_shard(lease, beat, plan[lease.shard_index], source, tokenizer, data_cfg,
-                                     teacher_cfg.top_k, get_engine, data_mod.num_rows(data_cfg, source))
+                                     top_k, get_engine, data_mod.num_rows(data_cfg, source), sampler)
             except BaseException:
                 beat.stop()
                 _release_quietly(lease)  # let another worker take the shard at once
@@ -217,15 +219,32 @@ def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: Cac
     return summary
 
 
+def _sampler(identity: dict):
+    """The seeded sampler of a cache with sampled targets (None for top-k only): its key is
+    the cache identity's, so every worker and every rerun draws the same (sampling.py)."""
+    from storage.schema import has_samples, targets_of
+
+    if not has_samples(targets_of(identity)):
+        return None
+    from stages.teacher.sampling import Sampler, cache_key
+
+    return Sampler(cache_key(identity), int(identity["samples"]))
+
+
 def _score_shard(lease, beat, entry, source, tokenizer, data_cfg: DataConfig, top_k: int, get_engine,
-                 num_rows: int) -> ScoredShard:
+                 num_rows: int, sampler=None) -> ScoredShard:
     """Read and tokenise one shard's rows, check what was dropped, score them."""
     start, end = int(entry["row_start"]), int(entry["row_end"])
     indices, part_rows = split.read_part(data_cfg, source, num_rows, start, end)
     examples, stats = data_mod.tokenize_rows(part_rows, tokenizer, data_cfg, start=start, locate=source.location,
                                              indices=indices)
     data_mod.check_dropped(stats, data_cfg, f"shard {lease.shard_index} (rows {start}-{end - 1})")
-    rows = get_engine().score(examples, top_k) if examples else []
+    if not examples:
+        rows = []
+    elif sampler is None:
+        rows = get_engine().score(examples, top_k)
+    else:
+        rows = get_engine().score(examples, top_k, sampler=sampler)
     beat.raise_if_lost()
     attrs = {"data": stats.as_dict(), "rows": [start, end]}
     if data_cfg.holdout is not None:  # data.rows counts the part's rows in the range; the rest are held out

@@ -32,6 +32,10 @@ class TeacherConfig:
     model: str = ""  # path or hub name of the teacher
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     top_k: int = 64
+    # What the cache holds per target position: the top-k, n draws from the teacher's full
+    # distribution (cache format v2, docs/cache-format.md), or both. The gold log-prob always.
+    targets: Literal["topk", "sampled", "topk+sampled"] = "topk"
+    samples: int = 16  # draws per position for sampled targets (1..255)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # transformers engine: auto | cpu | cuda | cuda:N
     batch_tokens: int = 16384  # transformers engine: tokens per forward pass

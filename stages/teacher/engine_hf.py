@@ -30,6 +30,9 @@ class TeacherRows:
     topk_ids: np.ndarray  # int32 [p, k], descending log-prob
     topk_logprobs: np.ndarray  # float32 [p, k]
     target_logprobs: np.ndarray  # float32 [p]
+    # sampled targets only (stages/teacher/sampling.py encode): distinct ids ascending, -1 padding
+    sample_ids: np.ndarray | None = None  # int32 [p, n]
+    sample_counts: np.ndarray | None = None  # uint8 [p, n], 0 = padding
 
 
 def resolve_device(device: str) -> str:
@@ -131,8 +134,9 @@ class HFTeacherEngine:
             )
 
     # ------------------------------------------------------------ public
-    def score(self, examples, top_k: int) -> list[TeacherRows]:
-        """Teacher rows for each example (same order), at its target_positions."""
+    def score(self, examples, top_k: int, sampler=None) -> list[TeacherRows]:
+        """Teacher rows for each example (same order), at its target_positions; with a
+        ``sampling.Sampler``, also its draws from each position's full distribution."""
         import torch
 
         if top_k > self.vocab_size:
@@ -144,7 +148,7 @@ class HFTeacherEngine:
                 width = max(lengths[i] for i in batch)
                 ids = torch.zeros((len(batch), width), dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
-                rows, cols, gold = [], [], []
+                rows, cols, gold, where = [], [], [], []
                 for b, i in enumerate(batch):
                     ex = examples[i]
                     n = lengths[i]
@@ -154,10 +158,13 @@ class HFTeacherEngine:
                     rows.append(torch.full_like(t, b))
                     cols.append(t)
                     gold.append(ids[b, t + 1])
+                    where.append(np.stack([np.full(len(t), ex.example_id, dtype=np.int64), t.numpy()], 1))
                 hidden = self._hidden(ids.to(self.device), mask.to(self.device))
                 sel = hidden[torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)]  # [P, H]
                 del hidden
-                out_ids, out_lp, out_gold = self._topk_chunks(sel, torch.cat(gold).to(self.device), top_k)
+                where = np.concatenate(where) if where else np.zeros((0, 2), np.int64)
+                out_ids, out_lp, out_gold, out_s = self._topk_chunks(sel, torch.cat(gold).to(self.device), top_k,
+                                                                     sampler, where)
                 start = 0
                 for i in batch:
                     p = len(examples[i].target_positions)
@@ -165,24 +172,39 @@ class HFTeacherEngine:
                         topk_ids=out_ids[start : start + p],
                         topk_logprobs=out_lp[start : start + p],
                         target_logprobs=out_gold[start : start + p],
+                        sample_ids=None if out_s is None else out_s[0][start : start + p],
+                        sample_counts=None if out_s is None else out_s[1][start : start + p],
                     )
                     start += p
         return results  # type: ignore[return-value]
 
-    def _topk_chunks(self, hidden, gold, top_k: int):
+    def _topk_chunks(self, hidden, gold, top_k: int, sampler=None, where=None):
+        """Top-k, gold log-probs and (with a sampler) the draws, `logprob_chunk` rows at a time;
+        `where` [P, 2] is each row's (example id, target position), the draws' seed."""
         import torch
 
-        ids, lps, golds = [], [], []
+        ids, lps, golds, s_ids, s_counts = [], [], [], [], []
         for a in range(0, hidden.shape[0], self.logprob_chunk):
-            lp = self._logprobs(hidden[a : a + self.logprob_chunk])
+            b = a + self.logprob_chunk
+            lp = self._logprobs(hidden[a:b])
             values, indices = torch.topk(lp, top_k, dim=-1, sorted=True)
-            golds.append(lp.gather(-1, gold[a : a + self.logprob_chunk, None])[:, 0].cpu())
+            golds.append(lp.gather(-1, gold[a:b, None])[:, 0].cpu())
             ids.append(indices.to(torch.int32).cpu())
             lps.append(values.cpu())
+            if sampler is not None:
+                chunk_ids, chunk_counts = sampler(lp, where[a:b, 0], where[a:b, 1])
+                s_ids.append(chunk_ids)
+                s_counts.append(chunk_counts)
             del lp
+        samples = None
+        if sampler is not None:
+            n = sampler.n
+            samples = (np.concatenate(s_ids) if s_ids else np.zeros((0, n), np.int32),
+                       np.concatenate(s_counts) if s_counts else np.zeros((0, n), np.uint8))
         if not ids:
-            return (np.zeros((0, top_k), np.int32), np.zeros((0, top_k), np.float32), np.zeros((0,), np.float32))
-        return torch.cat(ids).numpy(), torch.cat(lps).numpy(), torch.cat(golds).numpy()
+            return (np.zeros((0, top_k), np.int32), np.zeros((0, top_k), np.float32), np.zeros((0,), np.float32),
+                    samples)
+        return torch.cat(ids).numpy(), torch.cat(lps).numpy(), torch.cat(golds).numpy(), samples
 
     def forward_only(self, examples) -> int:
         """A bare forward pass (base model + LM head at every position); for the benchmark."""

@@ -36,8 +36,20 @@ from stages.errors import TeacherError
 from stages.logs import engine_output
 from stages.teacher.engine_hf import TeacherRows
 
+# Sampled targets through vLLM (docs/cache-format.md, "Sampled targets and vLLM"): prompt
+# rows skip vLLM's sampler and logits processors, so the exact route is
+# prompt_logprobs=-1 with max_logprobs=-1: every prompt position's whole vocabulary,
+# sorted, as python lists through the engine-core IPC; the full rows are rebuilt here
+# and drawn from with the same sampler as the transformers engine. It costs ~V entries
+# per prompt position (not just per target), so it is much slower than top-k.
+VLLM_SAMPLED_COST = ("vLLM returns prompt positions' full vocabulary only as python lists (prompt_logprobs=-1): "
+                     "exact, but ~V python entries per position, far slower than the transformers engine on one "
+                     "device; use backend vllm for sampled targets only for a teacher that needs its parallelism")
+
 # Prompt tokens per `LLM.generate` call: bounds the python-side result lists.
 _REQUEST_TOKENS = 1 << 16
+# Full-vocabulary requests (sampled targets): at most this many (position, id) entries per call.
+_FULL_VOCAB_ENTRIES = 1 << 23
 
 
 def cuda_available() -> bool:
@@ -105,12 +117,14 @@ class VLLMTeacherEngine:
         max_seq_len: int | None = None,
         flat_logprobs: bool = True,
         in_process: bool | None = None,
+        full_vocab: bool = False,
     ):
         """`in_process` (default: env ATKD_VLLM_IN_PROCESS=1) runs vLLM's engine core and
         worker inside this process (tp = pp = 1 only): two fewer process start-ups
         (~45 s on a 2-core CPU box), but vLLM then pins this process's OpenMP
         threads and patches torch.set_num_threads, so use it only in a process that
-        does nothing else (a dedicated worker, the benchmark, the tests' scorer)."""
+        does nothing else (a dedicated worker, the benchmark, the tests' scorer).
+        `full_vocab`: request every prompt position's whole vocabulary (sampled targets)."""
         from vllm import LLM, SamplingParams
 
         on_gpu = cuda_available()
@@ -125,10 +139,13 @@ class VLLMTeacherEngine:
             if dtype == "auto":
                 dtype = "float32"  # as the transformers engine: CPU bf16 loses accuracy for little speed
         self.top_k = int(top_k)
+        self.full_vocab = bool(full_vocab)
         self._flat = flat_logprobs and _supports_flat_logprobs(SamplingParams)
+        if self.full_vocab and not self._flat:
+            raise TeacherError("sampled targets through vLLM need its flat_logprobs results (vLLM >= 0.11)")
         kwargs = dict(
             model=model_path,
-            max_logprobs=self.top_k,
+            max_logprobs=-1 if self.full_vocab else self.top_k,
             enable_prefix_caching=False,  # prompt log-probs must be computed, not read from cache
             tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,
@@ -177,14 +194,18 @@ class VLLMTeacherEngine:
     def _sampling_params(self, k: int):
         from vllm import SamplingParams
 
-        kwargs = dict(max_tokens=1, prompt_logprobs=k, detokenize=False, temperature=0.0)
+        kwargs = dict(max_tokens=1, prompt_logprobs=-1 if self.full_vocab else k, detokenize=False, temperature=0.0)
         if self._flat:
             kwargs["flat_logprobs"] = True
         return SamplingParams(**kwargs)
 
-    def score(self, examples, top_k: int) -> list[TeacherRows]:
+    def score(self, examples, top_k: int, sampler=None) -> list[TeacherRows]:
+        """Top-k (and with a ``sampling.Sampler``, draws from the full rows) at each example's targets."""
         from vllm.inputs import TokensPrompt
 
+        if sampler is not None and not self.full_vocab:
+            raise ValueError("this vLLM engine was started without full_vocab; sampled targets need it")
+        budget = _REQUEST_TOKENS if not self.full_vocab else max(1, _FULL_VOCAB_ENTRIES // (self.vocab_size + 1))
         if top_k > self.top_k:
             raise ValueError(f"this vLLM engine was started with max_logprobs={self.top_k}; asked for top_k={top_k}")
         sampling = self._sampling if top_k == self.top_k else self._sampling_params(top_k)
@@ -198,28 +219,33 @@ class VLLMTeacherEngine:
         start = 0
         while start < len(examples):
             end, tokens = start, 0
-            while end < len(examples) and (end == start or tokens + len(examples[end].input_ids) <= _REQUEST_TOKENS):
+            while end < len(examples) and (end == start or tokens + len(examples[end].input_ids) <= budget):
                 tokens += len(examples[end].input_ids)
                 end += 1
             part = examples[start:end]
             prompts = [TokensPrompt(prompt_token_ids=list(map(int, ex.input_ids))) for ex in part]
             outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
             for ex, out in zip(part, outputs):
-                results.append(self._rows(ex, out.prompt_logprobs, top_k))
+                results.append(self._rows(ex, out.prompt_logprobs, top_k, sampler))
             start = end
         return results
 
-    def _rows(self, ex, plp, k: int) -> TeacherRows:
+    def _rows(self, ex, plp, k: int, sampler=None) -> TeacherRows:
         t = np.asarray(ex.target_positions, dtype=np.int64)
         if self._flat and hasattr(plp, "start_indices"):
             starts = np.asarray(plp.start_indices, dtype=np.int64)[t + 1]
             ends = np.asarray(plp.end_indices, dtype=np.int64)[t + 1]
-            if np.any(ends - starts < k + 1):
-                raise RuntimeError(f"example {ex.example_id}: vLLM returned fewer than {k} + 1 prompt log-probs")
+            need = self.vocab_size if sampler is not None else k
+            if np.any(ends - starts < need + 1):
+                raise RuntimeError(f"example {ex.example_id}: vLLM returned fewer than {need} + 1 prompt log-probs")
             ids = np.asarray(plp.token_ids, dtype=np.int32)
             lps = np.asarray(plp.logprobs, dtype=np.float32)
             cols = starts[:, None] + 1 + np.arange(k)[None, :]  # entry 0 is the gold token
-            return TeacherRows(topk_ids=ids[cols], topk_logprobs=lps[cols], target_logprobs=lps[starts])
+            rows = TeacherRows(topk_ids=ids[cols], topk_logprobs=lps[cols], target_logprobs=lps[starts])
+            if sampler is not None:
+                rows.sample_ids, rows.sample_counts = _draw_full_rows(ex, t, ids, lps, starts, self.vocab_size,
+                                                                      sampler)
+            return rows
         return _rows_from_dicts(ex, plp, k)
 
     def close(self) -> None:
@@ -238,6 +264,25 @@ class VLLMTeacherEngine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _draw_full_rows(ex, t, ids, lps, starts, vocab: int, sampler, chunk: int = 256):
+    """The target rows' full vocabularies (entries 1..V after each row's start: every id
+    once, sorted by log-prob) back into dense [rows, V] float32, then the sampler's draws."""
+    import torch
+
+    out_ids, out_counts = [], []
+    for a in range(0, len(t), chunk):
+        cols = starts[a:a + chunk, None] + 1 + np.arange(vocab)[None, :]
+        dense = np.full((len(cols), vocab), -np.inf, dtype=np.float32)
+        np.put_along_axis(dense, ids[cols].astype(np.int64), lps[cols], axis=1)
+        s_ids, s_counts = sampler(torch.from_numpy(dense), np.full(len(cols), ex.example_id, dtype=np.int64),
+                                  t[a:a + chunk])
+        out_ids.append(s_ids)
+        out_counts.append(s_counts)
+    if not out_ids:
+        return np.zeros((0, sampler.n), np.int32), np.zeros((0, sampler.n), np.uint8)
+    return np.concatenate(out_ids), np.concatenate(out_counts)
 
 
 def _rows_from_dicts(ex, plp, k: int) -> TeacherRows:

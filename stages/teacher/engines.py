@@ -5,7 +5,11 @@ starts; otherwise the transformers engine. The choice and the reason are
 printed, and kept on the engine as `.choice_reason`.
 
 Every engine has: `name`, `description`, `vocab_size`,
-`score(examples, top_k) -> list[TeacherRows]`, `close()`.
+`score(examples, top_k) -> list[TeacherRows]`, `close()`. Sampled targets
+(`teacher.targets` sampled or topk+sampled) use `score(..., sampler=)`: the
+transformers engine draws from each chunk's full log-softmax; vLLM has to return
+the whole vocabulary of every prompt position (exact, but slow: VLLM_SAMPLED_COST),
+so "auto" picks the transformers engine for them and backend vllm says the cost.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def make_vllm_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None)
         enforce_eager=teacher_cfg.enforce_eager,
         trust_remote_code=teacher_cfg.trust_remote_code,
         max_seq_len=max_seq_len,
+        full_vocab=teacher_cfg.targets != "topk",
     )
 
 
@@ -55,9 +60,14 @@ def make_engine(teacher_cfg: TeacherConfig, max_seq_len: int | None = None):
     backend = teacher_cfg.backend
     if backend == "transformers":
         engine, reason = make_hf_engine(teacher_cfg), "teacher.backend=transformers"
+    elif backend == "auto" and teacher_cfg.targets != "topk":
+        engine = make_hf_engine(teacher_cfg)
+        reason = f"backend auto: transformers, because teacher.targets={teacher_cfg.targets} (vLLM: full rows only)"
     elif backend == "vllm":
-        from stages.teacher.engine_vllm import unsupported_reason
+        from stages.teacher.engine_vllm import VLLM_SAMPLED_COST, unsupported_reason
 
+        if teacher_cfg.targets != "topk":
+            _log(f"teacher.targets={teacher_cfg.targets} with backend vllm: {VLLM_SAMPLED_COST}")
         why_not = unsupported_reason(teacher_cfg.model)
         if why_not is not None:
             raise TeacherError(f"teacher.backend=vllm cannot serve teacher.model {teacher_cfg.model!r}: {why_not}. "

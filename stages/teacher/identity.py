@@ -163,6 +163,10 @@ def cache_identity(data_cfg: DataConfig, teacher_cfg: TeacherConfig, tokenizer, 
     if finetuned is not None:  # a teacher fine-tuned by teacher.finetune: what it was made from
         identity["teacher"] = f"{finetuned.get('base_model')} (fine-tuned)"
         identity["teacher_finetune"] = finetuned
+    if teacher_cfg.targets != "topk":  # absent for top-k: every v1 cache keeps its identity
+        identity.update(targets=teacher_cfg.targets, samples=int(teacher_cfg.samples), sampling="exact")
+        if teacher_cfg.targets == "sampled":
+            identity["top_k"] = 0
     return identity
 
 
@@ -184,7 +188,7 @@ def check_teacher(teacher_cfg: TeacherConfig):
             f"teacher.model {teacher_cfg.model!r}: the tokenizer has {len(tokenizer)} tokens but the model "
             f"only {vocab_size} logits; they do not belong together"
         )
-    if teacher_cfg.top_k > vocab_size:
+    if teacher_cfg.targets != "sampled" and teacher_cfg.top_k > vocab_size:
         raise TeacherError(f"teacher.top_k={teacher_cfg.top_k} exceeds the vocabulary of teacher.model "
                            f"{teacher_cfg.model!r} ({vocab_size} tokens); set teacher.top_k to at most {vocab_size}")
     return tokenizer, vocab_size

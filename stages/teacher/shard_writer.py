@@ -68,8 +68,15 @@ def build_shard(examples, rows, top_k: int):
                 f"example {ex.example_id}: engine returned shapes {r.topk_ids.shape}/{r.target_logprobs.shape}, "
                 f"expected ({p}, {top_k})/({p},)"
             )
+        samples = {}
+        if r.sample_ids is not None:  # padded [p, n] -> ragged (format v2)
+            used = r.sample_counts > 0
+            samples = dict(sample_offsets=np.concatenate([[0], np.cumsum(used.sum(1))]).astype(np.int64),
+                           sample_ids=r.sample_ids[used].astype(np.int32),
+                           sample_counts=r.sample_counts[used].astype(np.uint8))
         records.append(
             SequenceRecord(
+                **samples,
                 example_id=ex.example_id,
                 input_ids=np.asarray(ex.input_ids, dtype=np.int32),
                 target_positions=np.asarray(ex.target_positions, dtype=np.int32),

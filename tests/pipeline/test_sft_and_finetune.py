@@ -49,7 +49,7 @@ def test_configs_say_which_students_need_a_teacher(tmp_path, train_jsonl):
         load([sft], teacher={"finetune": {"enabled": True}})
     with pytest.raises(ConfigError, match=r"students\[0\].tokenizer: 'i' is initialised from `init`"):
         load([{"name": "i", "init": {"hidden_size": 64}, "loss": {"kind": "sft"}}])
-    with pytest.raises(ConfigError, match="teacher.finetune: optim.batch_size"):
+    with pytest.raises(ConfigError, match="teacher.finetune.optim: batch_size"):
         load([sft], teacher={"model": "t", "finetune": {"enabled": True, "optim": {"max_steps": 0}}})
 
 

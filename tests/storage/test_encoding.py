@@ -4,6 +4,7 @@ tampered shards, the reader, and exact caches staying format v1 bit for bit."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -250,3 +251,90 @@ def test_the_reader_decodes_transparently(tmp_path):
     assert diff[on_grid].max() <= U8.max_abs_error + 1e-5
     for key in ("input_ids", "target_ids", "target_logprobs", "row_pos"):
         assert np.array_equal(a[key].numpy(), b[key].numpy())
+
+
+# ---------------------------------------------------------------- with sampled targets (both v2 features)
+N_DRAWS = 16
+BOTH = {"top_k": K, "vocab_size": V, "targets": "topk+sampled", "samples": N_DRAWS, "sampling": "exact"}
+
+
+def with_samples(rng, data: ShardData, lp64: np.ndarray) -> ShardData:
+    """``data`` plus format v2's sample arrays: N_DRAWS draws per position from the float64 rows."""
+    offsets, ids, counts = [0], [], []
+    for row in np.exp(lp64):
+        u, c = np.unique(rng.choice(V, N_DRAWS, p=row / row.sum()), return_counts=True)
+        ids.append(u)
+        counts.append(c)
+        offsets.append(offsets[-1] + len(u))
+    return dataclasses.replace(data, sample_offsets=np.array(offsets, np.int64),
+                               sample_ids=np.concatenate(ids).astype(np.int32),
+                               sample_counts=np.concatenate(counts).astype(np.uint8))
+
+
+def test_topk_plus_sampled_with_u8_rel_stores_both_features(local_url, tmp_path):
+    """teacher.targets topk+sampled with cache.logprob_encoding u8-rel: one format v2 cache whose
+    manifest names both; the draws are stored and read back bit for bit, the top-k as u8-rel
+    (ids lossless, log-probs within step, KL within the bound); verify, inspect and the reader agree."""
+    rng = np.random.default_rng(6)
+    plain, lp64 = shard_of(rng, dense_rows(rng, 150, "mixed"))
+    data = with_samples(rng, plain, lp64)
+    assert data.validate(vocab_size=V) == []
+    cache = Cache.create_or_open(local_url, BOTH, [{"index": 0}], logprob_encoding=U8)
+    cache.write_shard(0, data)
+    manifest = json.loads(cache.fs.read_bytes("manifest.json"))
+    assert manifest["format_version"] == 2 and manifest["logprob_encoding"]["name"] == "u8-rel"
+    assert manifest["identity"]["targets"] == "topk+sampled"
+    assert {"sample_offsets": "int64", "sample_ids": "int32", "sample_counts": "uint8", "topk_code_deltas": "uint8",
+            "topk_id_deltas": "int32", "topk_anchor": "float32"}.items() <= manifest["dtypes"].items()
+    assert not {"topk_ids", "topk_logprobs"} & set(manifest["dtypes"])
+    g = zarr.open_group(cache.fs.path(cache.shard_rel(0)), mode="r")
+    assert g.attrs["format_version"] == 2 and g.attrs["logprob_encoding"] == manifest["logprob_encoding"]
+    assert set(manifest["dtypes"]) == {name for name, _ in g.arrays()}
+    for name in ("sample_offsets", "sample_ids", "sample_counts"):  # stored as they are: plain zarr reads them
+        assert np.asarray(g[name][...]).tobytes() == getattr(data, name).tobytes(), name
+
+    back = Cache.open(local_url).read_shard(0)
+    for name in ("sample_offsets", "sample_ids", "sample_counts", "input_ids", "target_logprobs"):
+        assert getattr(back, name).tobytes() == getattr(data, name).tobytes(), name
+    alone = decoded(U8, plain)  # the top-k decodes exactly as without samples
+    assert np.array_equal(back.topk_ids, alone.topk_ids) and np.array_equal(back.topk_logprobs, alone.topk_logprobs)
+    assert kl_of(plain, back).max() <= U8.kl_bound
+    assert verify_cache(local_url).ok
+    text = inspect_cache(local_url).text()
+    assert f"targets topk+sampled ({N_DRAWS} draws per position, sampling exact, cache format v2)" in text
+    assert "log-probs u8-rel, step 0.08" in text
+    batch = next(iter(CacheDataset(local_url, batch_size=1, seed=0, epochs=1, drop_last=False)))
+    assert batch["sample_counts"].sum(1).eq(N_DRAWS).all() and batch["topk_logprobs"].shape[1] == K
+
+    # The same data exact: also v2 (for the samples), another fingerprint, no logprob_encoding.
+    exact = Cache.create_or_open(str(tmp_path / "exact"), BOTH, [{"index": 0}])
+    exact.write_shard(0, data)
+    raw = json.loads(exact.fs.read_bytes("manifest.json"))
+    assert raw["format_version"] == 2 and "logprob_encoding" not in raw and raw["dtypes"]["topk_logprobs"] == "float16"
+    assert exact.fingerprint != cache.fingerprint and exact.read_shard(0).equals(data)
+
+
+def test_a_shard_missing_the_draws_of_a_sampled_cache_is_reported(local_url, tmp_path):
+    """The manifest (not the shard) says which arrays a shard must hold."""
+    import shutil
+
+    rng = np.random.default_rng(7)
+    plain, lp64 = shard_of(rng, dense_rows(rng, 30, "mixed"))
+    cache = Cache.create_or_open(local_url, BOTH, [{"index": 0}], logprob_encoding=U8)
+    cache.write_shard(0, with_samples(rng, plain, lp64))
+    other = _cache(str(tmp_path / "topk"), plain)  # u8-rel, top-k only
+    shutil.rmtree(cache.fs.path(cache.shard_rel(0)))
+    shutil.copytree(other.fs.path(other.shard_rel(0)), cache.fs.path(cache.shard_rel(0)))
+    report = verify_cache(local_url)
+    assert not report.ok and any("array 'sample_ids' is missing" in p for p in report.bad[0]), report.bad
+    with pytest.raises(Exception, match="sample_ids"):
+        cache.read_shard(0)
+
+
+def test_a_lossy_encoding_of_a_cache_without_top_k_is_refused(local_url):
+    from storage.encoding import EncodingError
+
+    identity = {**BOTH, "targets": "sampled", "top_k": 0}
+    with pytest.raises(EncodingError, match="no top-k to encode"):
+        Cache.create_or_open(local_url, identity, [{"index": 0}], logprob_encoding=U8)
+    assert Cache.create_or_open(local_url, identity, [{"index": 0}]).manifest.format_version == 2
