@@ -34,3 +34,21 @@ def test_dolly_configs_keep_the_context_when_a_row_has_one(path):
     without = fill_template(data, {"instruction": "Summarise.", "context": ""}, "row 0", _field)
     assert "### Instruction:\nSummarise.\n\n### Input:\nSome text.\n\n### Response:\n" in with_context
     assert without.endswith("### Instruction:\nSummarise.\n\n### Response:\n") and "Input" not in without
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "laptop" not in p.name], ids=lambda p: p.name)
+def test_paper_configs_dry_run_prints_the_whole_plan_without_downloading(path, tmp_path, monkeypatch, capsys):
+    from tests.fixtures import atkd_here
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a download attempt would fail, not hang
+    rc, out = atkd_here(capsys, "run", str(path), "--dry-run")
+    assert rc == 0, out
+    cfg = load_config(path)
+    ft = f"{cfg.run_dir}/teacher-finetuned"
+    assert f"teacher fine-tune -> {ft}: not started: would fine-tune {cfg.teacher.model}" in out
+    assert f"stage one: teacher {cfg.run_dir}/teacher-finetuned/final (backend vllm, top_k 64" in out
+    assert "a hub dataset is not downloaded by a dry run" in out
+    for s in cfg.students:
+        assert f"student {s.name} ({s.loss.kind}, parameters unknown" in out and "would train 3 epoch(s)" in out
+    assert not list(tmp_path.iterdir())  # nothing written
