@@ -178,7 +178,7 @@ def _uncertainty(r: InspectReport) -> list[str]:
         share = n / r.sampled_positions if r.sampled_positions else 0.0
         bar = "#" * math.ceil(BAR_WIDTH * n / peak) if n else ""
         lines.append(f"    {i / HIST_BINS:.1f}-{(i + 1) / HIST_BINS:.1f} {bar:<{BAR_WIDTH}} {share:6.1%} ({n:,})")
-    if r.mean_topk_mass is not None:
+    if r.mean_topk_mass is not None and r.top_k:
         lines.append(f"  mean top-{r.top_k} mass (sum of p over the top-k per position): {r.mean_topk_mass:.4f}")
     return lines
 

@@ -14,7 +14,7 @@ from storage import lease as leases
 from storage import shard as shards
 from storage.cache import Cache
 from storage.errors import ManifestError
-from storage.schema import ShardData
+from storage.schema import ShardData, has_samples, targets_of
 
 
 @dataclass
@@ -127,7 +127,8 @@ def status_summary(url: str, **storage_options) -> str:
     ident = cache.manifest.identity
     lines = [f"cache {cache.url} (format v{cache.manifest.format_version}, fingerprint {cache.fingerprint})",
              f"  log-probs {cache.encoding.label()}",
-             f"  teacher {ident.get('teacher', '?')}, top_k {ident.get('top_k', '?')}",
+             f"  teacher {ident.get('teacher', '?')}, top_k {ident.get('top_k', '?')}, targets {targets_of(ident)}"
+             + (f" ({ident.get('samples')} draws per position)" if has_samples(targets_of(ident)) else ""),
              f"  shards done {len(done)}/{cache.num_shards}; {seqs} sequences, {positions} positions",
              f"  leased now: {len(held)}"] + [f"    {h}" for h in held]
     return "\n".join(lines)

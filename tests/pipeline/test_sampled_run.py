@@ -56,6 +56,11 @@ def test_atkd_run_end_to_end_on_sampled_targets(tmp_path, capsys, tiny_llama_dir
     assert f"log-probs {encoding}" in out
     rc, out = atkd_here(capsys, "verify", str(run / "cache"))
     assert rc == 0, out
+    rc, out = atkd_here(capsys, "status", str(config))
+    assert rc == 0 and f"targets {targets} (8 draws per position)" in out
+    if targets == "sampled":
+        rc, out = atkd_here(capsys, "inspect", str(run / "cache"))
+        assert "mean top-0 mass" not in out
 
 
 def test_bad_samples_and_targets_are_refused(tmp_path, tiny_llama_dir, train_jsonl):
