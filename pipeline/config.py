@@ -241,6 +241,9 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.limit: must be >= 1 (or null for all rows), got {cfg.data.limit}")
     if cfg.cache.sequences_per_shard <= 0:
         raise ConfigError("cache.sequences_per_shard: must be > 0")
+    if cfg.demo.teacher_train_examples < 0:
+        raise ConfigError(f"demo.teacher_train_examples: must be >= 0 (0 = the teacher trains on the "
+                          f"students' train split), got {cfg.demo.teacher_train_examples}")
     if cfg.data.kind == "prompt_response":
         from stages.template import template_names, used_names
 
