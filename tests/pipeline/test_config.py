@@ -40,6 +40,8 @@ def test_repo_pipeline_yaml_is_valid():
     assert cfg.students, "the embedded default must list students"
     kinds = {s.loss.kind for s in cfg.students}
     assert {"sft", "kd", "atkd"} <= kinds
+    # the demo's teacher knows more than the students' distillation data (its own, larger pool)
+    assert cfg.demo.teacher_train_examples > cfg.demo.train_examples
 
 
 @pytest.mark.parametrize(
