@@ -281,6 +281,9 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"cache.logprob_encoding: {cfg.cache.logprob_encoding} encodes the top-k log-probs, but "
                           "teacher.targets: sampled stores no top-k (only the draws and the gold log-prob); use "
                           "cache.logprob_encoding: exact, or teacher.targets: topk+sampled")
+    if cfg.demo.teacher_train_examples < 0:
+        raise ConfigError(f"demo.teacher_train_examples: must be >= 0 (0 = the teacher trains on the "
+                          f"students' train split), got {cfg.demo.teacher_train_examples}")
     if cfg.data.kind == "prompt_response":
         from stages.template import template_names, used_names
 

@@ -26,3 +26,6 @@ class DemoConfig:
     teacher_steps: int = 600
     teacher_batch_size: int = 32
     teacher_lr: float = 1e-3  # 3e-3 stalled at loss ~1.0 on the demo task
+    # The teacher's own training pool (data/teacher.jsonl), prompts disjoint from the
+    # students' three splits; 0 = the teacher trains on the students' train split.
+    teacher_train_examples: int = 0

@@ -44,7 +44,9 @@ def teacher_section(run_dir: str | os.PathLike) -> str:
     by_task = ", ".join(f"{k} {v:.2f}" for k, v in (m.get("validation_exact_match_by_task") or {}).items())
     return "\n".join([
         "## Demo teacher", "",
-        (f"- {m.get('parameters', 0) / 1e6:.2f}M parameters, {m.get('steps')} steps in "
+        (f"- {m.get('parameters', 0) / 1e6:.2f}M parameters, "
+         + (f"trained on {m['train_examples']:,} examples, " if m.get("train_examples") else "")
+         + f"{m.get('steps')} steps in "
          f"{m.get('train_seconds')} s ({m.get('steps_per_second')} steps/s), final loss {m.get('final_loss')}"),
         (f"- greedy exact match on {m.get('validation_examples')} validation examples: "
          f"{m.get('validation_exact_match')} ({by_task})"), ""])

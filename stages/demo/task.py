@@ -19,6 +19,12 @@ two digits and `lookup` in a fixed table), whose whole input space is small and
 seen in training by design (they test recall); `sort`, `count` and `reverse`
 test computation on unseen inputs. The sizes are chosen so a ~3M-parameter
 teacher learns them in a few CPU minutes.
+
+The optional `teacher` split is the teacher's own, larger training pool (as in
+the paper, the teacher knows more than the students' distillation data): its
+prompts repeat none of the other three splits (FACT_TASKS aside), so the
+teacher cannot memorise the phrasing picked for a student's example and its
+soft labels spread over the valid phrasings.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from storage.files import atomic_open
 GENERATOR_VERSION = 1
 
 TASKS = ("add", "sort", "count", "reverse", "lookup")
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test", "teacher")
 
 # Free-choice parts. An answer never contains '.', so every phrasing parses back.
 OPENERS = ("", "Sure! ", "OK. ", "Let me see. ")
@@ -137,13 +143,21 @@ def generate_split(seed: int, split: str, count: int, exclude_prompts: Iterable[
     return rows
 
 
-def generate_splits(seed: int, train: int, validation: int, test: int) -> dict[str, list[dict]]:
-    """All three splits; held-out prompts never repeat a training prompt (FACT_TASKS aside)."""
+def generate_splits(seed: int, train: int, validation: int, test: int, teacher: int = 0) -> dict[str, list[dict]]:
+    """The students' three splits, plus the teacher's pool when `teacher` > 0.
+
+    Held-out prompts never repeat a training prompt, and teacher prompts repeat
+    none of the three (FACT_TASKS aside). Adding the teacher's pool leaves the
+    other splits unchanged (each split draws from its own random stream).
+    """
     rows = {"train": generate_split(seed, "train", train)}
     seen = {r["prompt"] for r in rows["train"]}
     rows["validation"] = generate_split(seed, "validation", validation, seen)
     seen |= {r["prompt"] for r in rows["validation"]}
     rows["test"] = generate_split(seed, "test", test, seen)
+    if teacher:
+        seen |= {r["prompt"] for r in rows["test"]}
+        rows["teacher"] = generate_split(seed, "teacher", teacher, seen)
     return rows
 
 

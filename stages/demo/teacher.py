@@ -5,7 +5,9 @@
 Everything lands in the run directory (next to the pipeline's cache/,
 students/, eval/ and report/):
 
-    data/{train,validation,test}.jsonl + done.json
+    data/{train,validation,test}.jsonl     the students' splits (stage one caches train)
+    data/teacher.jsonl                     the teacher's own pool (demo.teacher_train_examples > 0)
+    data/done.json
     tokenizer/                             save_pretrained + done.json
     teacher/                               save_pretrained (model + tokenizer),
                                            demo_teacher.json (metrics), done.json
@@ -139,6 +141,7 @@ def _data_settings(demo_cfg: DemoConfig) -> dict:
         "train_examples": demo_cfg.train_examples,
         "validation_examples": demo_cfg.validation_examples,
         "test_examples": demo_cfg.test_examples,
+        "teacher_train_examples": demo_cfg.teacher_train_examples,
     }
 
 
@@ -150,7 +153,8 @@ def write_demo_data(demo_cfg: DemoConfig, out_dir: str | Path) -> Path:
         return final
     tmp = _fresh_tmp(final)
     splits = demo_task.generate_splits(
-        demo_cfg.seed, demo_cfg.train_examples, demo_cfg.validation_examples, demo_cfg.test_examples
+        demo_cfg.seed, demo_cfg.train_examples, demo_cfg.validation_examples, demo_cfg.test_examples,
+        demo_cfg.teacher_train_examples,
     )
     for name, rows in splits.items():
         demo_task.write_jsonl(rows, tmp / f"{name}.jsonl")
@@ -327,6 +331,7 @@ def train_demo_teacher(demo_cfg: DemoConfig, data_cfg: DataConfig, tokenizer, tr
     model.eval()
     metrics = {
         "parameters": sum(p.numel() for p in model.parameters()),
+        "train_examples": len(examples),  # the teacher's own pool (demo.teacher_train_examples) or the students'
         "steps": steps,
         "train_seconds": round(seconds, 1),
         "steps_per_second": round((steps - start) / max(elapsed, 1e-9), 3),
@@ -379,10 +384,11 @@ def prepare_demo(demo_cfg: DemoConfig, run_dir: str | os.PathLike, data_cfg: Dat
     root.mkdir(parents=True, exist_ok=True)
     data_dir = write_demo_data(demo_cfg, root / "data")
     train_path, validation_path = data_dir / "train.jsonl", data_dir / "validation.jsonl"
+    teacher_train_path = data_dir / "teacher.jsonl" if demo_cfg.teacher_train_examples else train_path
     tokenizer = write_demo_tokenizer(demo_cfg, data_cfg, train_path, root / "tokenizer")
     teacher_dir = root / "teacher"
     metrics = train_demo_teacher(
-        demo_cfg, data_cfg, tokenizer, train_path, validation_path, teacher_dir,
+        demo_cfg, data_cfg, tokenizer, teacher_train_path, validation_path, teacher_dir,
         _teacher_settings(demo_cfg, data_cfg), progress=progress,
     )
     return DemoPaths(

@@ -40,6 +40,8 @@ def test_repo_pipeline_yaml_is_valid():
     assert cfg.students, "the embedded default must list students"
     kinds = {s.loss.kind for s in cfg.students}
     assert {"sft", "kd", "atkd"} <= kinds
+    # the demo's teacher knows more than the students' distillation data (its own, larger pool)
+    assert cfg.demo.teacher_train_examples > cfg.demo.train_examples
 
 
 @pytest.mark.parametrize(
@@ -58,6 +60,7 @@ def test_repo_pipeline_yaml_is_valid():
         (lambda d: d["students"][1].update(name="kd"), "duplicate student name 'kd'"),
         (lambda d: d.update(extra=1), "top level: unknown key(s) 'extra'"),
         (lambda d: d["data"].update(max_seq_len=True), "data.max_seq_len: expected an integer"),
+        (lambda d: d.update(demo={"teacher_train_examples": -1}), "demo.teacher_train_examples: must be >= 0"),
         (lambda d: d.update(students={"kd": {}}), "students: expected a list"),
         (lambda d: d["students"][1]["init"].update(hiden_size=64),
          "students[1].init.hiden_size: not a field of LlamaConfig (did you mean hidden_size?)"),

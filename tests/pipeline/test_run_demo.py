@@ -27,8 +27,8 @@ STUDENT = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "nu
 def reduced_config(run_dir: Path) -> dict:
     cfg = yaml.safe_load((REPO / "pipeline.yaml").read_text())
     cfg["run_dir"] = str(run_dir)
-    cfg["demo"].update(train_examples=240, validation_examples=40, test_examples=40, teacher_steps=12,
-                       teacher_batch_size=8, teacher={"hidden_size": 128, "num_hidden_layers": 1,
+    cfg["demo"].update(train_examples=240, teacher_train_examples=480, validation_examples=40, test_examples=40,
+                       teacher_steps=12, teacher_batch_size=8, teacher={"hidden_size": 128, "num_hidden_layers": 1,
                                                       "num_attention_heads": 2, "num_key_value_heads": 2,
                                                       "intermediate_size": 256})
     cfg["teacher"].update(backend="transformers", top_k=8)

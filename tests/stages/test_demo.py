@@ -197,3 +197,32 @@ def test_prepare_demo_refuses_non_prompt_response_data(tmp_path):
 
     with pytest.raises(ValueError, match="prompt_response"):
         prepare_demo(_tiny_demo(), tmp_path, DataConfig(kind="text"), progress=False)
+
+
+# ---------------------------------------------------------------- the teacher's own pool
+
+
+def test_teacher_pool_is_disjoint_and_leaves_the_students_splits_unchanged():
+    without = generate_splits(0, 300, 60, 60)
+    splits = generate_splits(0, 300, 60, 60, teacher=2000)
+    assert generate_splits(0, 300, 60, 60, teacher=2000) == splits  # deterministic
+    assert generate_splits(1, 300, 60, 60, teacher=2000)["teacher"] != splits["teacher"]
+    assert {k: v for k, v in splits.items() if k != "teacher"} == without
+    assert len(splits["teacher"]) == 2000 and {r["task"] for r in splits["teacher"]} == set(TASKS)
+    others = {r["prompt"] for name in ("train", "validation", "test") for r in splits[name]}
+    computed = [r for r in splits["teacher"] if r["task"] not in demo_task.FACT_TASKS]
+    assert computed and not any(r["prompt"] in others for r in computed)
+    assert all(compute_answer(r["prompt"], r["task"]) == r["answer"] for r in splits["teacher"])
+
+
+def test_prepare_demo_trains_the_teacher_on_its_own_pool(tmp_path):
+    from stages.demo.teacher import prepare_demo, write_demo_data
+
+    data_cfg = DataConfig(max_seq_len=96)
+    assert not (write_demo_data(_tiny_demo(), tmp_path / "plain") / "teacher.jsonl").exists()
+    paths = prepare_demo(_tiny_demo(teacher_train_examples=500), tmp_path / "run", data_cfg, progress=False)
+    data = tmp_path / "run" / "data"
+    pool = demo_task.read_jsonl(data / "teacher.jsonl")
+    assert len(pool) == 500 and len(demo_task.read_jsonl(paths.train_path)) == 200
+    assert paths.teacher_metrics["train_examples"] == 500  # trained on the pool, not on train.jsonl
+    assert json.loads((data / "done.json").read_text())["counts"]["teacher"] == 500

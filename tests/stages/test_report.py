@@ -90,10 +90,12 @@ def test_report_reads_no_demo_file(tmp_path):
     assert teacher_section(tmp_path) == ""  # the demo teacher not trained yet
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "demo_teacher.json").write_text(json.dumps(
-        {"parameters": 3_000_000, "steps": 600, "train_seconds": 200.0, "steps_per_second": 3.0, "final_loss": 0.3,
+        {"parameters": 3_000_000, "train_examples": 20000, "steps": 600, "train_seconds": 200.0,
+         "steps_per_second": 3.0, "final_loss": 0.3,
          "validation_examples": 150, "validation_exact_match": 0.9, "validation_exact_match_by_task": {"add": 0.8}}))
     plain = Path(write_report(tmp_path, RESULTS, {}, None)).read_text()
     assert "Demo teacher" not in plain
     with_demo = Path(write_report(tmp_path, RESULTS, {}, None, sections=[teacher_section(tmp_path)])).read_text()
     assert "## Demo teacher" in with_demo and "3.00M parameters" in with_demo and "add 0.80" in with_demo
+    assert "trained on 20,000 examples, 600 steps" in with_demo
     assert "| atkd | 0.300 | 0.700 |" in with_demo  # the per-task table stays
