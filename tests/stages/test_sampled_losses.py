@@ -144,8 +144,8 @@ def test_conditional_dkd_is_biased_by_the_all_gold_probability():
 
 def test_unbiased_dkd_gradient_error_explodes_on_confident_positions():
     """Why training defaults to unbiased_dkd=False: at p_g = 0.9 / 0.99 / 0.999 (n = 16) the rare
-    non-gold draw is scaled by 1 / (1 - p_g^n) (up to 63x here, 1e6x at the floor), so the unbiased
-    DKD gradient's RMS error against the dense float64 one grows like sqrt of that factor, while
+    non-gold draw is scaled by 1 / (1 - p_g^n) (1.2x, 6.7x, 63x here; up to 1e6x at the floor), so the
+    unbiased DKD gradient's RMS error against the dense float64 one grows with that factor, while
     the conditional estimate's stays about the size of the dense gradient (its bias)."""
     p, logits, gold = teacher_batch(n=3, seed=8)
     rows = torch.arange(3)
