@@ -41,6 +41,10 @@ class LossConfig:
     # Which teacher targets kd/atkd train on: auto = sampled when the cache holds draws
     # (teacher.targets sampled or topk+sampled), else top-k. Sampled: forward KL only.
     targets: Literal["auto", "topk", "sampled"] = "auto"
+    # atkd on sampled targets: divide each position's DKD estimate by P(a non-gold draw) =
+    # 1 - p_g^n (exactly unbiased, but up to ~1e6x on confident positions: huge gradient
+    # variance). Off: E = (1 - p_g^n) DKD, less DKD on near-certain positions (docs/method.md).
+    unbiased_dkd: bool = False
     beta: float = 0.5  # js
     alpha: float = 0.1  # skew_kl / skew_rkl
     # Positions per LM-head chunk: peak memory ~ chunk_size x vocab x a few float32

@@ -214,7 +214,8 @@ class StudentObjective(nn.Module):
 
         def atkd(logits: Tensor, part: slice, stats: dict) -> Tensor:
             if sampled is not None:
-                terms = sampled_position_terms(logits, *(t[part] for t in sampled), valid=valid[part])
+                terms = sampled_position_terms(logits, *(t[part] for t in sampled), valid=valid[part],
+                                               unbiased_dkd=cfg.unbiased_dkd)
             else:
                 buckets = bucket_logprobs(logits, *(t[part] for t in teacher), cfg.renormalize_topk, valid[part])
                 terms = position_terms(buckets, cfg.base)

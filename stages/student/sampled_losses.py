@@ -27,7 +27,8 @@ Estimators, per position (c_j the count of id x_j, n = sum c_j):
       D = sum_{x_j != g} (c_j / n_ng) * (log p^(x_j) - log q^(x_j))
   is conditionally unbiased; with n_ng = 0 (every draw was the gold token) DKD
   is undefined and the position's DKD is 0. That event has the known
-  probability p_g^n, so ``unbiased_dkd=True`` (default) returns D / (1 - p_g^n),
+  probability p_g^n, so ``unbiased_dkd=True`` (this function's default; training's
+  ``loss.unbiased_dkd`` defaults to False, see docs/method.md) returns D / (1 - p_g^n),
   an exactly unbiased estimate of DKD (value with ``sample_logprobs``, else DKD
   up to the student-independent -H(p^)) and of its gradient.
   ``unbiased_dkd=False`` returns D itself: E = (1 - p_g^n) * DKD, biased low
@@ -40,9 +41,11 @@ Variance notes: all estimates have variance O(1/n) for KD and O(1/(n (1 - p_g)))
 for DKD (about n (1 - p_g) non-gold draws); single estimates can be negative.
 The 1/(1 - p_g^n) factor is large only when all-gold draws are likely (p_g near
 1, easy positions); it is floored at TEACHER_RESIDUAL_FLOOR (as the teacher's
-1 - p_g is), so one position's DKD is scaled by at most 1e6; use
-``unbiased_dkd=False`` if rare large DKD terms hurt. More draws per position
-shrink all of it; the ATKD/KD means over many positions average it further.
+1 - p_g is), so one position's DKD is scaled by at most 1e6. On a confident teacher
+those rare large terms dominate the gradient (RMS error 8x-40x the dense gradient's
+norm on demo-like batches, ~1.4x with ``unbiased_dkd=False``), which is why training
+defaults to False (docs/method.md). More draws per position shrink all of it; the
+ATKD/KD means over many positions average it further.
 
 Conventions are those of ``stages.student.losses``: float32, ``valid`` masks
 positions (their terms are 0), "mean" divides by the valid count (KD) or the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 
 import numpy as np
 import pytest
@@ -206,15 +207,23 @@ def test_objective_on_sampled_cache_equals_the_sampled_losses(sampled_cache, tin
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     with torch.no_grad():
         model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight) * 0.5)
+    # The random teacher is unsure everywhere (1 - p_g^n ~ 1): make every third position confident
+    # (p_g = 0.99 claimed) so unbiased_dkd's 1 / (1 - p_g^n) ~ 6.7 is visible in the loss.
+    batch["target_logprobs"] = batch["target_logprobs"].clone()
+    batch["target_logprobs"][::3] = math.log(0.99)
     args = (batch["sample_ids"], batch["sample_counts"], batch["target_ids"], batch["target_logprobs"])
     valid = torch.ones_like(batch["target_ids"], dtype=torch.bool)
     with torch.no_grad():
         logits = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["row_batch"],
                                batch["row_pos"]).float()
-    for kind, ref in (("kd", sampled_kd_loss(logits, *args, valid, ce_weight=0.1, reduction="sum")),
-                      ("atkd", sampled_atkd_loss(logits, *args, valid, group_ids=batch["group_ids"], ce_weight=0.1,
-                                                 reduction="sum"))):
-        objective = StudentObjective(model, LossConfig(kind=kind, chunk_size=7, ce_weight=0.1), "sampled")
+    def atkd_ref(unbiased):
+        return sampled_atkd_loss(logits, *args, valid, group_ids=batch["group_ids"], ce_weight=0.1,
+                                 unbiased_dkd=unbiased, reduction="sum")
+    assert not torch.isclose(atkd_ref(True), atkd_ref(False), rtol=1e-2)
+    for kind, extra, ref in (("kd", {}, sampled_kd_loss(logits, *args, valid, ce_weight=0.1, reduction="sum")),
+                             ("atkd", {}, atkd_ref(False)),  # training's default: the conditional DKD
+                             ("atkd", {"unbiased_dkd": True}, atkd_ref(True))):
+        objective = StudentObjective(model, LossConfig(kind=kind, chunk_size=7, ce_weight=0.1, **extra), "sampled")
         assert objective.targets == "sampled"
         loss, _ = objective(batch)
         torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)

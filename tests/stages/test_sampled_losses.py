@@ -142,6 +142,33 @@ def test_conditional_dkd_is_biased_by_the_all_gold_probability():
     assert (err > bound)[-1]  # the most confident position
 
 
+def test_unbiased_dkd_gradient_error_explodes_on_confident_positions():
+    """Why training defaults to unbiased_dkd=False: at p_g = 0.9 / 0.99 / 0.999 (n = 16) the rare
+    non-gold draw is scaled by 1 / (1 - p_g^n) (1.2x, 6.7x, 63x here; up to 1e6x at the floor), so the
+    unbiased DKD gradient's RMS error against the dense float64 one grows with that factor, while
+    the conditional estimate's stays about the size of the dense gradient (its bias)."""
+    p, logits, gold = teacher_batch(n=3, seed=8)
+    rows = torch.arange(3)
+    p_g = torch.tensor([0.9, 0.99, 0.999], dtype=F64)
+    p_hat = p.clone()
+    p_hat[rows, gold] = 0.0
+    p = p_hat / p_hat.sum(1, keepdim=True) * (1 - p_g)[:, None]
+    p[rows, gold] = p_g
+    _, ref_grad = dense_reference(p, logits, gold)
+    repeats = 4000
+    ids, counts = draw_teacher_samples(p.log().repeat(repeats, 1), N_DRAWS, generator=torch.Generator().manual_seed(9))
+    leaf = logits.detach().repeat(repeats, 1).requires_grad_(True)
+    args = dict(sample_ids=ids, sample_counts=counts, target_ids=gold.repeat(repeats),
+                target_logprobs=p_g.log().float().repeat(repeats))
+    rms = {}
+    for unbiased in (True, False):
+        grad = term_samples(leaf, args, ["dkd"], 3, unbiased_dkd=unbiased)["dkd"][1]  # [R, 3, V]
+        rms[unbiased] = ((grad - ref_grad["dkd"]) ** 2).sum(-1).mean(0).sqrt() / ref_grad["dkd"].norm(dim=-1)
+    assert (rms[False] < 2.0).all(), rms[False]  # draw noise at 0.9, then the bias: ~ the dense gradient
+    ratio = rms[True] / rms[False]
+    assert ratio[2] > 10 and ratio[2] > ratio[1] > ratio[0], ratio  # measured 1.2, 5.0, 25
+
+
 def test_sampled_atkd_mean_over_samplings_matches_dense_atkd():
     """Replicates as groups: the "mean" loss is the mean over samplings; each one's loss has the dense mean."""
     p, logits, gold = teacher_batch(seed=4)
