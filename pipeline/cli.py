@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("student", cmd_student, "stage two: train the students", dry_run=True)
     sp.add_argument("--student", help="train only this student (by name)")
     add("eval", cmd_eval, "evaluate students and teacher, write the report")
-    add("sweep", cmd_sweep, "students x seeds x teachers, each an `atkd run`; report with 95% intervals",
+    add("sweep", cmd_sweep, "students x seeds x teachers, each an `atkd run`; report with 95%% intervals",
         dry_run=True)
     add("status", cmd_status, "show what is done")
     for name, fn, help_text in (("verify", cmd_verify, "verify every shard of a cache"),

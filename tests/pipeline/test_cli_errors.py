@@ -158,3 +158,13 @@ def test_a_vllm_start_up_failure_is_an_engine_error_saying_what_to_do(monkeypatc
     with pytest.raises(EngineError, match=r"vLLM failed to start .*Engine core initialization failed.*"
                                           r"teacher.backend=auto"):
         engines.make_engine(TeacherConfig(model="m", backend="vllm"))
+
+
+def test_help_of_the_cli_and_every_subcommand_prints(capsys):
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - the subcommands argparse knows
+    for argv in (["--help"], *([name, "--help"] for name in commands)):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 0, argv
+        assert "usage: atkd" in capsys.readouterr().out
