@@ -36,11 +36,11 @@ def setup(tmp_path_factory, train_jsonl, tiny_llama_dir):
     fake = root / "fake_model"
     fake.mkdir()
     (fake / "config.json").write_text(json.dumps({"architectures": ["NoSuchModelForCausalLM"]}))
-    data = DataConfig(path=str(train_jsonl), max_seq_len=64)
-    teacher = TeacherConfig(model=str(tiny_llama_dir), backend="auto", top_k=TOP_K, dtype="float32",
-                            max_num_seqs=64)
+    data = {"path": str(train_jsonl), "max_seq_len": 64}  # DataConfig / TeacherConfig fields, as JSON
+    teacher = {"model": str(tiny_llama_dir), "backend": "auto", "top_k": TOP_K, "dtype": "float32",
+               "max_num_seqs": 64}
     spec = {
-        "data": data.__dict__, "teacher": teacher.__dict__,
+        "data": data, "teacher": teacher,
         "cache": {"path": str(root / "vllm_cache"), "sequences_per_shard": 8},
         "out": str(root / "rows.npz"), "fake_model": str(fake),
     }
@@ -55,8 +55,10 @@ def setup(tmp_path_factory, train_jsonl, tiny_llama_dir):
     from stages.teacher.capture import run_capture
 
     hf_teacher = TeacherConfig(model=str(tiny_llama_dir), backend="transformers", top_k=TOP_K, dtype="float32")
-    run_capture(data, hf_teacher, CacheConfig(path=str(root / "hf_cache"), sequences_per_shard=8), progress=False)
-    return {"root": root, "info": info, "rows": rows, "data": data, "stderr": proc.stderr}
+    data_cfg = DataConfig(**data)
+    run_capture(data_cfg, hf_teacher, CacheConfig(path=str(root / "hf_cache"), sequences_per_shard=8),
+                progress=False)
+    return {"root": root, "info": info, "rows": rows, "data": data_cfg, "stderr": proc.stderr}
 
 
 def test_auto_backend_chose_vllm(setup):
