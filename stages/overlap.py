@@ -30,7 +30,7 @@ from stages.data_config import DataConfig
 from stages.errors import EvalError
 from stages.rows import RowSource
 from stages.template import template_names, used_names
-from storage.files import atomic_write
+from storage.files import atomic_write, read_json
 
 RECORD_FILE = "overlap.json"
 _SHOW = 3  # row numbers shown per side in messages
@@ -132,13 +132,8 @@ def check_train_overlap(data_cfg: DataConfig, sets: list[EvalRows], *, allow: bo
 
 
 def _recorded(path: Path | None, key: str) -> dict | None:
-    if path is None or not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if record.get("key") == key else None
+    record = read_json(path) if path is not None else None
+    return record if record is not None and record.get("key") == key else None
 
 
 def _complain(record: dict, sets: list[EvalRows], data_cfg: DataConfig, source: RowSource, allow: bool) -> None:

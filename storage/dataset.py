@@ -46,7 +46,37 @@ class BatchSpec:
     next_consumed: int
 
 
-class CacheDataset(IterableDataset):
+class ResumableReader:
+    """The resume state both readers share (this one, stages.student.rows_dataset's): where
+    in which epoch, checked against the data fingerprint, the seed and the order rule.
+
+    A reader sets fingerprint, seed, start_epoch, start_consumed and defines
+    _order_key() and _other_data(fingerprint) (the message for a state of other data);
+    ORDER_HINT ends the order message; ORDER_OPTIONAL accepts states without an order
+    (written before the order was recorded)."""
+
+    ORDER_HINT = "resume with the same settings."
+    ORDER_OPTIONAL = False
+
+    def state_dict(self, consumed: int, epoch: int | None = None) -> dict[str, Any]:
+        """Resume state after ``consumed`` global sequences of ``epoch`` (default: the start epoch)."""
+        return {"epoch": int(self.start_epoch if epoch is None else epoch), "consumed": int(consumed),
+                "fingerprint": self.fingerprint, "seed": self.seed, "order": self._order_key()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where ``state`` stopped; refuses other data, another seed or order rule."""
+        if state.get("fingerprint") != self.fingerprint:
+            raise ReaderStateError(self._other_data(state.get("fingerprint")))
+        if state.get("seed", self.seed) != self.seed:
+            raise ReaderStateError(f"reader state has seed {state['seed']}, this reader seed {self.seed}; "
+                                   "the order would differ. Use the checkpoint's seed.")
+        if not (self.ORDER_OPTIONAL and "order" not in state) and state.get("order") != self._order_key():
+            raise ReaderStateError(f"reader state was made with order settings {state.get('order')}, this reader "
+                                   f"uses {self._order_key()}; {self.ORDER_HINT}")
+        self.start_epoch, self.start_consumed = int(state["epoch"]), int(state["consumed"])
+
+
+class CacheDataset(ResumableReader, IterableDataset):
     """Batches of sequences with their teacher rows, as `collate_sequences` dicts.
 
     epochs: stop before this (absolute) epoch index; None streams forever.
@@ -94,24 +124,13 @@ class CacheDataset(IterableDataset):
         return {"shuffle": self.shuffle, "shuffle_window": self.shuffle_window,
                 "shard_order": "index" if self.follow else "permuted"}
 
-    def state_dict(self, consumed: int, epoch: int | None = None) -> dict[str, Any]:
-        """Resume state after ``consumed`` global sequences of ``epoch`` (default: the start epoch)."""
-        return {"epoch": int(self.start_epoch if epoch is None else epoch), "consumed": int(consumed),
-                "fingerprint": self.fingerprint, "seed": self.seed, "order": self._order_key()}
+    ORDER_HINT = "use the same shuffle/shuffle_window/follow settings."
+    ORDER_OPTIONAL = True  # states from before the order rule was recorded
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where ``state`` stopped; refuses another cache, seed or order rule."""
-        if state.get("fingerprint") != self.fingerprint:
-            raise ReaderStateError(f"reader state is for cache fingerprint {state.get('fingerprint')!r}, but "
-                                   f"{self.cache.url} has {self.fingerprint!r}: the checkpoint was trained on "
-                                   "another cache. Resume with the original cache or start a fresh run.")
-        if state.get("seed", self.seed) != self.seed:
-            raise ReaderStateError(f"reader state has seed {state['seed']}, this reader seed {self.seed}; "
-                                   "the order would differ. Use the checkpoint's seed.")
-        if "order" in state and state["order"] != self._order_key():
-            raise ReaderStateError(f"reader state was made with order settings {state['order']}, this reader uses "
-                                   f"{self._order_key()}; use the same shuffle/shuffle_window/follow settings.")
-        self.start_epoch, self.start_consumed = int(state["epoch"]), int(state["consumed"])
+    def _other_data(self, fingerprint) -> str:
+        return (f"reader state is for cache fingerprint {fingerprint!r}, but {self.cache.url} has "
+                f"{self.fingerprint!r}: the checkpoint was trained on another cache. Resume with the original "
+                "cache or start a fresh run.")
 
     # ---- order ------------------------------------------------------------
     def _count_of(self, index: int) -> int:

@@ -27,6 +27,7 @@ layer may import; it knows nothing about the cache.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -130,6 +131,16 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *,
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     with atomic_open(path, "wb", before_replace=before_replace) as f:
         f.write(payload)
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """A JSON object written by atomic_write; None when missing, unreadable or not an object
+    (the callers' "not done / not recorded yet")."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def pid_alive(pid: int) -> bool:

@@ -14,9 +14,10 @@ module stays light (stages.student.checkpoint re-exports all of it).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
+
+from storage.files import read_json
 
 CHECKPOINTS = "checkpoints"
 COMPLETE_FILE = "complete"
@@ -49,12 +50,7 @@ def last_checkpoint(out_dir: str | Path) -> Path | None:
 
 def read_done(out_dir: str | Path) -> dict | None:
     """done.json of a finished student; None when there is none or it cannot be read."""
-    path = Path(out_dir) / DONE_FILE
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return done if isinstance(done, dict) else None
+    return read_json(Path(out_dir) / DONE_FILE)
 
 
 def is_done(out_dir: str | Path, max_steps: int, epochs: float | None = None) -> bool:

@@ -45,15 +45,14 @@ from stages import split
 from stages.data_config import DataConfig
 from stages.fingerprint import fingerprint_json, tokenizer_fingerprint
 from stages.lm import collate_for_lm
-from storage.dataset import BatchSpec
-from storage.errors import ReaderStateError
-from storage.files import atomic_write
+from storage.dataset import BatchSpec, ResumableReader
+from storage.files import atomic_write, read_json
 from storage.order import EpochOrder
 
 CHUNK_ROWS = 1024  # rows tokenised together; one chunk's sequences are shuffled together
 
 
-class RowsDataset(IterableDataset):
+class RowsDataset(ResumableReader, IterableDataset):
     """Batches of tokenised training rows, in a deterministic, resumable order (module doc).
 
     epochs: stop before this (absolute) epoch index; None streams forever.
@@ -89,25 +88,10 @@ class RowsDataset(IterableDataset):
     def _order_key(self) -> dict[str, Any]:
         return {"source": "rows", "chunk_rows": self.chunk_rows, "drop_last": self.drop_last}
 
-    def state_dict(self, consumed: int, epoch: int | None = None) -> dict[str, Any]:
-        """Resume state after ``consumed`` global sequences of ``epoch`` (default: the start epoch)."""
-        return {"epoch": int(self.start_epoch if epoch is None else epoch), "consumed": int(consumed),
-                "fingerprint": self.fingerprint, "seed": self.seed, "order": self._order_key()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where ``state`` stopped; refuses other data, another seed or order rule."""
-        if state.get("fingerprint") != self.fingerprint:
-            raise ReaderStateError(
-                f"reader state is for data fingerprint {state.get('fingerprint')!r}, but the training rows of "
+    def _other_data(self, fingerprint) -> str:
+        return (f"reader state is for data fingerprint {fingerprint!r}, but the training rows of "
                 f"{self.data_cfg.path} (with this tokenizer and data settings) have {self.fingerprint!r}: the "
                 "checkpoint was trained on other data. Resume with the original data or start a fresh run.")
-        if state.get("seed", self.seed) != self.seed:
-            raise ReaderStateError(f"reader state has seed {state['seed']}, this reader seed {self.seed}; "
-                                   "the order would differ. Use the checkpoint's seed.")
-        if state.get("order") != self._order_key():
-            raise ReaderStateError(f"reader state was made with order settings {state.get('order')}, this reader "
-                                   f"uses {self._order_key()}; resume with the same settings.")
-        self.start_epoch, self.start_consumed = int(state["epoch"]), int(state["consumed"])
 
     # ---- chunks -----------------------------------------------------------
     def _tokenize(self, chunk: int) -> tuple[list, data_mod.DataStats]:
@@ -145,11 +129,8 @@ class RowsDataset(IterableDataset):
     def _read_counts(self) -> list[int] | None:
         if self.counts_path is None:
             return None
-        try:
-            record = json.loads(self.counts_path.read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(record, dict) or record.get("fingerprint") != self.fingerprint:
+        record = read_json(self.counts_path)
+        if record is None or record.get("fingerprint") != self.fingerprint:
             return None
         counts = record.get("counts")
         if not isinstance(counts, list) or len(counts) != self.num_chunks:

@@ -29,7 +29,7 @@ from stages.errors import TeacherError
 from stages.fingerprint import model_fingerprint
 from stages.student.config import LossConfig, StudentConfig
 from stages.teacher.config import TeacherConfig
-from storage.files import atomic_write
+from storage.files import atomic_write, read_json
 
 RECORD = "atkd_finetune.json"  # in the fine-tuned model's directory (final/)
 
@@ -56,12 +56,7 @@ def finetune_record(data_cfg: DataConfig, teacher_cfg: TeacherConfig) -> dict:
 
 def read_record(model_dir: str) -> dict | None:
     """The fine-tune record of a model directory; None for a model this stage did not make."""
-    path = Path(os.path.expanduser(model_dir)) / RECORD
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    return read_json(Path(os.path.expanduser(model_dir)) / RECORD)
 
 
 def finetuned_teacher(teacher_cfg: TeacherConfig, out_dir: str | Path) -> TeacherConfig:
