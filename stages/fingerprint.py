@@ -167,3 +167,13 @@ def model_info(path: str) -> dict:
 
 def model_fingerprint(path: str) -> str:
     return fingerprint_json(model_info(path))
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): the counter-based hash
+    behind the held-out split's permutation (stages.split) and the teacher draws
+    (stages.teacher.sampling)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))

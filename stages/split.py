@@ -35,6 +35,7 @@ import numpy as np
 from stages.data import num_rows as used_rows
 from stages.data import open_source
 from stages.data_config import DataConfig, HoldoutConfig
+from stages.fingerprint import splitmix64
 from stages.rows import DataError, RowSource
 
 PERMUTATION = "feistel6-v1"  # bumped if the permutation below ever changes (it is part of the identity)
@@ -52,14 +53,6 @@ def _keys(seed: int) -> np.ndarray:
     return np.frombuffer(digest[: 8 * _ROUNDS], dtype="<u8").astype(np.uint64)
 
 
-def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
-    """splitmix64 of x ^ key (uint64 arithmetic wraps)."""
-    z = (x ^ key) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def _half_bits(n: int) -> int:
     return max(1, (max(n - 1, 1).bit_length() + 1) // 2)
 
@@ -69,10 +62,10 @@ def _feistel(x: np.ndarray, keys: np.ndarray, h: int, inverse: bool) -> np.ndarr
     left, right = x >> shift, x & mask
     if not inverse:
         for k in keys:
-            left, right = right, left ^ (_mix(right, k) & mask)
+            left, right = right, left ^ (splitmix64(right ^ k) & mask)
     else:
         for k in keys[::-1]:
-            left, right = right ^ (_mix(left, k) & mask), left
+            left, right = right ^ (splitmix64(left ^ k) & mask), left
     return (left << shift) | right
 
 

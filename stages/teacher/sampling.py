@@ -22,12 +22,10 @@ import json
 
 import numpy as np
 
+from stages.fingerprint import splitmix64
+
 PAD_ID = -1
 MAX_SAMPLES = 255  # counts are stored as uint8
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
 
 
 def cache_key(identity: dict) -> int:
@@ -36,20 +34,12 @@ def cache_key(identity: dict) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
 def uniforms(key: int, rows: np.ndarray, positions: np.ndarray, n: int) -> np.ndarray:
     """float64 [P, n] in [0, 1): draw j of (row, position) i, from splitmix64 of (key, row, t, j)."""
     with np.errstate(over="ignore"):
-        h = _mix(np.full(len(rows), key, dtype=np.uint64) ^ np.asarray(rows, dtype=np.int64).astype(np.uint64))
-        h = _mix(h ^ np.asarray(positions, dtype=np.int64).astype(np.uint64))
-        h = _mix(h[:, None] ^ np.arange(n, dtype=np.uint64)[None, :])
+        h = splitmix64(np.full(len(rows), key, dtype=np.uint64) ^ np.asarray(rows, dtype=np.int64).astype(np.uint64))
+        h = splitmix64(h ^ np.asarray(positions, dtype=np.int64).astype(np.uint64))
+        h = splitmix64(h[:, None] ^ np.arange(n, dtype=np.uint64)[None, :])
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
