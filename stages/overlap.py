@@ -149,6 +149,12 @@ def _complain(record: dict, sets: list[EvalRows], data_cfg: DataConfig, source: 
         print(f"[eval] WARNING: {what}. eval.allow_train_overlap is true: evaluating anyway; the count is in "
               "results.json (train_overlap)", file=sys.stderr, flush=True)
         return
-    raise EvalError(f"{what}. Evaluate on held-out rows: set data.holdout (a train/validation/test split of "
-                    "data.path; evaluation then uses its test part), or point eval.path / eval.validation_path at "
-                    "data without these rows. To evaluate on them anyway, set eval.allow_train_overlap=true")
+    if data_cfg.holdout is None:
+        fix = ("set data.holdout (a train/validation/test split of data.path; evaluation then uses its test "
+               "part), or point eval.path / eval.validation_path at data without these rows")
+    else:  # the split is by row number: repeated rows of data.path can land on both sides
+        fix = ("data.holdout splits data.path by row number, not content, so a row that data.path repeats can "
+               "land in train and in a held-out part: remove the repeated rows from data.path (or these rows "
+               "from eval.path / eval.validation_path where they name other data)")
+    raise EvalError(f"{what}. Evaluate on held-out rows: {fix}. To evaluate on them anyway, set "
+                    "eval.allow_train_overlap=true")

@@ -81,6 +81,7 @@ def test_a_duplicate_row_that_lands_in_train_and_test_is_caught(tmp_path):
     with pytest.raises(EvalError) as info:
         overlap.check_train_overlap(data_cfg, [test], allow=False)
     assert "1 of the 10 test rows" in str(info.value)
+    assert "remove the repeated rows from data.path" in str(info.value)  # the fix for this cause
     assert f"test {dup}:{b + 1} = training {dup}:{a + 1}" in str(info.value)
 
 
