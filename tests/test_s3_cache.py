@@ -149,7 +149,8 @@ def test_follow_streams_an_s3_cache_while_stage_one_writes_it(ws):
         proc.kill()
     assert done_at_start < 8  # the reader started before the cache was complete
     assert sorted(sum(seen, [])) == list(range(40))
-    again = [b["example_ids"].tolist() for b in CacheDataset(url, 4, seed=1, epochs=1, drop_last=False)]
+    again = [b["example_ids"].tolist() for b in CacheDataset(url, 4, seed=1, follow=True, epochs=1,
+                                                             drop_last=False)]
     assert again == seen  # the order does not depend on when shards appeared
 
 
