@@ -8,6 +8,13 @@ of it that can be made to drop connections (a server that fails mid-write).
 
 Clients reach it exactly as a real bucket (s3fs through `s3://bucket/prefix`); the only
 difference is the endpoint. Nothing here leaves the loopback interface.
+
+moto answers requests on several threads, and its conditional put checks "does the key
+exist" and then stores without a lock (moto 5.2.6, s3/responses.py), so two racing
+`If-None-Match: *` puts can both succeed there, which S3 itself rules out (seen: 2 of 50
+rounds of 8 racing claimers had two winners). The server here runs moto's application
+one request at a time (`serve`), which makes each request atomic as on S3; connections
+are still served concurrently.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 # Dummy credentials: moto accepts any. Tests check that they never reach a manifest or a log.
 ACCESS_KEY = "AKIAATKDTESTKEY00000"
@@ -40,8 +48,9 @@ class LocalS3:
         self._proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "LocalS3":
-        self._proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._proc = subprocess.Popen([sys.executable, "-m", "bench._s3", str(self.port)],
+                                      cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -192,3 +201,22 @@ def _close(s: socket.socket) -> None:
         s.close()
     except OSError:
         pass
+
+
+def serve(port: int) -> None:
+    """moto's S3 server on 127.0.0.1:`port`, its application called one request at a time."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import run_simple
+
+    app = DomainDispatcherApplication(create_backend_app)
+    lock = threading.Lock()
+
+    def one_at_a_time(environ, start_response):
+        with lock:
+            return list(app(environ, start_response))
+
+    run_simple("127.0.0.1", port, one_at_a_time, threaded=True, request_handler=MotoRequestHandler)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
