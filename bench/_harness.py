@@ -409,19 +409,19 @@ class Counts:
 
 
 def run_campaign(argv: list[str], kills: list, log_dir: Path, *, mode: str = "fork",
-                 final_mode: str | None = None, timeout: float = 300.0) -> Counts:
+                 final_mode: str | None = None, timeout: float = 300.0, env: dict | None = None) -> Counts:
     """Run `atkd ARGV` once per planned kill, then once more to the end.
 
     Each kill is "point:N" (SIGKILL at the N-th hit of a crash point) or a
     float (SIGKILL after that many seconds). Raises if an attempt fails for
-    any other reason, or if the last attempt does not exit 0.
+    any other reason, or if the last attempt does not exit 0. `env`: added to every attempt's.
     """
     counts = Counts()
     log_dir = Path(log_dir)
     for i, kill in enumerate(list(kills) + [None]):
-        env = {"ATKD_FAULT_POINT": kill} if isinstance(kill, str) else {}
+        attempt_env = {**(env or {}), **({"ATKD_FAULT_POINT": kill} if isinstance(kill, str) else {})}
         attempt_mode = (final_mode or mode) if kill is None else mode
-        proc = atkd(argv, log_dir / f"attempt-{i:02d}.log", env=env, mode=attempt_mode)
+        proc = atkd(argv, log_dir / f"attempt-{i:02d}.log", env=attempt_env, mode=attempt_mode)
         counts.attempts += 1
         counts.resumes += i > 0
         if isinstance(kill, (int, float)):
@@ -447,19 +447,24 @@ def run_campaign(argv: list[str], kills: list, log_dir: Path, *, mode: str = "fo
 
 def cache_snapshot(url: str) -> dict:
     """Everything a cache holds except timestamps and who wrote what: manifest
-    fields, and per shard its group attributes and every decoded array."""
+    fields, and per shard its group attributes and every decoded array. `url`: a
+    local path or any fsspec URL (s3://...); committed shard groups only."""
     import zarr
 
-    root = Path(url)
-    manifest = json.loads((root / "manifest.json").read_text())
+    from storage.fs import CacheFS
+
+    fs = CacheFS(url)
+    manifest = json.loads(fs.read_bytes("manifest.json"))
     for key in ("created_at", "updated_at", "provenance"):  # when, where and by which engine version
         manifest.pop(key, None)
     shards = {}
-    for path in sorted((root / "shards").glob("shard-*.zarr")):
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    for name in fs.list("shards"):
+        if not (name.startswith("shard-") and name.endswith(".zarr")):
+            continue  # a killed writer's shard-N.zarr.partial-* (local)
+        group = zarr.open_group(fs.zarr_store(f"shards/{name}", read_only=True), mode="r", zarr_format=3)
         attrs = {k: v for k, v in dict(group.attrs).items() if k not in ("written_at", "worker_id")}
         arrays = {name: np.asarray(group[name][...]) for name in sorted(group.array_keys())}
-        shards[path.name] = {"attrs": attrs, "arrays": arrays}
+        shards[name] = {"attrs": attrs, "arrays": arrays}
     return {"manifest": manifest, "shards": shards}
 
 

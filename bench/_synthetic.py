@@ -53,10 +53,11 @@ def shard_for_plan(plan_entry: dict, seed: int = 0) -> ShardData:
     return random_shard(rng, plan_entry["num_sequences"], plan_entry["example_start"])
 
 
-def build_cache(url: str, sizes: list[int], seed: int = 0, write: list[int] | None = None) -> Cache:
+def build_cache(url: str, sizes: list[int], seed: int = 0, write: list[int] | None = None,
+                **storage_options) -> Cache:
     """A cache with the given shard sizes; writes the shards in ``write`` (default all)."""
     plan = make_plan(sizes)
-    cache = Cache.create_or_open(url, make_identity(), plan)
+    cache = Cache.create_or_open(url, make_identity(), plan, **storage_options)
     for i in (range(len(sizes)) if write is None else write):
         cache.write_shard(i, shard_for_plan(plan[i], seed))
     return cache

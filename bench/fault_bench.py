@@ -1,6 +1,7 @@
 """Long fault-injection run (issue 6): SIGKILL `atkd teacher` and `atkd student` many times.
 
     python bench/fault_bench.py [--kills 24] [--seed 0] [--mode fork|subprocess] [--root DIR]
+                                [--backend local|s3] [--stages teacher,student,workers]
 
 Per stage, campaigns on fresh run directories until at least --kills kills:
 each campaign kills the command at seeded crash points (mid-shard write,
@@ -11,6 +12,10 @@ with an uninterrupted run bit for bit (cache arrays + manifest without
 timestamps; per-step log records + final weights). Then rounds of four
 concurrent teacher workers on one cache, two of them killed: no shard
 committed twice, none missing, `atkd verify` clean, content equal.
+
+With --backend s3 the teacher caches of the campaigns and of the worker rounds live
+in s3://faults/ on a local S3 server (moto on 127.0.0.1, bench/_s3.py) instead of a
+local directory; the references stay local, so equality is checked across backends.
 
 Prints counts: kills, resumes, mismatches (must be 0). Exit status 1 on any mismatch.
 """
@@ -31,6 +36,11 @@ from bench import _harness as fh  # noqa: E402
 SHARDS = 8  # 40 rows, 5 per shard
 
 
+def cache_location(ws, name: str, args) -> str:
+    """Where a run's teacher cache goes: its run directory, or a prefix of the S3 bucket."""
+    return f"s3://faults/{name}/cache" if args.backend == "s3" else str(ws["root"] / name / "cache")
+
+
 def campaigns(stage: str, ws, ref, args, rng) -> fh.Counts:
     """Kill-and-rerun campaigns of `atkd teacher` or `atkd student` until args.kills kills."""
     teacher = stage == "teacher"
@@ -39,12 +49,12 @@ def campaigns(stage: str, ws, ref, args, rng) -> fh.Counts:
     while total.kills < args.kills:
         name = f"{stage}-{n:02d}"
         run = ws["root"] / name
-        cache = run / "cache" if teacher else ws["root"] / "ref" / "cache"  # students share the reference cache
+        cache = cache_location(ws, name, args) if teacher else ws["root"] / "ref" / "cache"  # students: the ref
         cfg = fh.write_config(ws["root"] / f"{name}.yaml", model=ws["model"], data=ws["data"],
                               run_dir=str(run), cache=str(cache))
         plan = fh.random_kill_plan(rng, points, max_hit=max_hit, n_points=4, n_timed=2,
                                    max_delay=0.7 * ref[f"{stage}_s"])
-        counts = fh.run_campaign([stage, str(cfg)], plan, ws["root"] / "logs" / name, mode=args.mode)
+        counts = fh.run_campaign([stage, str(cfg)], plan, ws["root"] / "logs" / name, mode=args.mode, env=ws["env"])
         if teacher:
             diffs = fh.compare_caches(fh.cache_snapshot(str(cache)), ref["cache"])
         else:
@@ -64,14 +74,15 @@ def worker_rounds(ws, ref, args, rng) -> fh.Counts:
     total = fh.Counts()
     for n in range(args.worker_rounds):
         name = f"workers-{n:02d}"
+        cache = cache_location(ws, name, args)
         cfg = fh.write_config(ws["root"] / f"{name}.yaml", model=ws["model"], data=ws["data"],
-                              run_dir=str(ws["root"] / name), cache=str(ws["root"] / name / "cache"))
+                              run_dir=str(ws["root"] / name), cache=cache)
         logs = ws["root"] / "logs" / name
         trace = logs / "trace.txt"  # every crash-point hit, "shard.committed" ones name their shard
         point = f"{rng.choice(fh.TEACHER_POINTS)}:{rng.randint(1, 2)}"
         envs = [{}, {"ATKD_FAULT_POINT": point}, {}, {}]
         procs = [fh.atkd(["teacher", str(cfg)], logs / f"w{i}.log", mode=args.mode,
-                         env={**e, "ATKD_FAULT_TRACE": str(trace)}) for i, e in enumerate(envs)]
+                         env={**e, **ws["env"], "ATKD_FAULT_TRACE": str(trace)}) for i, e in enumerate(envs)]
         time.sleep(rng.uniform(0.3, ref["teacher_s"]))
         procs[2].kill()
         rcs = [p.wait(300) for p in procs]
@@ -79,12 +90,12 @@ def worker_rounds(ws, ref, args, rng) -> fh.Counts:
         total.kills += killed
         total.attempts += len(procs)
         # Shards a killed worker held are finished by the survivors; a rerun picks up anything left.
-        rc, _ = fh.run_atkd(["teacher", str(cfg)], logs / "rerun.log", mode=args.mode)
+        rc, _ = fh.run_atkd(["teacher", str(cfg)], logs / "rerun.log", mode=args.mode, env=ws["env"])
         total.resumes += 1
         written = fh.committed_shards(trace)  # the rerun is not traced
         twice = sorted({i for i in written if written.count(i) > 1})
-        diffs = fh.compare_caches(fh.cache_snapshot(str(ws["root"] / name / "cache")), ref["cache"])
-        verify_rc = cli.main(["verify", str(ws["root"] / name / "cache")])
+        diffs = fh.compare_caches(fh.cache_snapshot(cache), ref["cache"])
+        verify_rc = cli.main(["verify", cache])
         bad = bool(diffs or twice or rc != 0 or verify_rc != 0 or any(r not in (0, -9) for r in rcs))
         total.mismatches += bad
         if bad:
@@ -102,12 +113,32 @@ def main() -> int:
     p.add_argument("--mode", choices=["fork", "subprocess"], default="fork",
                    help="fork: warm forkserver children (fast); subprocess: `python -m` per attempt")
     p.add_argument("--root", help="work directory (default: a temporary one)")
+    p.add_argument("--backend", choices=["local", "s3"], default="local",
+                   help="where the teacher caches under test live (s3: a local S3 server)")
+    p.add_argument("--stages", default="teacher,student,workers", help="which parts to run, comma-separated")
     args = p.parse_args()
+    stages = args.stages.split(",")
+    s3 = None
+    if args.backend == "s3":
+        from bench._s3 import LocalS3
+
+        s3 = LocalS3().start()
+        s3.apply_env()
+        s3.make_bucket("faults")
+    try:
+        return run(args, stages, s3)
+    finally:
+        if s3 is not None:
+            s3.stop()
+
+
+def run(args, stages: list[str], s3) -> int:
     rng = random.Random(args.seed)
     root = Path(args.root or tempfile.mkdtemp(prefix="fault_bench-"))
     t0 = time.time()
-    print(f"fault bench in {root} (mode {args.mode}, seed {args.seed})", flush=True)
+    print(f"fault bench in {root} (mode {args.mode}, seed {args.seed}, teacher caches on {args.backend})", flush=True)
     ws = fh.make_workspace(root)
+    ws["env"] = s3.env() if s3 is not None else {}
 
     cfg = fh.write_config(root / "ref.yaml", model=ws["model"], data=ws["data"], run_dir=str(root / "ref"),
                           cache=str(root / "ref" / "cache"))
@@ -126,12 +157,15 @@ def main() -> int:
     print(f"reference runs: teacher {teacher_s:.1f} s, student {student_s:.1f} s", flush=True)
 
     results = {}
-    print("stage one (atkd teacher):", flush=True)
-    results["teacher"] = campaigns("teacher", ws, ref, args, rng)
-    print("stage two (atkd student):", flush=True)
-    results["student"] = campaigns("student", ws, ref, args, rng)
-    print("concurrent teacher workers:", flush=True)
-    results["workers"] = worker_rounds(ws, ref, args, rng)
+    if "teacher" in stages:
+        print("stage one (atkd teacher):", flush=True)
+        results["teacher"] = campaigns("teacher", ws, ref, args, rng)
+    if "student" in stages:
+        print("stage two (atkd student):", flush=True)
+        results["student"] = campaigns("student", ws, ref, args, rng)
+    if "workers" in stages:
+        print("concurrent teacher workers:", flush=True)
+        results["workers"] = worker_rounds(ws, ref, args, rng)
 
     print(f"\n{'':10s} {'kills':>6s} {'resumes':>8s} {'attempts':>9s} {'late':>5s} {'mismatches':>11s}")
     for stage, c in results.items():

@@ -1,7 +1,7 @@
 """The `atkd` command line (also `python -m pipeline`).
 
     atkd run     [pipeline.yaml] [a.b=c ...]   every stage not done yet, then the report
-    atkd teacher [pipeline.yaml] [--workers N|auto] [a.b=c ...]   stage one: cache the teacher's top-k log-probs
+    atkd teacher [pipeline.yaml] [--workers N|auto] [--ray [ADDRESS]] [a.b=c ...]   stage one: the teacher's top-k
     atkd finetune [pipeline.yaml] [a.b=c ...]  teacher.finetune only (runs under torchrun too)
     atkd student [pipeline.yaml] [--student NAME] [a.b=c ...]   stage two
     atkd eval    [pipeline.yaml] [a.b=c ...]   evaluate students + teacher, write the report
@@ -79,12 +79,15 @@ def _dry_run(args, cfg: PipelineConfig, only_student: str | None = None) -> bool
 
 
 def cmd_teacher(args) -> int:
+    ray = args.ray
+    if ray and (ray.endswith((".yaml", ".yml")) or "=" in ray):  # `--ray cfg.yaml`: no address given
+        args.rest, ray = [ray, *args.rest], ""
     cfg = _load(args.rest)
     _apply_workers(cfg, args)
     if _dry_run(args, cfg):
         return 0
     runner.prepare(cfg)
-    runner.run_teacher(cfg)
+    runner.run_teacher(cfg, ray_address=ray)
     return 0
 
 
@@ -205,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(N or auto; default teacher.num_workers)")
     add("run", cmd_run, "run every stage that is not done yet",
         dry_run=True).add_argument("--workers", help=workers_help)
-    add("teacher", cmd_teacher, "stage one: cache teacher top-k log-probs",
-        dry_run=True).add_argument("--workers", help=workers_help)
+    sp = add("teacher", cmd_teacher, "stage one: cache teacher top-k log-probs", dry_run=True)
+    sp.add_argument("--workers", help=workers_help)
+    sp.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="run the workers as Ray actors on the cluster at ADDRESS (default: RAY_ADDRESS, else a "
+                         "local one); needs atkd[ray]")
     add("finetune", cmd_finetune, "teacher.finetune only: fine-tune the teacher (torchrun for many GPUs)")
     sp = add("student", cmd_student, "stage two: train the students", dry_run=True)
     sp.add_argument("--student", help="train only this student (by name)")

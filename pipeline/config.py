@@ -211,6 +211,9 @@ def config_from_raw(raw: dict, overrides: list[str] | None = None) -> PipelineCo
     cfg = _build(PipelineConfig, raw, "")
     derive_paths(cfg)
     validate(cfg)
+    from storage.fs import register_storage_options
+
+    register_storage_options(cfg.cache.path, cfg.cache.storage_options)
     return cfg
 
 
@@ -354,7 +357,13 @@ def check_name(name: str, where: str) -> None:
 
 
 def to_dict(cfg: PipelineConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, secrets in cache.storage_options redacted (what a run saves; child
+    processes get the secrets through the environment, storage.fs.register_storage_options)."""
+    from storage.fs import redact_options
+
+    out = dataclasses.asdict(cfg)
+    out["cache"]["storage_options"] = redact_options(out["cache"]["storage_options"])
+    return out
 
 
 def save_resolved(cfg: PipelineConfig, path: str | Path) -> None:

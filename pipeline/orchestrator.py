@@ -183,19 +183,22 @@ def run_finetune(cfg: PipelineConfig) -> bool:
         return finetune_teacher(cfg.data, cfg.teacher, finetune_dir(cfg))
 
 
-def run_teacher(cfg: PipelineConfig, *, validation: bool = False, training: bool = True) -> bool:
+def run_teacher(cfg: PipelineConfig, *, validation: bool = False, training: bool = True,
+                ray_address: str | None = None) -> bool:
     """The teacher fine-tune when configured, then stage one over the training data (unless
     `training` is False: `atkd run` when every student reads the rows) and the validation data.
 
     Returns True if it did any work. When both caches are to be written, one
     engine serves both: a vLLM start costs tens of seconds even on a tiny model.
+    `ray_address` (not None: `--ray`, "" for Ray's default cluster): the training cache's
+    workers run as Ray actors (pipeline/ray_workers.py).
     """
     did = run_finetune(cfg)
     jobs = capture_jobs(cfg, validation=validation, training=training)
     if not jobs:
         return did
     with stage_log(cfg, "teacher"):
-        return _run_teacher(cfg, jobs) or did
+        return _run_teacher(cfg, jobs, ray_address) or did
 
 
 def run_validation_capture(cfg: PipelineConfig) -> bool:
@@ -226,13 +229,14 @@ def _what(teacher) -> str:
     return " and ".join(parts)
 
 
-def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) -> bool:
+def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]], ray_address: str | None = None) -> bool:
     from stages.teacher.capture import run_capture
 
     from pipeline.workers import resolve_workers, run_workers
 
     teacher = cached_teacher(cfg)
-    num_workers, gpu_groups = resolve_workers(teacher.num_workers, teacher)
+    on_ray = ray_address is not None
+    num_workers, gpu_groups = (0, []) if on_ray else resolve_workers(teacher.num_workers, teacher)
     todo = []
     for label, data_cfg, cache_cfg in jobs:
         if cache_complete(cache_cfg.path):
@@ -245,7 +249,17 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) ->
             todo.append((label, data_cfg, cache_cfg))
     if not todo:
         return False
-    if num_workers > 1 and todo[0][0] == "training":
+    if on_ray and todo[0][0] == "training":
+        from pipeline.ray_workers import run_ray_workers
+
+        _log(f"stage one (training data): Ray actors caching {_what(teacher)} of {teacher.model} into "
+             f"{cfg.cache.path}")
+        run_ray_workers(dataclasses.replace(cfg, teacher=teacher), teacher.num_workers, ray_address or None)
+        todo = todo[1:]  # the validation cache is small: this process does it
+    elif num_workers > 1 and todo[0][0] == "training":
+        from stages.teacher.capture import refuse_unshared_cache
+
+        refuse_unshared_cache(cfg.cache.path, num_workers, f"{num_workers} teacher workers")
         _log(f"stage one (training data): {num_workers} worker processes caching {_what(teacher)} "
              f"of {teacher.model} into {cfg.cache.path}")
         run_workers(dataclasses.replace(cfg, teacher=teacher), num_workers, gpu_groups)

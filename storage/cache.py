@@ -18,7 +18,7 @@ from storage import partials
 from storage import shard as shards
 from storage.errors import (CacheMismatchError, CorruptShardError, ManifestError, ShardExistsError,  # noqa: F401
                             StorageError, StorageIOError)
-from storage.fs import CacheFS
+from storage.fs import CacheFS, describe_error, is_backend_error
 from storage.encoding import LogprobEncoding, describe_record
 from storage.lease import Lease
 from storage.manifest import MANIFEST_NAME, Manifest, create_manifest, normalize_json, read_manifest, write_manifest
@@ -39,6 +39,10 @@ def _writing(what: str, where: str):
         raise
     except OSError as e:
         raise StorageIOError(e.errno, f"{what} in {where} failed ({e.strerror or e})", e.filename) from e
+    except Exception as e:  # botocore, aiohttp, ...: a remote store failing
+        if not is_backend_error(e):
+            raise
+        raise StorageIOError(None, f"{what} in {where} failed ({describe_error(e)})") from e
 
 
 class Cache:
@@ -217,10 +221,16 @@ class Cache:
         try:
             shards.write_shard(self.fs, rel, data, codec=codec, encoding=self.encoding, extra_attrs=extra,
                                before_commit=lease.check if lease is not None else None)
-        except OSError as e:  # disk full, read-only, ...: say which shard and that nothing was committed
-            raise StorageIOError(e.errno, f"writing shard {index} to {self.fs.display(rel)} failed "
-                                          f"({e.strerror or e}); nothing of this shard was committed and the "
-                                          "completed shards are intact", e.filename) from e
+        except (StorageError, ValueError):
+            raise
+        except Exception as e:  # disk full, read-only, a store gone: say which shard, that nothing was committed
+            if not is_backend_error(e):
+                raise
+            errno_, filename = (e.errno, e.filename) if isinstance(e, OSError) else (None, None)
+            cause = (e.strerror or e) if isinstance(e, OSError) else describe_error(e)
+            raise StorageIOError(errno_, f"writing shard {index} to {self.fs.display(rel)} failed "
+                                         f"({cause}); nothing of this shard was committed and the "
+                                         "completed shards are intact", filename) from e
         leases.remove_leases(self.fs, index)
         self.refresh_manifest()
 

@@ -48,6 +48,11 @@ class StorageIOError(StorageError, OSError):
     stay available (the CLI turns ENOSPC/EACCES into advice)."""
 
 
+class BackendError(StorageError):
+    """A cache location cannot be used at all: its URL scheme has no fsspec backend installed, or
+    the backend cannot give stage one's workers what leases need (atomic exclusive create)."""
+
+
 class ReaderStateError(StorageError, ValueError):
     """The training reader cannot serve what was asked: a resume state of another cache, seed
     or order, or more top-k entries than the cache holds."""

@@ -3,12 +3,14 @@
     ATKD_FAULT_POINT=shard.commit:3      SIGKILL this process at the 3rd hit of "shard.commit"
     ATKD_FAULT_POINT=a:1,b:2             several points; the first one reached kills
     ATKD_FAULT_TRACE=FILE                append "name detail pid" to FILE at every hit (before any kill)
+    ATKD_FAULT_ONCE=FILE                 kill only the first process to reach its point (it creates FILE):
+                                         e.g. one Ray actor once, not again after its restart
 
 Code that wants a crash point calls ``fault_point("name")`` (``detail``: what
 the point is about, e.g. the shard). Without the environment variables the
 call returns at once. The points, both stages:
 
-    shard.write  shard.commit  shard.committed      storage/shard.py (detail: the shard's path)
+    shard.write  shard.commit  shard.committed      storage/shard.py, both commit protocols (detail: the shard's path)
     fs.replace.<file>                               storage/fs.py, e.g. fs.replace.manifest.json
     student.step                                    a step's log line written, its checkpoint not yet
     ckpt.model  ckpt.optim  ckpt.rename  ckpt.renamed   stages/student/checkpoint.py, in write order
@@ -37,5 +39,17 @@ def fault_point(name: str, detail: str = "") -> None:
     _hits[name] = _hits.get(name, 0) + 1
     for item in spec.split(","):
         point, _, nth = item.strip().rpartition(":")
-        if point == name and nth.isdigit() and _hits[name] == int(nth):
+        if point == name and nth.isdigit() and _hits[name] == int(nth) and _first_kill():
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _first_kill() -> bool:
+    """True unless ATKD_FAULT_ONCE names a file that another kill already created."""
+    once = os.environ.get("ATKD_FAULT_ONCE")
+    if not once:
+        return True
+    try:
+        os.close(os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    return True

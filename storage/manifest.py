@@ -152,6 +152,10 @@ def read_manifest(fs: CacheFS) -> Manifest:
     try:
         text = fs.read_bytes(MANIFEST_NAME)
     except FileNotFoundError:
+        bucket = fs.missing_bucket()
+        if bucket is not None:
+            raise ManifestError(f"no cache at {fs.url}: the bucket {bucket!r} does not exist (or these credentials "
+                                "cannot see it); create the bucket or fix cache.path") from None
         raise ManifestError(f"no cache at {fs.url}: {where} does not exist. Run the teacher stage "
                             "(`atkd teacher`) to create it, or check the cache path.") from None
     return Manifest.from_json(text, where)

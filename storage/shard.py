@@ -37,9 +37,9 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from zarr.errors import GroupNotFoundError
 
 from storage.encoding import LogprobEncoding, describe_record
-from storage.errors import CorruptShardError, ShardExistsError
+from storage.errors import CorruptShardError, ShardExistsError, StorageIOError
 from storage.faults import fault_point
-from storage.fs import CacheFS
+from storage.fs import CacheFS, describe_error, is_backend_error
 from storage.schema import ARRAY_NAMES, SUPPORTED_VERSIONS, ShardData, format_version_for
 
 SHARDS_DIR = "shards"
@@ -138,9 +138,12 @@ def write_shard(fs: CacheFS, rel: str, data: ShardData, *, codec: str = "default
         if is_complete(fs, rel):
             raise ShardExistsError(f"{fs.display(rel)} is already complete; not replacing it")
         _write_group(fs.zarr_store(rel), stored, attrs, codec)
+        fault_point("shard.write", rel)  # every array written, `complete` still false
         if before_commit is not None:
             before_commit()
+        fault_point("shard.commit", rel)  # lease checked, not yet marked complete
         _mark_complete(fs.zarr_store(rel))
+        fault_point("shard.committed", rel)  # visible; leases and manifest not yet updated
 
 
 def _remove_partial(fs: CacheFS, tmp: str, settle_seconds: float = 5.0) -> None:
@@ -227,7 +230,8 @@ def _open_group(fs: CacheFS, rel: str) -> tuple[Any, dict[str, Any] | None]:
         group = zarr.open_group(fs.zarr_store(rel, read_only=True), mode="r", zarr_format=3)
     except (GroupNotFoundError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None, None
-    except Exception:  # JSONDecodeError, ContainsArrayError, TypeError/ValueError on malformed metadata
+    except Exception as e:  # JSONDecodeError, ContainsArrayError, TypeError/ValueError on malformed metadata
+        _raise_backend_error(e, fs, rel)
         return None, {UNREADABLE: True}
     attrs = group.attrs.asdict()
     return (group, attrs) if isinstance(attrs, dict) else (None, {UNREADABLE: True})
@@ -300,7 +304,11 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True, encodin
     try:
         decoded = _read_arrays(group, list(specs))
     except Exception as e:  # zarr raises various types on broken group metadata
+        _raise_backend_error(e, fs, rel)
         return {}, [f"cannot open the zarr group ({type(e).__name__}: {e})"]
+    for e in decoded.values():  # the store failing (network, credentials) says nothing about the shard
+        if isinstance(e, Exception):
+            _raise_backend_error(e, fs, rel)
     checksums = attrs.get("checksums", {})
     arrays: dict[str, np.ndarray] = {}
     problems: list[str] = []
@@ -324,6 +332,14 @@ def load_arrays(fs: CacheFS, rel: str, *, verify_checksums: bool = True, encodin
         return arrays, problems
     problems = encoding.check(arrays)
     return (arrays if problems else encoding.decode(arrays)), problems
+
+
+def _raise_backend_error(e: Exception, fs: CacheFS, rel: str) -> None:
+    """Raise StorageIOError when reading failed in the store rather than in the shard's content
+    (an unreachable server is no reason to call a shard half-written or corrupt)."""
+    if is_backend_error(e) and not isinstance(e, (FileNotFoundError, KeyError, IsADirectoryError, NotADirectoryError)):
+        code = e.errno if isinstance(e, OSError) else None
+        raise StorageIOError(code, f"reading {fs.display(rel)} failed: {describe_error(e)}") from e
 
 
 def _read_arrays(group, names: Iterable[str] = ARRAY_NAMES) -> dict[str, Any]:

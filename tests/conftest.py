@@ -39,3 +39,20 @@ def train_jsonl(tmp_path_factory):
     """40 prompt/response rows as jsonl."""
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     return fixtures.write_jsonl(path, fixtures.prompt_response_rows(40))
+
+
+@pytest.fixture(scope="session")
+def local_s3():
+    """A local S3 server (moto, 127.0.0.1) for the session, with bucket `atkd-test`; this process's
+    AWS variables point at it (bench/_s3.py). Integration tier only: it is a subprocess."""
+    import os
+
+    from bench._s3 import LocalS3
+
+    saved = dict(os.environ)
+    with LocalS3() as s3:
+        s3.apply_env()
+        s3.make_bucket("atkd-test")
+        yield s3
+    os.environ.clear()
+    os.environ.update(saved)

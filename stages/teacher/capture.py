@@ -88,6 +88,8 @@ def open_for_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg
         raise data_mod.DataError(f"the {data_cfg.holdout.part} part of {data_cfg.path!r} has no rows; "
                                  "raise its size in data.holdout")
     refuse_legacy(cache_cfg.path)
+    tasks = int(os.environ.get("SLURM_ARRAY_TASK_COUNT") or 1)
+    refuse_unshared_cache(cache_cfg.path, tasks, f"a SLURM array of {tasks} tasks")
     if not Cache.exists(cache_cfg.path):
         _preflight(source, tokenizer, data_cfg, plan[0], rows)
     try:
@@ -97,6 +99,21 @@ def open_for_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg
         raise explain_mismatch(e, cache_cfg.path, identity) from None
     cache.remove_stale_partials()  # killed writers' shard-N.zarr.partial-* (logged)
     return cache, source, tokenizer, vocab_size
+
+
+def refuse_unshared_cache(url: str, writers: int, how: str) -> None:
+    """Several workers on one cache claim shards through leases, which rest on an exclusive create
+    that exactly one of them wins: refuse a backend that has none (storage/fs.py), before anything
+    is written. `how`: the launcher, for the message (e.g. '2 teacher workers')."""
+    from storage.errors import BackendError
+    from storage.fs import CacheFS
+
+    if writers <= 1:
+        return
+    problem = CacheFS(url).shared_writers_problem()
+    if problem:
+        raise BackendError(f"{how} cannot share the cache: {problem}. Run stage one there with one worker "
+                           "(--workers 1, no --ray, no array), or put the cache on a local/NFS path or s3://")
 
 
 def _preflight(source, tokenizer, data_cfg: DataConfig, entry, num_rows: int) -> None:

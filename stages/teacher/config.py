@@ -6,7 +6,7 @@ Loaded and validated by pipeline/config.py; the stages only read them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from stages.student.config import OptimConfig
 
@@ -50,6 +50,7 @@ class TeacherConfig:
     # per group of tensor_parallel_size x pipeline_parallel_size visible GPUs.
     num_workers: Union[int, Literal["auto"]] = 1
     worker_id: str = ""  # default: host-pid
+    max_restarts: int = 3  # `atkd teacher --ray`: times Ray restarts a dead worker actor before the command fails
     lease_seconds: float = 120.0  # a dead worker's shard is taken over after this (renewed every 1/4)
     # Build and write shard i on a background thread while shard i+1 is scored. auto: when the
     # engine computes on a GPU (on CPU the writer would compete with the engine's threads).
@@ -66,3 +67,7 @@ class CacheConfig:
     # logprob_step nats below each row's top-1 (|error| <= step, KL <= step^2/8; storage/encoding.py).
     logprob_encoding: Literal["exact", "u8-rel"] = "exact"
     logprob_step: float = 0.08  # u8-rel only
+    # fsspec storage options for an object-store cache.path, e.g. {endpoint_url: ..., profile: ...} for s3fs.
+    # Applied to every filesystem of that URL's protocol in the run; secret-looking values (key, secret,
+    # token, ...) are redacted in the config a run saves. The usual AWS variables work without them.
+    storage_options: dict[str, Any] = field(default_factory=dict)

@@ -1,4 +1,5 @@
-"""Backends for the storage conformance suite: a local directory and fsspec memory://."""
+"""Backends for the storage conformance suite: a local directory, fsspec memory://, and S3 (s3fs
+against a local moto server; integration tier, since the server is a subprocess)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import uuid
 import fsspec
 import pytest
 
-BACKENDS = ["local", "memory"]
+BACKENDS = ["local", "memory", pytest.param("s3", marks=pytest.mark.integration)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -15,6 +16,10 @@ def cache_url(request, tmp_path):
     """A fresh, empty cache location on each backend."""
     if request.param == "local":
         yield str(tmp_path / "cache")
+        return
+    if request.param == "s3":
+        request.getfixturevalue("local_s3")
+        yield f"s3://atkd-test/{uuid.uuid4().hex}/cache"
         return
     name = f"atkd-test-{uuid.uuid4().hex}"
     yield f"memory://{name}/cache"
