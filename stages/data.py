@@ -89,13 +89,15 @@ class DataStats:
 # ---------------------------------------------------------------- loading
 
 
-def open_source(data_cfg: DataConfig, path: str | None = None, split: str | None = None) -> RowSource:
+def open_source(data_cfg: DataConfig, path: str | None = None, split: str | None = None, *,
+                key: str = "data.path") -> RowSource:
     """The data's RowSource (`path`/`split` override data_cfg's: evaluation reads other files
-    with the same field settings). Nothing is read beyond one indexing pass."""
+    with the same field settings; `key` then names their setting). Nothing is read beyond one
+    indexing pass."""
     columns = [data_cfg.prompt_field, data_cfg.response_field, data_cfg.messages_field, data_cfg.text_field,
                *data_cfg.template_fields]
     return open_rows(path if path is not None else data_cfg.path, fmt=data_cfg.format,
-                     split=split if split is not None else data_cfg.split, columns=columns)
+                     split=split if split is not None else data_cfg.split, columns=columns, key=key)
 
 
 def num_rows(data_cfg: DataConfig, source: RowSource) -> int:

@@ -164,7 +164,8 @@ def describe_size(model: torch.nn.Module) -> str:
     if getattr(text, "hidden_size", None):
         facts.append(f"hidden {text.hidden_size}")
     if getattr(text, "num_hidden_layers", None):
-        facts.append(f"{text.num_hidden_layers} layers")
+        layers = text.num_hidden_layers
+        facts.append(f"{layers} layer{'s' if layers != 1 else ''}")
     return f"{size} parameters ({', '.join(facts)})"
 
 

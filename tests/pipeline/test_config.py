@@ -150,7 +150,7 @@ def test_paths_derive_from_run_dir(tmp_path):
 
 def test_answer_rule_follows_the_demo_unless_set(tmp_path):
     """eval.answer_rule auto: the demo's answer check with demo.enabled, the whole response otherwise."""
-    from pipeline.orchestrator import answer_rule, report_sections
+    from pipeline.evaluation import answer_rule, report_sections
 
     demo = load_config(REPO / "pipeline.yaml", [f"run_dir={tmp_path}"])
     assert demo.demo.enabled and demo.eval.answer_rule == "demo"
