@@ -333,12 +333,13 @@ STARTS_PROCESSES = ("run", "teacher", "finetune", "student", "eval", "sweep")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; `argv` None: this process's own command line (`atkd ...`, `python -m pipeline ...`)."""
     args = parse_args(argv)
     from stages.logs import set_verbose
 
     set_verbose(args.verbose)
     reaper = None
-    if args.command in STARTS_PROCESSES and not getattr(args, "dry_run", False):
+    if argv is None and args.command in STARTS_PROCESSES and not getattr(args, "dry_run", False):
         from pipeline.reaper import start
 
         reaper = start()  # what this command starts dies with it, even on kill -9 (pipeline/reaper.py)

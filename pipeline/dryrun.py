@@ -62,7 +62,7 @@ class Plan:
 
     def problem(self, text: str) -> None:
         self.problems.append(text)
-        self.lines.append(f"  PROBLEM: {text}")
+        self.lines.append("  PROBLEM: " + text.replace("\n", "\n    "))
 
     def text(self) -> str:
         return "\n".join(self.lines)
@@ -82,13 +82,13 @@ def plan(cfg: PipelineConfig, command: str, only_student: str | None = None) -> 
     if command in ("run", "student"):
         names = [only_student] if only_student else [s.name for s in cfg.students]
         student_lines(cfg, [cfg.student(n) for n in names], out)
+    if command == "run":
+        out.add("evaluation: " + ("up to date" if not _quietly(out, lambda: eval_stale(cfg), True) else
+                                  f"would run and write {runner.results_path(cfg)}"))
     if all(Path(p).exists() for p in (cfg.data.path, cfg.eval.path, cfg.eval.validation_path) if p):
         overlap = _quietly(out, lambda: check_overlap(cfg, record=False))  # local data only: nothing downloads
         if overlap:
             out.problem(overlap)
-    if command == "run":
-        out.add("evaluation: " + ("up to date" if not _quietly(out, lambda: eval_stale(cfg), True) else
-                                  f"would run and write {runner.results_path(cfg)}"))
     return out.text(), out.problems
 
 
@@ -154,16 +154,16 @@ def _teacher_checks(cfg: PipelineConfig, out: Plan) -> bool:
 
 
 def teacher_lines(cfg: PipelineConfig, out: Plan) -> None:
-    teacher_ok = _teacher_checks(cfg, out)
     cache = runner.open_cache(cfg.cache.path)
     if cache is not None:
+        _teacher_checks(cfg, out)
         _existing_cache(cfg, "teacher", cfg.data, runner.cached_teacher(cfg), cfg.cache, cache, out)
         return
+    out.add(f"stage one: teacher {runner.cached_teacher(cfg).model} (backend {cfg.teacher.backend}, {_what(cfg)}, "
+            f"log-probs {cfg.cache.logprob_encoding}) -> cache {cfg.cache.path} (not started)")
+    teacher_ok = _teacher_checks(cfg, out)
     est = estimate_data(cfg, out, teacher_ok)
-    teacher = runner.cached_teacher(cfg).model
-    out.add(f"stage one: teacher {teacher} (backend {cfg.teacher.backend}, {_what(cfg)}, log-probs "
-            f"{cfg.cache.logprob_encoding}) -> cache {cfg.cache.path} (not started)",
-            f"  data {cfg.data.path}: {est.rows_note}")
+    out.add(f"  data {cfg.data.path}: {est.rows_note}")
     if est.rows is not None and cfg.data.holdout is not None:
         from stages.split import sizes
 
@@ -256,15 +256,15 @@ def count_rows(cfg: PipelineConfig, out: Plan) -> tuple[int | None, str]:
         fmt = resolve_format(path, cfg.data.format)
     except AtkdError as e:
         out.problem(str(e))
-        return None, "row count unknown (see the problem below)"
+        return None, "row count unknown (see the problem above)"
     if fmt == "hub":
         if looks_local(path):
             out.problem(f"data.path {path!r}: no such file or directory; check data.path")
-            return None, "row count unknown (see the problem below)"
+            return None, "row count unknown (see the problem above)"
         return None, "row count unknown (a hub dataset: a dry run downloads nothing)"
     source = _quietly(out, lambda: data_mod.open_source(cfg.data))
     if source is None:
-        return None, "row count unknown (see the problem below)"
+        return None, "row count unknown (see the problem above)"
     return source.num_rows, f"{source.num_rows:,} rows"
 
 
@@ -342,7 +342,10 @@ def describe_params(cfg: PipelineConfig, s: StudentConfig) -> str:
     except Exception as e:  # an unknown model type, a broken config: say so, do not fail the dry run
         return f"parameters unknown ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     if n is None:
-        return f"parameters unknown ({source.model} is not a local directory; nothing is downloaded)"
+        from stages.teacher.identity import looks_local
+
+        return ("parameters unknown (its model directory is missing)" if looks_local(source.model)
+                else f"parameters unknown ({source.model} is a hub name: a dry run downloads nothing)")
     origin = f"from student {s.init_from}, " if s.init_from else ""
     return f"{origin}{n / 1e6:,.2f}M parameters"
 

@@ -122,10 +122,15 @@ def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
         if state.kind not in USABLE:
             _log(f"student {name!r} is {state.kind}: left out of the evaluation (train it with "
                  f"`atkd student --student {name}` or `atkd run`)")
-    if runner.validation_job(cfg) is not None and not runner.cache_complete(runner.val_cache_path(cfg)):
-        _log(f"the validation cache {runner.val_cache_path(cfg)} is not complete: running stage one over "
+    job = runner.validation_job(cfg)
+    if job is not None and not runner.cache_complete(job[2].path):
+        _log(f"the validation cache {job[2].path} is not complete: running stage one over "
              f"{cfg.eval.validation_path or 'the validation part of ' + cfg.data.path} first")
         runner.run_validation_capture(cfg)
+    elif job is not None and force:  # `atkd eval` alone: the cache it measures KL on must be this config's
+        from stages.teacher.capture import check_cache
+
+        check_cache(job[1], runner.validation_teacher(cfg), job[2])
     check_overlap(cfg)
     runner.record_run(cfg)
     with runner.stage_log(cfg, "eval"):

@@ -24,6 +24,7 @@ without importing torch or vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -419,6 +420,8 @@ def _remove_if_nothing_kept(out: Path) -> None:
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            out.parent.rmdir()  # students/, when this was its only student
 
 
 def _remove_stale_partials(out: Path) -> None:

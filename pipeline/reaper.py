@@ -3,8 +3,9 @@
 vLLM runs its engine core (`VLLM::EngineCore`) and workers in processes of their
 own, `--workers N` starts N teacher processes, DataLoader workers and torchrun
 start more. A command killed with SIGKILL cannot stop them, and they keep
-gigabytes of RAM or the GPU. So a command that may start processes first starts
-a watchdog (`start()`, from pipeline/cli.py):
+gigabytes of RAM or the GPU. So the `atkd` command (and `python -m pipeline`)
+first starts a watchdog when it may start processes (`start()`, from
+pipeline/cli.py; not when Python code calls `cli.main(argv)` in a process of its own):
 
 - the command's environment gets a token of its own (`ATKD_RUN_TOKENS`, after
   an outer command's), which every process it execs inherits;
@@ -13,12 +14,13 @@ a watchdog (`start()`, from pipeline/cli.py):
   is alive and notes the command's descendants (pid and start time, from /proc):
   that also covers children forked without exec, whose /proc environ does not
   show a token set after the command started;
-- when the command is gone, it stops every process that carries the token
-  (/proc/<pid>/environ) or that it saw descending from the command and that
-  still runs (same start time): SIGTERM, SIGKILL after 2 s, and says so on
-  stderr. A command that ends normally (Ctrl-C included: its engines were
-  closed on the way out) tells it so (`Reaper.stop()`); it then stops what
-  still carries the token and exits.
+- when the command is gone, it gives what it left half a second to end by
+  itself (multiprocessing's resource tracker cleans up then), and stops every
+  process that carries the token (/proc/<pid>/environ) or that it saw
+  descending from the command and that still runs (same start time): SIGTERM,
+  SIGKILL after 2 s, and says so on stderr. A command that ends normally
+  (Ctrl-C included: its engines were closed on the way out) says so
+  (`Reaper.stop()`) and the watchdog does the same once the process has exited.
 
 Linux only (it reads /proc); elsewhere `start()` returns None and nothing changes.
 This file runs as the watchdog's script too (`python reaper.py PID TOKEN`),
@@ -47,12 +49,12 @@ class Reaper:
         self.proc, self._saved = proc, saved_env
 
     def stop(self) -> None:
+        """The command ends normally: the watchdog checks for leftovers once this process has exited."""
         try:
             self.proc.stdin.write(b"done\n")
             self.proc.stdin.close()
-            self.proc.wait(timeout=GRACE_SECONDS + 5)
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            pass  # it exits on its own once this process is gone
+        except (OSError, ValueError):
+            pass  # it acts on its own once this process is gone
         if self._saved is None:
             os.environ.pop(ENV, None)
         else:
@@ -157,30 +159,25 @@ def _stop_all(pids: list[int]) -> list[int]:
 
 
 def watch(parent: int, token: str) -> None:
-    """Wait for `parent` to end (stdin says "done", or it is gone), then stop what it left (module doc)."""
+    """Wait for `parent` to be gone, then stop what it left (module doc)."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # only the end of `parent` ends this process
     own = _stat(os.getpid())
     since = own[1] if own else 0
     seen: dict[int, int] = {}
-    normal = False
+    normal, open_stdin = False, True
     stdin = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
-    open_stdin = True
-    while True:
+    while os.getppid() == parent:
+        _descendants(parent, since, seen)
         if open_stdin and select.select([stdin], [], [], POLL_SECONDS)[0]:
             data = os.read(stdin.fileno(), 64)
-            if b"done" in data:
-                normal = True
-                break
-            if not data:
-                open_stdin = False  # closed: keep polling the parent
-        elif not open_stdin:
-            time.sleep(POLL_SECONDS)
-        if os.getppid() != parent:
-            break
-        _descendants(parent, since, seen)
+            normal = normal or b"done" in data
+            open_stdin = bool(data)  # closed: keep polling the parent
+        else:
+            time.sleep(0 if open_stdin else POLL_SECONDS)
+    time.sleep(0.5)  # what ends by itself once the command is gone (resource trackers) may do so first
     for _ in range(3):  # a process may start another while stopping: look again
-        pids = _leftovers(token, {} if normal else seen)
+        pids = _leftovers(token, seen)
         if not pids:
             break
         names = {pid: _name(pid) for pid in pids}

@@ -226,8 +226,10 @@ class JsonlSource(_MultiFile):
         for _line, raw in self._lines_from(i, start):
             try:
                 rows.append(json.loads(raw))
-            except ValueError as e:
-                rows.append(BadRow(f"not valid JSON ({e})"))
+            except ValueError as e:  # the line is the row: say the column, not the decoder's "line 1"
+                msg, col = getattr(e, "msg", str(e)), getattr(e, "colno", None)
+                at = f"{'' if msg.endswith(' at') else ' at'} column {col}" if col else ""
+                rows.append(BadRow(f"not valid JSON ({msg}{at})"))
             if len(rows) == end - start:
                 break
         if len(rows) != end - start:

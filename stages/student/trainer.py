@@ -55,7 +55,7 @@ from stages.student.distributed import Dist, init_distributed, load_states, mode
 from stages.student.export import save_final, training_chat_template, write_json_atomic
 from stages.student.interrupt import StopOnSignal, TrainingStopped
 from stages.student.model import (build_student, check_batch_ids, check_vocabulary, describe_size, embedding_rows,
-                                  load_student_tokenizer, warn_unknown_tokens)
+                                  load_student_tokenizer, tokenizer_setting, warn_unknown_tokens)
 from stages.student.objective import StudentObjective
 from stages.student.optim import (apply_config, build_optimizer, clip_and_step, lr_at, schedule_meta, set_lr,
                                   steps_for_epochs, warmup_for)
@@ -249,7 +249,7 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
     identity = cache.manifest.identity if cache is not None else {}
     tokenizer = load_student_tokenizer(cfg, tokenizer_path, cache_identity=identity)
     student = build_student(cfg, tokenizer)
-    check_vocabulary(student, tokenizer, identity, student_name=name)
+    check_vocabulary(student, tokenizer, identity, student_name=name, tokenizer_from=tokenizer_setting(cfg))
     if d.is_main:
         resume.say(f"{name}: {describe_size(student)}")
     rows = embedding_rows(student)

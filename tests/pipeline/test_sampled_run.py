@@ -64,6 +64,7 @@ def test_atkd_run_end_to_end_on_sampled_targets(tmp_path, capsys, tiny_llama_dir
     if targets == "sampled":
         rc, out = atkd_here(capsys, "inspect", str(run / "cache"))
         assert "mean top-0 mass" not in out
+        assert "mass" not in (run / "report" / "report.md").read_text()  # a cache of draws keeps no top-k
 
 
 def test_bad_samples_and_targets_are_refused(tmp_path, tiny_llama_dir, train_jsonl):
