@@ -4,13 +4,14 @@ Run directory layout (everything a run produces lives under `run_dir`):
 
     <run_dir>/config.yaml              the resolved config of the last command
     <run_dir>/split.json               the held-out split (data.holdout): spec, sizes, fingerprint
-    <run_dir>/students/<name>/         checkpoints, log.jsonl, tb/, final/, done.json
+    <run_dir>/students/<name>/         checkpoints, log.jsonl, tb/, final/, done.json (with `trained_from`: what it
+                                       was trained from, pipeline/student_record.py)
     <run_dir>/teacher-finetuned/       teacher.finetune: the teacher's SFT run, laid out like a student;
                                        stage one caches its final/ instead of teacher.model
     <run_dir>/cache-val/               teacher cache over the validation split (stage one, for eval;
                                        eval.validation_cache puts it elsewhere, e.g. shared by a sweep's seeds)
     <run_dir>/eval/results.json        metrics per model (written by stages.evaluate only)
-    <run_dir>/eval/settings.json       what results.json was computed from (config, models, their done.json)
+    <run_dir>/eval/settings.json       what results.json was computed from (pipeline/evaluation.py)
     <run_dir>/eval/overlap.json        evaluation rows found among the training rows (stages.overlap), keyed
                                        by both sides' fingerprints so a rerun does not rescan
     <run_dir>/eval/<model>.generations.jsonl
