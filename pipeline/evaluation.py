@@ -84,13 +84,15 @@ def eval_stale(cfg: PipelineConfig, states: dict[str, StudentState] | None = Non
     return recorded != eval_settings(cfg, states)
 
 
-def check_overlap(cfg: PipelineConfig, *, record: bool = True) -> str | None:
+def check_overlap(cfg: PipelineConfig, *, record: bool = True, unreadable_ok: bool = False) -> str | None:
     """Evaluation rows that are training rows, found before anything trains (stages.overlap): an
     EvalError unless eval.allow_train_overlap (then evaluation warns). `record`: keep the scan's
     outcome in <run_dir>/eval/overlap.json (--dry-run: False). Returns the refusal's text instead of
-    raising when `record` is False."""
+    raising when `record` is False. `unreadable_ok` (`atkd teacher` / `student`, which do not
+    evaluate): data that cannot be read yet (no eval file on this node) is left to the stage that reads it."""
     from stages.errors import EvalError
     from stages.overlap import check_train_overlap, evaluation_sets
+    from stages.rows import DataError
 
     if cfg.eval.allow_train_overlap or not (cfg.eval.path or runner.validation_job(cfg)):
         return None
@@ -104,6 +106,9 @@ def check_overlap(cfg: PipelineConfig, *, record: bool = True) -> str | None:
         if record:
             raise
         return str(e)
+    except DataError:
+        if not unreadable_ok:
+            raise
     return None
 
 

@@ -283,14 +283,6 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) ->
     return True
 
 
-def student_done(cfg: PipelineConfig, name: str) -> bool:
-    """Trained and current: its record matches the config (pipeline.student_record), or it was trained
-    by an atkd that recorded nothing ("unchecked")."""
-    from pipeline.student_record import USABLE, student_states
-
-    return student_states(cfg)[name].kind in USABLE
-
-
 _checked_caches: dict[tuple, int] = {}
 
 
@@ -355,14 +347,14 @@ def run_student(cfg: PipelineConfig, scfg: StudentConfig, retrain: set[str] | fr
 
 
 def _run_student(cfg: PipelineConfig, scfg: StudentConfig, retrain) -> bool:
-    from pipeline.student_record import clear_for_retrain, expected_record, refuse_stale, student_states
+    from pipeline.student_record import USABLE, clear_for_retrain, expected_record, refuse_stale, student_states
     from stages.student.trainer import train_student
 
     if scfg.name in retrain:
         clear_for_retrain(cfg, scfg.name)
     states = student_states(cfg)
     state = states[scfg.name]
-    if state.kind in ("done", "unchecked"):
+    if state.kind in USABLE:
         note = "" if state.kind == "done" else " (trained by an older atkd: not checked against the config)"
         _log(f"student {scfg.name!r} is already trained ({student_dir(cfg, scfg.name)}/final){note}; skipping")
         return False
@@ -375,7 +367,7 @@ def _run_student(cfg: PipelineConfig, scfg: StudentConfig, retrain) -> bool:
         _check_loss_targets(cfg, scfg)
     if scfg.init_from:
         parent = states[scfg.init_from]
-        if parent.kind not in ("done", "unchecked"):
+        if parent.kind not in USABLE:
             refuse_stale(cfg, {scfg.init_from: parent}, set())
             raise ConfigError(f"student {scfg.name!r} starts from student {scfg.init_from!r}, which is "
                               f"{parent.kind}: run `atkd student --student {scfg.init_from}` first (or `atkd run`)")

@@ -244,14 +244,3 @@ def clear_for_retrain(cfg: PipelineConfig, name: str) -> None:
     if out.exists():
         print(f"[atkd] --retrain {name}: removing {out} to train it anew", flush=True)
         shutil.rmtree(out)
-
-
-def require_usable(cfg: PipelineConfig, name: str) -> None:
-    """For a student another continues from: its final/ must be trained and current."""
-    st = student_states(cfg)[name]
-    if st.kind == "stale":
-        refuse_stale(cfg, {name: st}, set())
-    if st.kind not in USABLE:
-        raise ConfigError(f"student {name!r} is {st.kind}, and another student starts from it: run "
-                          f"`atkd student --student {name}` first (or `atkd run`)")
-

@@ -35,7 +35,8 @@ CASES = {
                           "row count unknown (see the problem above)"),
     "missing_local_data_dir": (["data.path=./no/such/dir"], "data.path './no/such/dir': no such file or directory",
                                ""),
-    "missing_teacher": (["teacher.model=/nonexistent/teacher"], "teacher.model '/nonexistent/teacher': no such directory",
+    "missing_teacher": (["teacher.model=/nonexistent/teacher"],
+                        "teacher.model '/nonexistent/teacher': no such directory",
                         "parameters unknown (its vocabulary is the teacher's, and teacher.model is not a local model)"),
     "missing_field": (["data.response_field=answer"], "train.jsonl:1: field 'answer' is missing",
                       "upper bound: data.max_seq_len per row; the rows could not be tokenised (see the problem)"),
@@ -45,8 +46,8 @@ CASES = {
                                "teacher.top_k=100000 exceeds the vocabulary of teacher.model", ""),
     "student_model_missing": (["students.s1.init=null", "students.s1.model=/nonexistent/student"],
                               "students[0].model '/nonexistent/student': no such directory", ""),
-    "eval_rows_are_training_rows": ([f"eval.path={{data}}"], "evaluation rows are training rows: 40 of the 40 test rows",
-                                    ""),
+    "eval_rows_are_training_rows": (["eval.path={data}"],
+                                    "evaluation rows are training rows: 40 of the 40 test rows", ""),
 }
 
 
@@ -71,8 +72,8 @@ def test_dry_run_of_a_good_config_has_no_problem_and_shows_sampled_targets_as_su
 
 
 def test_dry_run_checks_an_existing_cache_against_the_config(setup, capsys, tmp_path):
-    cfg = fh.write_config(tmp_path / "cfg.yaml", model=setup["model"], data=setup["data"], run_dir=str(tmp_path / "run"),
-                          cache=str(tmp_path / "run" / "cache"))
+    cfg = fh.write_config(tmp_path / "cfg.yaml", model=setup["model"], data=setup["data"],
+                          run_dir=str(tmp_path / "run"), cache=str(tmp_path / "run" / "cache"))
     rc, out = atkd_here(capsys, "teacher", str(cfg))
     assert rc == 0, out
     rc, out = atkd_here(capsys, "teacher", str(cfg), "--dry-run")
