@@ -75,7 +75,7 @@ def _dry_run(args, cfg: PipelineConfig, only_student: str | None = None) -> int 
         return None
     from pipeline.dryrun import plan
 
-    text, problems = plan(cfg, args.command, only_student)
+    text, problems = plan(cfg, args.command, only_student, getattr(args, "retrain", None))
     print(text)
     if problems:
         print(f"atkd: the dry run found {len(problems)} problem(s) the run would stop at (marked PROBLEM above)",

@@ -68,8 +68,10 @@ class Plan:
         return "\n".join(self.lines)
 
 
-def plan(cfg: PipelineConfig, command: str, only_student: str | None = None) -> tuple[str, list[str]]:
-    """(the plan's text, the problems found): what `atkd <command>` would do (module doc)."""
+def plan(cfg: PipelineConfig, command: str, only_student: str | None = None,
+         retrain: list[str] | None = None) -> tuple[str, list[str]]:
+    """(the plan's text, the problems found): what `atkd <command>` would do (module doc); `retrain`:
+    the command's --retrain names."""
     out = Plan(f"dry run of `atkd {command}` (nothing is run, written or downloaded); run dir {cfg.run_dir}")
     if command in ("run", "teacher"):
         finetune_lines(cfg, out)
@@ -81,7 +83,7 @@ def plan(cfg: PipelineConfig, command: str, only_student: str | None = None) -> 
             validation_lines(cfg, out)
     if command in ("run", "student"):
         names = [only_student] if only_student else [s.name for s in cfg.students]
-        student_lines(cfg, [cfg.student(n) for n in names], out)
+        student_lines(cfg, [cfg.student(n) for n in names], out, retrain or [])
     if command == "run":
         out.add("evaluation: " + ("up to date" if not _quietly(out, lambda: eval_stale(cfg), True) else
                                   f"would run and write {runner.results_path(cfg)}"))
@@ -301,17 +303,21 @@ def _sampled_lengths(cfg: PipelineConfig, out: Plan) -> tuple[tuple[float, float
 # ---------------------------------------------------------------- stage two
 
 
-def student_lines(cfg: PipelineConfig, students: list[StudentConfig], out: Plan) -> None:
+def student_lines(cfg: PipelineConfig, students: list[StudentConfig], out: Plan, retrain: list[str]) -> None:
     if not students:
         out.add("stage two: no students in the config")
         return
-    from pipeline.student_record import student_states
+    from pipeline.student_record import retrain_set, student_states
 
     states = _quietly(out, lambda: student_states(cfg), {})
+    again = _quietly(out, lambda: retrain_set(cfg, retrain), set())
     out.add("stage two:")
     for s in students:
         state = states.get(s.name)
-        if state is not None and state.kind in ("done", "unchecked", "stale", "continues"):
+        if s.name in again:
+            text = "would be trained anew (--retrain" + (f"; it is stale: {'; '.join(state.why)})"
+                                                       if state is not None and state.kind == "stale" else ")")
+        elif state is not None and state.kind in ("done", "unchecked", "stale", "continues"):
             text = state.text()
         else:
             source = "the training rows'" if runner.reads_rows(cfg, s) else "the cache's"
@@ -321,7 +327,7 @@ def student_lines(cfg: PipelineConfig, students: list[StudentConfig], out: Plan)
                 text += f", continuing from {state.checkpoint}"
         data = ", from the rows" if runner.reads_rows(cfg, s) else ""
         out.add(f"  student {s.name} ({s.loss.kind}{data}, {describe_params(cfg, s)}): {text}")
-        if state is not None and state.kind == "stale":
+        if state is not None and state.kind == "stale" and s.name not in again:
             out.problem(f"student {s.name!r} is stale: the run would refuse it until retrained "
                         f"(--retrain {s.name})")
         key = runner.student_key(cfg, s.name)

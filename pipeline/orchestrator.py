@@ -239,7 +239,7 @@ def describe_targets(teacher) -> str:
 
 
 def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) -> bool:
-    from stages.teacher.capture import open_for_capture, run_capture
+    from stages.teacher.capture import check_complete, open_for_capture, run_capture
 
     from pipeline.workers import resolve_workers, run_workers
 
@@ -250,7 +250,7 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]]) ->
         if cache_complete(cache_cfg.path):
             # Still compare the cache with the config (teacher, tokenizer, data, top_k, ...): a
             # complete cache of another teacher must be refused, not silently reused.
-            open_for_capture(data_cfg, teacher_for(teacher, label), cache_cfg)
+            check_complete(data_cfg, teacher_for(teacher, label), cache_cfg)
             _log(f"{label} cache {cache_cfg.path} is complete and matches the config")
         else:
             todo.append((label, data_cfg, cache_cfg))

@@ -128,6 +128,14 @@ def open_for_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg
     return cache, source, tokenizer, vocab_size
 
 
+def check_complete(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: CacheConfig) -> None:
+    """A complete cache compared with the config (CacheMismatchError naming the keys); its manifest
+    brought up to date when a worker was killed between its last commit and the manifest update."""
+    cache = open_for_capture(data_cfg, teacher_cfg, cache_cfg)[0]
+    if cache.manifest.shards_done != cache.completed_shards():
+        cache.refresh_manifest()
+
+
 def _preflight(source, tokenizer, data_cfg: DataConfig, entry, num_rows: int) -> None:
     """Tokenise the first shard's rows before the cache exists, so wrong field names, a
     wrong kind or a max_seq_len that drops most rows fail before anything is written."""

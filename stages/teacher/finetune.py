@@ -12,8 +12,10 @@ Finished, it writes `final/atkd_finetune.json`, the record of what the weights
 were trained from: the base model and its fingerprint, the fine-tune settings
 and the training rows' identity. The cache identity (stages.teacher.identity)
 copies that record, so a cache of the raw teacher, or of a teacher fine-tuned
-otherwise, is refused; a finished fine-tune whose record differs from the
-config is refused too (the weights would not be what the config says).
+otherwise, is refused. A finished fine-tune is never trained again or further:
+one whose record differs from the config (a raised optim.max_steps included) is
+refused before any step, naming each differing key (`settings.optim.max_steps:
+60 -> 80`), so the weights the cache and the students were made from survive.
 """
 
 from __future__ import annotations

@@ -78,6 +78,8 @@ def test_a_changed_weight_setting_is_refused_then_retrained_on_request(trained, 
     assert rc == 1 and "'kd': optim.lr: 0.003 -> 0.01" in out
     rc, out = atkd_here(capsys, "run", cfg, "--dry-run", "students.kd.optim.lr=0.01")
     assert rc == 1 and "PROBLEM: student 'kd' is stale" in out
+    rc, out = atkd_here(capsys, "run", cfg, "--dry-run", "students.kd.optim.lr=0.01", "--retrain", "kd")
+    assert rc == 0 and "would be trained anew (--retrain; it is stale: optim.lr: 0.003 -> 0.01)" in out, out
 
     # Settings that shape no weights keep every student done.
     quiet = ["students.kd.log_every=5", "students.kd.checkpoint_every=1", "students.kd.keep_checkpoints=4",
