@@ -206,6 +206,8 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict:
 
 def config_from_raw(raw: dict, overrides: list[str] | None = None) -> PipelineConfig:
     """A PipelineConfig from a YAML tree (changed in place by the `a.b=c` overrides), paths derived, validated."""
+    if overrides:
+        raw.update(_unaliased(raw))  # `optim: *distil` shared by students: an override changes one of them
     for ov in overrides or []:
         _apply_override(raw, ov)
     cfg = _build(PipelineConfig, raw, "")
@@ -215,6 +217,15 @@ def config_from_raw(raw: dict, overrides: list[str] | None = None) -> PipelineCo
 
     register_storage_options(cfg.cache.path, cfg.cache.storage_options)
     return cfg
+
+
+def _unaliased(value: Any) -> Any:
+    """A copy in which no mapping or list is shared (YAML anchors and aliases load as one object)."""
+    if isinstance(value, dict):
+        return {k: _unaliased(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unaliased(v) for v in value]
+    return value
 
 
 def derive_paths(cfg: PipelineConfig) -> None:
@@ -288,9 +299,16 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"demo.teacher_train_examples: must be >= 0 (0 = the teacher trains on the "
                           f"students' train split), got {cfg.demo.teacher_train_examples}")
     if cfg.data.kind == "prompt_response":
-        from stages.template import template_names, used_names
+        from stages.template import template_names, unknown_placeholders, used_names
 
-        if not used_names(cfg.data.template, template_names(cfg.data)):
+        names = template_names(cfg.data)
+        unknown = unknown_placeholders(cfg.data.template, names)
+        if unknown:
+            known = ", ".join("{" + n + "}" for n in names)
+            raise ConfigError(f"data.template: {{{unknown[0]}}} names no field{did_you_mean(unknown[0], list(names))}; "
+                              f"the template can use {known} (add a row field to data.template_fields to use it; "
+                              f"write {{{{{unknown[0]}}}}} for a literal {{{unknown[0]}}})")
+        if not used_names(cfg.data.template, names):
             raise ConfigError("data.template: must contain {prompt} or one of data.template_fields as {name}")
     ft = cfg.teacher.finetune
     if ft.enabled:
@@ -340,6 +358,14 @@ def validate(cfg: PipelineConfig) -> None:
             raise ConfigError(f"{where}.checkpoint_every: must be > 0")
 
 
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """` (did you mean hidden_size?)` when a choice is close to `word`, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def check_optim(optim, where: str) -> None:
     if optim.batch_size <= 0 or optim.grad_accum <= 0 or optim.max_steps <= 0:
         raise ConfigError(f"{where}: batch_size, grad_accum and max_steps must be > 0")
@@ -369,6 +395,9 @@ def to_dict(cfg: PipelineConfig) -> dict:
 def save_resolved(cfg: PipelineConfig, path: str | Path) -> None:
     """Write the fully resolved config (defaults filled in) next to a run's outputs."""
     p = Path(path)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if p.is_file() and p.read_text() == text:
+        return  # unchanged: no rewrite
     p.parent.mkdir(parents=True, exist_ok=True)
     # Atomic, via a private temporary name: several workers started together write this at once.
-    atomic_write(p, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write(p, text)

@@ -12,12 +12,11 @@ without one stays quick.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 from typing import Any
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, did_you_mean
 
 _FIELD_ERROR = re.compile(r"error for field '([^']+)'")
 
@@ -30,14 +29,14 @@ def check_init(init: dict[str, Any], where: str) -> None:
     model_type = params.pop("model_type", None) or "llama"  # stages/student/model.py's default
     if model_type not in CONFIG_MAPPING:
         raise ConfigError(f"{where}.model_type: {model_type!r} is not a transformers model type"
-                        f"{_suggest(model_type, list(CONFIG_MAPPING.keys()))}")
+                        f"{did_you_mean(model_type, list(CONFIG_MAPPING.keys()))}")
     _check_causal_lm(model_type, where)
     config_class = CONFIG_MAPPING[model_type]
     allowed = config_fields(config_class)
     for key in params:
         if key not in allowed:
             raise ConfigError(f"{where}.{key}: not a field of {config_class.__name__}"
-                            f"{_suggest(key, sorted(allowed))}")
+                            f"{did_you_mean(key, sorted(allowed))}")
     _instantiate(config_class, params, where)
 
 
@@ -58,7 +57,7 @@ def _check_causal_lm(model_type: str, where: str) -> None:
 
     if model_type not in causal:
         raise ConfigError(f"{where}.model_type: {model_type!r} has no causal language model in transformers "
-                        f"(students are trained as AutoModelForCausalLM){_suggest(model_type, list(causal))}")
+                        f"(students are trained as AutoModelForCausalLM){did_you_mean(model_type, list(causal))}")
 
 
 def _instantiate(config_class, params: dict, where: str) -> None:
@@ -82,6 +81,3 @@ def _validation_errors() -> tuple[type[BaseException], ...]:
     return errors + (StrictDataclassError,)
 
 
-def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""

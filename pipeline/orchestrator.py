@@ -4,13 +4,14 @@ Run directory layout (everything a run produces lives under `run_dir`):
 
     <run_dir>/config.yaml              the resolved config of the last command
     <run_dir>/split.json               the held-out split (data.holdout): spec, sizes, fingerprint
-    <run_dir>/students/<name>/         checkpoints, log.jsonl, tb/, final/, done.json
+    <run_dir>/students/<name>/         checkpoints, log.jsonl, tb/, final/, done.json (with `trained_from`: what it
+                                       was trained from, pipeline/student_record.py)
     <run_dir>/teacher-finetuned/       teacher.finetune: the teacher's SFT run, laid out like a student;
                                        stage one caches its final/ instead of teacher.model
     <run_dir>/cache-val/               teacher cache over the validation split (stage one, for eval;
                                        eval.validation_cache puts it elsewhere, e.g. shared by a sweep's seeds)
     <run_dir>/eval/results.json        metrics per model (written by stages.evaluate only)
-    <run_dir>/eval/settings.json       what results.json was computed from (config, models, their done.json)
+    <run_dir>/eval/settings.json       what results.json was computed from (pipeline/evaluation.py)
     <run_dir>/eval/overlap.json        evaluation rows found among the training rows (stages.overlap), keyed
                                        by both sides' fingerprints so a rerun does not rescan
     <run_dir>/eval/<model>.generations.jsonl
@@ -24,6 +25,7 @@ without importing torch or vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -33,8 +35,7 @@ from pathlib import Path
 from pipeline.config import (CacheConfig, ConfigError, DataConfig, PipelineConfig, StudentConfig, TeacherConfig,
                              check_name, save_resolved)
 from stages.student.config import student_data
-from storage.errors import AtkdError
-from storage.files import atomic_write  # noqa: F401
+from storage.files import atomic_write
 
 
 def _log(msg: str) -> None:
@@ -106,13 +107,19 @@ def stage_log(cfg: PipelineConfig, stage: str):
 
 
 def prepare(cfg: PipelineConfig) -> None:
-    """Record the resolved config; build the demo task and teacher if the config asks."""
-    save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
+    """Build the demo task and teacher if the config asks (before any check: they are the data and
+    the teacher the checks read)."""
     if cfg.demo.enabled:
         from stages.demo.teacher import prepare_demo
 
         with stage_log(cfg, "demo"):
             prepare_demo(cfg.demo, demo_dir(cfg), cfg.data)
+
+
+def record_run(cfg: PipelineConfig) -> None:
+    """<run_dir>/config.yaml and split.json, written once a command's checks passed and its work starts
+    (or it finished): a command refused for a mismatch leaves the run's record as it was."""
+    save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
     record_split(cfg)
 
 
@@ -180,7 +187,7 @@ def run_finetune(cfg: PipelineConfig) -> bool:
     from stages.teacher.finetune import finetune_teacher
 
     with stage_log(cfg, "finetune"):
-        return finetune_teacher(cfg.data, cfg.teacher, finetune_dir(cfg))
+        return finetune_teacher(cfg.data, cfg.teacher, finetune_dir(cfg), on_start=lambda: record_run(cfg))
 
 
 def run_teacher(cfg: PipelineConfig, *, validation: bool = False, training: bool = True,
@@ -213,7 +220,12 @@ def run_validation_capture(cfg: PipelineConfig) -> bool:
         return _run_teacher(cfg, [job])
 
 
-def _teacher_for(teacher: TeacherConfig, label: str) -> TeacherConfig:
+def validation_teacher(cfg: PipelineConfig) -> TeacherConfig:
+    """The teacher as the validation cache holds it."""
+    return teacher_for(cached_teacher(cfg), "validation")
+
+
+def teacher_for(teacher: TeacherConfig, label: str) -> TeacherConfig:
     """The validation cache is always top-k (KL to the teacher, top-1 agreement need it); the
     training cache holds what teacher.targets asks for."""
     if label == "validation" and teacher.targets != "topk":
@@ -221,7 +233,7 @@ def _teacher_for(teacher: TeacherConfig, label: str) -> TeacherConfig:
     return teacher
 
 
-def _what(teacher) -> str:
+def describe_targets(teacher) -> str:
     """What stage one caches, for the log: 'top-64 log-probs', '16 draws per position', or both."""
     parts = [f"top-{teacher.top_k} log-probs"] if teacher.targets != "sampled" else []
     if teacher.targets != "topk":
@@ -230,7 +242,7 @@ def _what(teacher) -> str:
 
 
 def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]], ray_address: str | None = None) -> bool:
-    from stages.teacher.capture import run_capture
+    from stages.teacher.capture import check_complete, open_for_capture, refuse_unshared_cache, run_capture
 
     from pipeline.workers import resolve_workers, run_workers
 
@@ -241,10 +253,9 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]], ra
     for label, data_cfg, cache_cfg in jobs:
         if cache_complete(cache_cfg.path):
             # Still compare the cache with the config (teacher, tokenizer, data, top_k, ...): a
-            # complete cache of another teacher must be refused, not silently reused. run_capture
-            # loads the data, checks the identity and returns without starting an engine.
-            _log(f"{label} cache {cache_cfg.path} is complete; checking that it matches the config")
-            run_capture(data_cfg, _teacher_for(teacher, label), cache_cfg, progress=False)
+            # complete cache of another teacher must be refused, not silently reused.
+            check_complete(data_cfg, teacher_for(teacher, label), cache_cfg)
+            _log(f"{label} cache {cache_cfg.path} is complete and matches the config")
         else:
             todo.append((label, data_cfg, cache_cfg))
     if not todo:
@@ -252,57 +263,62 @@ def _run_teacher(cfg: PipelineConfig, jobs: list[tuple[str, object, object]], ra
     if on_ray and todo[0][0] == "training":
         from pipeline.ray_workers import run_ray_workers
 
-        _log(f"stage one (training data): Ray actors caching {_what(teacher)} of {teacher.model} into "
+        label, data_cfg, cache_cfg = todo[0]
+        # Ray actors are other processes, often on other nodes: the cache must take several writers.
+        refuse_unshared_cache(cfg.cache.path, 2, "Ray teacher workers")
+        open_for_capture(data_cfg, teacher, cache_cfg)  # the workers' own checks, once, here
+        record_run(cfg)
+        _log(f"stage one (training data): Ray actors caching {describe_targets(teacher)} of {teacher.model} into "
              f"{cfg.cache.path}")
         run_ray_workers(dataclasses.replace(cfg, teacher=teacher), teacher.num_workers, ray_address or None)
         todo = todo[1:]  # the validation cache is small: this process does it
     elif num_workers > 1 and todo[0][0] == "training":
-        from stages.teacher.capture import refuse_unshared_cache
-
+        label, data_cfg, cache_cfg = todo[0]
         refuse_unshared_cache(cfg.cache.path, num_workers, f"{num_workers} teacher workers")
-        _log(f"stage one (training data): {num_workers} worker processes caching {_what(teacher)} "
+        open_for_capture(data_cfg, teacher, cache_cfg)  # the workers' own checks, once, here
+        record_run(cfg)
+        _log(f"stage one (training data): {num_workers} worker processes caching {describe_targets(teacher)} "
              f"of {teacher.model} into {cfg.cache.path}")
         run_workers(dataclasses.replace(cfg, teacher=teacher), num_workers, gpu_groups)
         todo = todo[1:]  # the validation cache is small: this process does it
     engine = None
-    if len(todo) > 1:
-        from stages.teacher.engines import make_engine
-
-        engine = make_engine(teacher, max_seq_len=cfg.data.max_seq_len)
     try:
         for label, data_cfg, cache_cfg in todo:
-            _log(f"stage one ({label} data): caching {_what(_teacher_for(teacher, label))} of "
+            if len(todo) > 1 and engine is None:  # one engine for both caches, started once the first is checked
+                open_for_capture(data_cfg, teacher_for(teacher, label), cache_cfg)
+                from stages.teacher.engines import make_engine
+
+                record_run(cfg)
+                engine = make_engine(teacher, max_seq_len=cfg.data.max_seq_len)
+            _log(f"stage one ({label} data): caching {describe_targets(teacher_for(teacher, label))} of "
                  f"{teacher.model} into {cache_cfg.path}")
-            run_capture(data_cfg, _teacher_for(teacher, label), cache_cfg, engine=engine)
+            run_capture(data_cfg, teacher_for(teacher, label), cache_cfg, engine=engine,
+                        on_start=lambda: record_run(cfg))
     finally:
         if engine is not None:
             engine.close()
     return True
 
 
-def student_done(cfg: PipelineConfig, name: str) -> bool:
-    """The trainer's own answer (stages.student.layout.is_done) for the configured max_steps."""
-    from stages.student.layout import is_done
-
-    optim = next((s.optim for s in cfg.students if s.name == name), None)
-    return optim is not None and is_done(student_dir(cfg, name), optim.max_steps, optim.epochs)
-
-
-_checked_caches: dict[str, int] = {}
+_checked_caches: dict[tuple, int] = {}
 
 
 def check_training_cache(cfg: PipelineConfig) -> int:
     """Refuse a cache built from another teacher, tokenizer or data than the config's (stage
-    two would silently learn the wrong thing); returns the top_k to train with. Once per cache."""
+    two would silently learn the wrong thing); returns the top_k to train with. Once per cache
+    and config."""
     from storage.cache import Cache
     from stages.teacher.identity import check_for_students
 
-    if cfg.cache.path not in _checked_caches:
-        top_k, notes = check_for_students(Cache.open(cfg.cache.path), cfg.data, cached_teacher(cfg))
+    cache = Cache.open(cfg.cache.path)
+    key = (cfg.cache.path, cache.fingerprint, json.dumps(dataclasses.asdict(cfg.data), default=str),
+           json.dumps(dataclasses.asdict(cfg.teacher), default=str))
+    if key not in _checked_caches:
+        top_k, notes = check_for_students(cache, cfg.data, cached_teacher(cfg))
         for note in notes:
             _log(note)
-        _checked_caches[cfg.cache.path] = top_k
-    return _checked_caches[cfg.cache.path]
+        _checked_caches[key] = top_k
+    return _checked_caches[key]
 
 
 def _check_loss_targets(cfg: PipelineConfig, scfg: StudentConfig) -> None:
@@ -312,47 +328,110 @@ def _check_loss_targets(cfg: PipelineConfig, scfg: StudentConfig) -> None:
     from storage.cache import Cache
     from storage.schema import targets_of
 
-    i = next((i for i, s in enumerate(cfg.students) if s.name == scfg.name), 0)
     try:
         resolve_targets(scfg.loss, targets_of(Cache.open(cfg.cache.path).manifest.identity),
-                        f"students[{i}].loss ({scfg.name})")
+                        f"{student_key(cfg, scfg.name)}.loss ({scfg.name})")
     except TrainingError as e:
         raise ConfigError(str(e)) from None
 
 
-def run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
-    """Stage two for one student. Returns True if it did any work."""
+def student_key(cfg: PipelineConfig, name: str) -> str:
+    """`students[i]`: where a student's settings are in the config, for messages."""
+    return f"students[{next((i for i, s in enumerate(cfg.students) if s.name == name), 0)}]"
+
+
+def require_training_cache(url: str) -> None:
+    """A cache student needs the complete cache: a storage error saying what is missing, and the fix."""
+    from storage.errors import CacheNotReadyError
+
+    cache = open_cache(url)
+    if cache is None:
+        raise CacheNotReadyError(f"the teacher cache {url} does not exist (no manifest.json); run `atkd teacher` "
+                                 "first (or `atkd run`)")
+    if not cache.is_complete():
+        done = set(cache.completed_shards())
+        missing = [i for i in range(cache.num_shards) if i not in done]
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise CacheNotReadyError(f"the teacher cache {url} is not complete: {len(done)} of {cache.num_shards} "
+                                 f"shards, missing shard(s) {shown}; run `atkd teacher` (or `atkd run`) to write "
+                                 "them (`atkd verify` checks the others)")
+
+
+def run_student(cfg: PipelineConfig, scfg: StudentConfig, retrain: set[str] | frozenset = frozenset()) -> bool:
+    """Stage two for one student (retrained anew when its name is in `retrain`). True if it did any work."""
     with stage_log(cfg, "student"):
-        return _run_student(cfg, scfg)
+        return _run_student(cfg, scfg, retrain)
 
 
-def _run_student(cfg: PipelineConfig, scfg: StudentConfig) -> bool:
+def _run_student(cfg: PipelineConfig, scfg: StudentConfig, retrain) -> bool:
+    from pipeline.student_record import USABLE, clear_for_retrain, expected_record, refuse_stale, student_states
     from stages.student.trainer import train_student
 
-    if student_done(cfg, scfg.name):
-        _log(f"student {scfg.name!r} is already trained ({student_dir(cfg, scfg.name)}/final); skipping")
+    if scfg.name in retrain:
+        clear_for_retrain(cfg, scfg.name)
+    states = student_states(cfg)
+    state = states[scfg.name]
+    if state.kind in USABLE:
+        note = "" if state.kind == "done" else " (trained by an older atkd: not checked against the config)"
+        _log(f"student {scfg.name!r} is already trained ({student_dir(cfg, scfg.name)}/final){note}; skipping")
         return False
+    refuse_stale(cfg, {scfg.name: state}, set())
     rows = reads_rows(cfg, scfg)
-    if not rows and not cache_complete(cfg.cache.path):
-        raise ConfigError(
-            f"the teacher cache {cfg.cache.path} is not complete; run `atkd teacher` first (or `atkd run`)"
-        )
+    if not rows:
+        require_training_cache(cfg.cache.path)
     top_k = None if rows else check_training_cache(cfg)
     if not rows:
         _check_loss_targets(cfg, scfg)
     if scfg.init_from:
-        if not student_done(cfg, scfg.init_from):
-            raise ConfigError(f"student {scfg.name!r} starts from student {scfg.init_from!r}, which is not "
-                              f"trained yet: run `atkd student --student {scfg.init_from}` first (or `atkd run`)")
+        parent = states[scfg.init_from]
+        if parent.kind not in USABLE:
+            refuse_stale(cfg, {scfg.init_from: parent}, set())
+            raise ConfigError(f"student {scfg.name!r} starts from student {scfg.init_from!r}, which is "
+                              f"{parent.kind}: run `atkd student --student {scfg.init_from}` first (or `atkd run`)")
+    check_student_model(cfg, scfg)
+    record = expected_record(cfg, scfg)
+    if scfg.init_from:
         scfg = copy.deepcopy(scfg)
         scfg.model = str(student_dir(cfg, scfg.init_from) / "final")
-    _remove_stale_partials(student_dir(cfg, scfg.name))
+    out = student_dir(cfg, scfg.name)
+    _remove_stale_partials(out)
+    record_run(cfg)
     _log(f"stage two: training student {scfg.name!r} with loss {scfg.loss.kind}"
          + (" from the training rows (no teacher cache)" if rows else "")
-         + (f", starting from student {scfg.init_from!r}" if scfg.init_from else ""))
-    train_student(scfg, cache_url=None if rows else cfg.cache.path, out_dir=str(student_dir(cfg, scfg.name)),
-                  tokenizer_path=cfg.teacher.model or None, top_k=top_k, data_cfg=cfg.data)
+         + (f", starting from student {scfg.init_from!r}" if scfg.init_from else "")
+         + (f" ({'; '.join(state.why)})" if state.kind == "continues" else ""))
+    existed = out.exists()
+    try:
+        train_student(scfg, cache_url=None if rows else cfg.cache.path, out_dir=str(out),
+                      tokenizer_path=cfg.teacher.model or None, top_k=top_k, data_cfg=cfg.data, record=record)
+    except BaseException:
+        if not existed:
+            _remove_if_nothing_kept(out)
+        raise
     return True
+
+
+def check_student_model(cfg: PipelineConfig, scfg: StudentConfig) -> None:
+    """A student's `model` / `tokenizer` that is not there: a clear error naming the setting."""
+    from stages.teacher.identity import check_model_reachable
+
+    where = student_key(cfg, scfg.name)
+    if scfg.model:
+        check_model_reachable(scfg.model, f"{where}.model")
+    if scfg.tokenizer:
+        check_model_reachable(scfg.tokenizer, f"{where}.tokenizer")
+
+
+def _remove_if_nothing_kept(out: Path) -> None:
+    """A first attempt that failed before its first checkpoint leaves no students/<name> behind."""
+    from stages.student.layout import list_checkpoints, read_done
+
+    if os.environ.get("RANK", "0") == "0" and out.is_dir() and not list_checkpoints(out) and read_done(out) is None:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            out.parent.rmdir()  # students/, when this was its only student
 
 
 def _remove_stale_partials(out: Path) -> None:
@@ -365,165 +444,31 @@ def _remove_stale_partials(out: Path) -> None:
         _log(f"removed {path} (left by an interrupted save whose process is gone)")
 
 
-def eval_models(cfg: PipelineConfig) -> dict[str, str]:
-    """What evaluation covers: every trained student's final/ and the teacher (fine-tuned with
-    teacher.finetune; none in a run without one)."""
-    models = {s.name: str(student_dir(cfg, s.name) / "final") for s in cfg.students if student_done(cfg, s.name)}
-    if cfg.teacher.model:
-        models["teacher"] = cached_teacher(cfg).model
-    return models
-
-
-def eval_settings(cfg: PipelineConfig) -> dict:
-    """Everything results.json depends on: the eval and data config, the teacher, and each model with
-    the steps and finish time of its done.json (retraining a student changes them). JSON-plain."""
-    from stages.student.layout import read_done
-
-    students, models = {s.name for s in cfg.students}, {}
-    for name, path in eval_models(cfg).items():
-        done = read_done(student_dir(cfg, name)) if name in students else None
-        if name == "teacher" and cfg.teacher.finetune.enabled:
-            done = read_done(finetune_dir(cfg))  # a fine-tune trained again changes the teacher
-        models[name] = {"dir": path, **({k: done.get(k) for k in ("steps", "finished_at")} if done else {})}
-    settings = {"eval": dataclasses.asdict(cfg.eval), "data": dataclasses.asdict(cfg.data),
-                "teacher": cfg.teacher.model, "models": models}
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
-
-
-def _eval_stale(cfg: PipelineConfig) -> bool:
-    """No results yet, or they were computed with other settings (eval config, models, retrained students)."""
-    if not results_path(cfg).is_file():
-        return True
-    try:
-        recorded = json.loads(eval_settings_path(cfg).read_text())
-    except (OSError, ValueError):
-        return True  # results of an older atkd (no settings.json) or of a killed write: evaluate again
-    return recorded != eval_settings(cfg)
-
-
-def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
-    """Evaluate every trained student and the teacher (stages.evaluate writes results.json), then the report.
-
-    The validation cache is stage one's: run first, as that stage, when it is missing."""
-    run_finetune(cfg)  # the teacher row is the fine-tuned teacher (nothing to do once it is trained)
-    if not force and not _eval_stale(cfg):
-        _log(f"evaluation {results_path(cfg)} is up to date; skipping")
-        return None
-    if validation_job(cfg) is not None and not cache_complete(val_cache_path(cfg)):
-        _log(f"the validation cache {val_cache_path(cfg)} is not complete: running stage one over "
-             f"{cfg.eval.validation_path or 'the validation part of ' + cfg.data.path} first")
-        run_validation_capture(cfg)
-    with stage_log(cfg, "eval"):
-        return _run_eval(cfg)
-
-
-def answer_rule(cfg: PipelineConfig):
-    """The exact-match rule `eval.answer_rule` names (None: stages.evaluate's default, the whole response)."""
-    rule = cfg.eval.answer_rule
-    if rule == "auto":  # a config built in code, not by load_config
-        rule = "demo" if cfg.demo.enabled else "exact"
-    if rule == "demo":
-        from stages.demo.evaluation import DemoAnswer
-
-        return DemoAnswer()
-    return None
-
-
-def report_sections(cfg: PipelineConfig) -> list[str]:
-    """What the run adds to the report beyond the evaluation: the demo teacher's numbers."""
-    if not cfg.demo.enabled:
-        return []
-    from stages.demo.evaluation import teacher_section
-
-    return [teacher_section(demo_dir(cfg))]
-
-
-def _run_eval(cfg: PipelineConfig) -> dict:
-    from stages.evaluate import evaluate_models
-    from stages.report import write_report
-
-    settings = eval_settings(cfg)  # before evaluating: a student finishing meanwhile makes the results stale
-    val_job = validation_job(cfg)
-    val_url = val_cache_path(cfg) if val_job is not None else None
-    if val_url is None and not cfg.teacher.model:
-        _log("KL to the teacher, top-1 agreement and ECE are skipped: the run has no teacher")
-    elif val_url is None:
-        _log("KL to the teacher, top-1 agreement and ECE are skipped: they need held-out rows cached by the "
-             "teacher; set eval.validation_path to a file of them, or data.holdout.validation")
-    results = evaluate_models(eval_models(cfg), eval_cfg=cfg.eval, data_cfg=cfg.data,
-                              teacher_dir=cached_teacher(cfg).model,
-                              val_cache_url=val_url, backend=cfg.eval.backend, out_dir=str(results_path(cfg).parent),
-                              settings=settings, answer_rule=answer_rule(cfg),
-                              val_data_cfg=val_job[1] if val_job else None)
-    logs = {s.name: str(student_dir(cfg, s.name) / "log.jsonl") for s in cfg.students}
-    cache = cfg.cache.path if needs_training_cache(cfg) and cache_complete(cfg.cache.path) else None
-    report = write_report(cfg.run_dir, results, logs, cache, sections=report_sections(cfg))
-    _log(f"report written to {report}")
-    return results
-
-
 def run_finished(cfg: PipelineConfig) -> bool:
-    """Every student trained and the evaluation current: `atkd run` would do nothing."""
-    return all(student_done(cfg, s.name) for s in cfg.students) and not _eval_stale(cfg)
+    """Every student trained and current, and the evaluation current: `atkd run` would do nothing."""
+    from pipeline.evaluation import eval_stale
+    from pipeline.student_record import USABLE, student_states
+
+    states = student_states(cfg)
+    return all(st.kind in USABLE for st in states.values()) and not eval_stale(cfg, states)
 
 
-def run_all(cfg: PipelineConfig) -> bool:
-    """`atkd run`: every stage that is not done yet, in order. Returns True if anything ran."""
+def run_all(cfg: PipelineConfig, retrain: list[str] | None = None) -> bool:
+    """`atkd run`: every stage that is not done yet, in order. Returns True if anything ran.
+
+    Before any stage: finished students trained from something else than the config are refused
+    (unless `retrain` names them: pipeline.student_record), and so are evaluation rows that are
+    training rows (pipeline.evaluation.check_overlap)."""
+    from pipeline.evaluation import check_overlap, run_eval
+    from pipeline.student_record import refuse_stale, retrain_set, student_states
+
     prepare(cfg)
+    again = retrain_set(cfg, retrain or [])
+    refuse_stale(cfg, student_states(cfg), again)
+    check_overlap(cfg)
     did = run_teacher(cfg, validation=True, training=needs_training_cache(cfg))
     for s in cfg.students:
-        did = run_student(cfg, s) or did
+        did = run_student(cfg, s, again) or did
     did = (run_eval(cfg) is not None) or did
+    record_run(cfg)
     return did
-
-
-# ------------------------------------------------------------------ reporting
-
-
-def load_results(cfg: PipelineConfig) -> dict | None:
-    rp = results_path(cfg)
-    return json.loads(rp.read_text()) if rp.is_file() else None
-
-
-def format_results(results: dict) -> str:
-    from stages.report import format_table
-
-    return format_table(results)
-
-
-def status_text(cfg: PipelineConfig) -> str:
-    lines = [f"run dir: {cfg.run_dir}"]
-    if cfg.teacher.finetune.enabled:
-        from stages.teacher.finetune import finetune_state
-
-        lines.append(f"teacher fine-tune {finetune_dir(cfg)}: {finetune_state(cfg.teacher, finetune_dir(cfg))}")
-    if not needs_training_cache(cfg):
-        lines.append("teacher cache: not needed (every student trains from the rows)")
-    elif open_cache(cfg.cache.path) is None:
-        lines.append(f"teacher cache {cfg.cache.path}: not started")
-    else:
-        from storage.errors import CacheMismatchError
-        from storage.verify import status_summary
-
-        lines.append(f"teacher cache: {status_summary(cfg.cache.path)}")
-        try:
-            check_training_cache(cfg)
-        except CacheMismatchError as e:
-            lines.append(f"MISMATCH: {e}")
-        except AtkdError as e:  # e.g. the fine-tuned teacher it should match is not there yet
-            lines.append(f"not checked against the config: {e}")
-    from stages.student.layout import last_checkpoint
-
-    for s in cfg.students:
-        if student_done(cfg, s.name):
-            state = "done"
-        else:
-            last = last_checkpoint(student_dir(cfg, s.name))
-            state = f"in progress (last checkpoint {last.name})" if last else "not started"
-        lines.append(f"student {s.name} ({s.loss.kind}{', from the rows' if reads_rows(cfg, s) else ''}): {state}")
-    if not results_path(cfg).is_file():
-        lines.append("evaluation: not run")
-    else:
-        lines.append("evaluation: " + ("out of date (settings or students changed since)" if _eval_stale(cfg)
-                                       else "done"))
-    return "\n".join(lines)

@@ -45,7 +45,8 @@ from pathlib import Path
 import yaml
 
 from pipeline import orchestrator as runner
-from pipeline.config import ConfigError, PipelineConfig, _apply_override, check_name, config_from_raw, read_yaml
+from pipeline.config import (ConfigError, PipelineConfig, StudentConfig, _apply_override, _build, check_name,
+                             config_from_raw, read_yaml)
 from storage.files import atomic_write
 
 KEYS = ("config", "out_dir", "seeds", "students", "set", "baseline", "variants", "teachers")
@@ -124,6 +125,16 @@ def _sets(value, where: str) -> dict:
     return value
 
 
+def _check_variant(variant: Variant, origin: dict, where: str) -> None:
+    """The variant's `set` applied to its origin student, checked like a config's student, so a typo is
+    reported where it was made (variants[i].set.loss: unknown key ...), not as a student of every run."""
+    student = json.loads(json.dumps(origin))  # a plain copy (YAML anchors)
+    student["name"] = variant.name
+    for key, value in variant.set.items():
+        _override(student, key, value, where)
+    _build(StudentConfig, student, where)
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read and check a sweep file (names against the config's students); the runs are checked by plan()."""
     path = Path(path)
@@ -141,7 +152,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     spec = Sweep(path=path, config=path.parent / raw["config"], out_dir=Path(out_dir), seeds=list(seeds),
                  students=_names(raw.get("students"), where("students")), set=_sets(raw.get("set"), where("set")),
                  baseline=raw.get("baseline"), overrides=list(overrides or []))
-    config_students = [s.get("name") for s in read_yaml(spec.config).get("students") or [] if isinstance(s, dict)]
+    config_raw = [s for s in read_yaml(spec.config).get("students") or [] if isinstance(s, dict)]
+    config_students = [s.get("name") for s in config_raw]
     for i, item in enumerate(raw.get("variants") or []):
         w = where(f"variants[{i}]")
         item = _mapping(item, w, ("name", "from", "set"))
@@ -153,6 +165,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
             raise ConfigError(f"{w}.from: {origin!r} is not a student of {spec.config} "
                               f"(its students: {', '.join(config_students) or 'none'})")
         spec.variants.append(Variant(name, origin, _sets(item.get("set"), f"{w}.set")))
+        _check_variant(spec.variants[-1], config_raw[config_students.index(origin)], f"{w}.set")
     if raw.get("teachers") is not None:
         if not isinstance(raw["teachers"], list) or not raw["teachers"]:
             raise ConfigError(f"{where('teachers')}: expected a non-empty list of {{name, set, students}}")
@@ -321,12 +334,13 @@ def run_sweep(spec: Sweep, runs: list[Run] | None = None) -> str:
 
 def write_report(spec: Sweep, runs: list[Run], seconds: dict[str, float], finished: dict[str, bool]) -> str:
     """The sweep's report from every finished run's eval/results.json and per-example scores."""
+    from pipeline.evaluation import load_results
     from stages.evaluate import read_example_scores
     from stages.sweep_report import SeedResult, Sweep as About, machine, write_sweep_report
 
     cells: dict[tuple[str, str], list] = {}
     for run in runs:
-        results = runner.load_results(run.cfg) if finished.get(run.label) else None
+        results = load_results(run.cfg) if finished.get(run.label) else None
         for model, metrics in (results or {}).items():
             generations = runner.results_path(run.cfg).parent / f"{model}.generations.jsonl"
             examples = read_example_scores(generations) if generations.is_file() else {}

@@ -89,13 +89,15 @@ class DataStats:
 # ---------------------------------------------------------------- loading
 
 
-def open_source(data_cfg: DataConfig, path: str | None = None, split: str | None = None) -> RowSource:
+def open_source(data_cfg: DataConfig, path: str | None = None, split: str | None = None, *,
+                key: str = "data.path") -> RowSource:
     """The data's RowSource (`path`/`split` override data_cfg's: evaluation reads other files
-    with the same field settings). Nothing is read beyond one indexing pass."""
+    with the same field settings; `key` then names their setting). Nothing is read beyond one
+    indexing pass."""
     columns = [data_cfg.prompt_field, data_cfg.response_field, data_cfg.messages_field, data_cfg.text_field,
                *data_cfg.template_fields]
     return open_rows(path if path is not None else data_cfg.path, fmt=data_cfg.format,
-                     split=split if split is not None else data_cfg.split, columns=columns)
+                     split=split if split is not None else data_cfg.split, columns=columns, key=key)
 
 
 def num_rows(data_cfg: DataConfig, source: RowSource) -> int:
@@ -171,11 +173,15 @@ def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = 
 # ---------------------------------------------------------------- row validation
 
 
+class UnreadableRowError(DataError):
+    """A row that is not a JSON object at all (a broken line): no field setting can fix it."""
+
+
 def _field(row: Any, where: str, name: str, kind: str = "string"):
     if isinstance(row, BadRow):
-        raise DataError(f"{where}: {row.reason}")
+        raise UnreadableRowError(f"{where}: {row.reason}")
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise UnreadableRowError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if name not in row or row[name] is None:
         present = sorted(k for k, v in row.items() if v is not None)  # Arrow fills absent columns with None
         raise DataError(f"{where}: field {name!r} is missing (expected a {kind}); the row has {present}")
@@ -273,10 +279,9 @@ def _build_segments(rows, tokenizer, data_cfg: DataConfig, indices, where):
         return build(rows, tokenizer, data_cfg, indices, where), {}
     except DataError as e:
         if data_cfg.bad_rows != "skip":
-            raise DataError(
-                f"{e}. Fix that row, point the data.*_field "
-                "settings at the right fields, or set data.bad_rows=skip to skip and count bad rows"
-            ) from None
+            fix = ("Fix that line (one JSON object per line)" if isinstance(e, UnreadableRowError)
+                   else "Fix that row, point the data.*_field settings at the right fields")
+            raise DataError(f"{e}. {fix}, or set data.bad_rows=skip to skip and count bad rows") from None
     # Slow path (only when some row is bad and bad_rows=skip): row by row.
     good, bad = {}, {}
     for i in indices:
@@ -361,14 +366,19 @@ def tokenize_rows(rows: Sequence[Any], tokenizer, data_cfg: DataConfig, *, start
     return examples, stats
 
 
-def drop_fix(data_cfg: DataConfig) -> str:
-    """What to do about dropped rows, as the settings stand."""
+def drop_fix(data_cfg: DataConfig, stats: DataStats | None = None) -> str:
+    """What to do about the rows `stats` dropped (over-long and/or bad), as the settings stand."""
     fixes = []
-    if data_cfg.overlong == "skip":
-        fixes.append("raise data.max_seq_len or set data.overlong=truncate")
-    else:
-        fixes.append("raise data.max_seq_len (prompts alone fill it)")
-    fixes.append("fix the bad rows (see the reasons) or point the data.*_field settings at the right fields")
+    if stats is None or stats.skipped_overlong:
+        if data_cfg.overlong == "skip":
+            fixes.append("raise data.max_seq_len or set data.overlong=truncate")
+        else:
+            fixes.append("raise data.max_seq_len (prompts alone fill it)")
+    if stats is None or stats.skipped_bad:
+        unreadable = stats is not None and all(": not valid JSON" in r or ": expected a JSON object" in r
+                                               for r in stats.reasons if "data.max_seq_len" not in r)
+        fixes.append("fix the broken lines (one JSON object per line)" if unreadable else
+                     "fix the bad rows (see the reasons) or point the data.*_field settings at the right fields")
     return "; ".join(fixes)
 
 
@@ -382,7 +392,7 @@ def check_dropped(stats: DataStats, data_cfg: DataConfig, where: str) -> None:
     raise DataError(
         f"{where}: {stats.dropped} of {stats.rows} rows ({stats.dropped / stats.rows:.0%}) were dropped "
         f"({stats.skipped_overlong} over-long, {stats.skipped_bad} bad), more than data.max_dropped_fraction="
-        f"{limit:g}. First reasons: {why}. To keep them, {drop_fix(data_cfg)}; to accept the loss, set "
+        f"{limit:g}. First reasons: {why}. To keep them, {drop_fix(data_cfg, stats)}; to accept the loss, set "
         f"data.max_dropped_fraction to a larger share (1.0 allows any)")
 
 
@@ -395,7 +405,7 @@ def tokenize_examples(rows: list[dict], tokenizer,
     if not examples:
         why = "; ".join(stats.reasons[:3])
         raise DataError(f"{data_cfg.path}: no usable examples left out of {len(rows)} rows "
-                        f"({stats.summary()}): {why}. To use them, {drop_fix(data_cfg)}")
+                        f"({stats.summary()}): {why}. To use them, {drop_fix(data_cfg, stats)}")
     return examples, stats
 
 

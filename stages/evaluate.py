@@ -255,39 +255,6 @@ def teacher_agreement(model, records: list, pad_id: int, batch_size: int = 32) -
 # ---------------------------------------------------------------- entry point
 
 
-def eval_rows(data_cfg: DataConfig, eval_cfg: EvalConfig, train_source=None):
-    """The first eval.max_examples rows evaluation generates from, as overlap.EvalRows: those of
-    eval.path, or, when eval.path is the training source and data.holdout is set, of its test part."""
-    from stages import split
-    from stages.data import num_rows, open_source
-    from stages.overlap import EvalRows
-
-    source = open_source(data_cfg, eval_cfg.path, eval_cfg.split)
-    n = num_rows(data_cfg, source)
-    if data_cfg.holdout is not None and train_source is not None and source.fingerprint == train_source.fingerprint:
-        indices = split.members(data_cfg, n, "test")[: eval_cfg.max_examples]
-        if not len(indices):
-            raise EvalError(f"eval.path {eval_cfg.path!r} is the training data and its held-out test part is "
-                            "empty: set data.holdout.test, or point eval.path at other held-out data")
-        print(f"[eval] generation metrics on {len(indices)} rows of the held-out test part "
-              f"({split.part_size(data_cfg, n, 'test')} rows) of {eval_cfg.path}", flush=True)
-        return EvalRows("test", split.read_indices(source, indices), indices.tolist(), source.location)
-    end = min(n, eval_cfg.max_examples)
-    return EvalRows("test", source.read(0, end), list(range(end)), source.location)
-
-
-def validation_rows(val_data_cfg: DataConfig, limit: int):
-    """The first `limit` rows of the data the validation cache was built from (its part, with a split)."""
-    from stages import split
-    from stages.data import open_source
-    from stages.overlap import EvalRows
-
-    source = open_source(val_data_cfg)
-    for idx, chunk in split.iter_part(val_data_cfg, split.part_name(val_data_cfg), source, chunk_rows=limit):
-        return EvalRows("validation", chunk[:limit], idx[:limit].tolist(), source.location)
-    return EvalRows("validation", [], [], source.location)
-
-
 def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: DataConfig, teacher_dir: str,
                     val_cache_url: str | None = None, backend: str | None = None,
                     out_dir: str | None = None, settings: dict | None = None,
@@ -307,15 +274,12 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
     current) then goes to `<out_dir>/settings.json`, written after results.json and
     removed before it is replaced, so it never vouches for other results.
     """
-    from stages.data import open_source, reference_response, tokenize_examples
-    from stages.overlap import check_train_overlap
+    from stages.data import reference_response, tokenize_examples
+    from stages.overlap import check_train_overlap, evaluation_sets
 
     backend = resolve_backend(backend or eval_cfg.backend)
     rule = answer_rule if answer_rule is not None else ExactResponse(data_cfg)
-    train_source = open_source(data_cfg) if data_cfg.path else None
-    sets = [eval_rows(data_cfg, eval_cfg, train_source)] if eval_cfg.path else []
-    if val_data_cfg is not None and val_cache_url:
-        sets.append(validation_rows(val_data_cfg, eval_cfg.max_examples))
+    sets, train_source = evaluation_sets(data_cfg, eval_cfg, val_data_cfg if val_cache_url else None)
     overlap = None
     if sets and train_source is not None:
         overlap = check_train_overlap(data_cfg, sets, allow=bool(eval_cfg.allow_train_overlap), out_dir=out_dir,

@@ -105,8 +105,25 @@ def describe_tokenizer_difference(a: dict, b: dict) -> str:
     if a.get("added_token_ids") != b.get("added_token_ids"):
         diffs.append("the added/special token sets differ")
     if a.get("wraps_text") != b.get("wraps_text"):
-        diffs.append(f"special tokens around a text differ: {a.get('wraps_text')} vs {b.get('wraps_text')}")
+        diffs.append(f"special tokens around a text: the first adds {_wrapping(a.get('wraps_text'))}, the second "
+                     f"{_wrapping(b.get('wraps_text'))}")
     return "; ".join(diffs)
+
+
+def _wrapping(wraps) -> str:
+    """`wraps_text` ([ids of "a" with special tokens, without]) in words: "id(s) [1] before it", "nothing"."""
+    try:
+        with_special, plain = [list(x) for x in wraps]
+    except (TypeError, ValueError):
+        return repr(wraps)
+    n = len(plain)
+    at = next((i for i in range(len(with_special) - n + 1) if with_special[i:i + n] == plain), None)
+    if at is None:
+        return f"{with_special} for the plain {plain}"
+    before, after = with_special[:at], with_special[at + n:]
+    if before and after:
+        return f"id(s) {before} before and {after} after it"
+    return f"id(s) {before} before it" if before else (f"id(s) {after} after it" if after else "nothing")
 
 
 # ---------------------------------------------------------------- data

@@ -104,6 +104,19 @@ def engine_output():
             os.close(fd)
 
 
+class _StageFormatter(logging.Formatter):
+    """The project's log lines on the console: `[student] WARNING: ...`, like its printed lines."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        level = f"{record.levelname}: " if record.levelno >= logging.WARNING else ""
+        return message if message.startswith("[") else f"[{self.stage}] {level}{message}"
+
+
 class _Routing:
     """Install / undo the routing of one stage (every change remembered for restore)."""
 
@@ -115,7 +128,7 @@ class _Routing:
         self.file = logging.FileHandler(path, encoding="utf-8")
         self.file.setFormatter(logging.Formatter(_FORMAT))
         self.console = _Stderr()
-        self.console.setFormatter(logging.Formatter("%(message)s"))
+        self.console.setFormatter(_StageFormatter(path.stem))
         self.library_console = _Stderr()
         self.library_console.setFormatter(logging.Formatter("[%(name)s] %(levelname)s %(message)s"))
 

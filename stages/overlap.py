@@ -158,3 +158,45 @@ def _complain(record: dict, sets: list[EvalRows], data_cfg: DataConfig, source: 
                "from eval.path / eval.validation_path where they name other data)")
     raise EvalError(f"{what}. Evaluate on held-out rows: {fix}. To evaluate on them anyway, set "
                     "eval.allow_train_overlap=true")
+
+
+# ---------------------------------------------------------------- the rows evaluation uses
+
+
+def eval_rows(data_cfg: DataConfig, eval_cfg, train_source=None, *, quiet: bool = False) -> EvalRows:
+    """The first eval.max_examples rows evaluation generates from: those of eval.path, or, when
+    eval.path is the training source and data.holdout is set, of its test part."""
+    source = open_source(data_cfg, eval_cfg.path, eval_cfg.split, key="eval.path")
+    n = num_rows(data_cfg, source)
+    if data_cfg.holdout is not None and train_source is not None and source.fingerprint == train_source.fingerprint:
+        indices = split.members(data_cfg, n, "test")[: eval_cfg.max_examples]
+        if not len(indices):
+            raise EvalError(f"eval.path {eval_cfg.path!r} is the training data and its held-out test part is "
+                            "empty: set data.holdout.test, or point eval.path at other held-out data")
+        if not quiet:
+            print(f"[eval] generation metrics on {len(indices)} rows of the held-out test part "
+                  f"({split.part_size(data_cfg, n, 'test')} rows) of {eval_cfg.path}", flush=True)
+        return EvalRows("test", split.read_indices(source, indices), indices.tolist(), source.location)
+    end = min(n, eval_cfg.max_examples)
+    return EvalRows("test", source.read(0, end), list(range(end)), source.location)
+
+
+def validation_rows(val_data_cfg: DataConfig, limit: int) -> EvalRows:
+    """The first `limit` rows of the data the validation cache was built from (its part, with a split):
+    the rows KL, top-1 agreement and ECE are measured on (eval.max_examples caps them too)."""
+    key = "eval.validation_path" if val_data_cfg.holdout is None else "data.path"
+    source = open_source(val_data_cfg, key=key)
+    for idx, chunk in split.iter_part(val_data_cfg, split.part_name(val_data_cfg), source, chunk_rows=limit):
+        return EvalRows("validation", chunk[:limit], idx[:limit].tolist(), source.location)
+    return EvalRows("validation", [], [], source.location)
+
+
+def evaluation_sets(data_cfg: DataConfig, eval_cfg, val_data_cfg: DataConfig | None = None, *,
+                    quiet: bool = False) -> tuple[list[EvalRows], RowSource | None]:
+    """(the evaluation rows: eval.path's and the validation cache's data, the training source): what
+    check_train_overlap compares, before training (the pipeline) and before evaluating."""
+    train_source = open_source(data_cfg) if data_cfg.path else None
+    sets = [eval_rows(data_cfg, eval_cfg, train_source, quiet=quiet)] if eval_cfg.path else []
+    if val_data_cfg is not None:
+        sets.append(validation_rows(val_data_cfg, eval_cfg.max_examples))
+    return sets, train_source

@@ -39,6 +39,16 @@ def tqdm(*, total: int | None = None, initial: int = 0, desc: str = "", unit: st
     return LineProgress(total=total, initial=initial, desc=desc, unit=unit, file=stream)
 
 
+def restart_clock(bar) -> None:
+    """Measure the rate and ETA from now on (e.g. once an engine has started: its start-up is not
+    the work's pace). For a tqdm bar and a LineProgress alike."""
+    if isinstance(bar, LineProgress):
+        bar.restart_clock()
+    elif bar is not None and hasattr(bar, "start_t"):  # tqdm: elapsed and rate count from start_t and initial
+        bar.start_t = bar.last_print_t = bar._time()
+        bar.initial = bar.last_print_n = bar.n
+
+
 class LineProgress:
     """A progress report in whole lines: `[desc] 40/100 shard (40%), 12.3 shard/s, ETA 5s | postfix`."""
 
@@ -77,6 +87,11 @@ class LineProgress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def restart_clock(self) -> None:
+        """Rate and ETA from now on (restart_clock)."""
+        self._t0 = self._clock()
+        self._start_n = self.n
 
     # ---- when and what to print
     def _due(self) -> bool:

@@ -209,8 +209,10 @@ def write_report(run_dir: str | os.PathLike, results: dict[str, dict], students_
             sections += ["## Cache", "",
                          f"- positions read: {unc.size}",
                          (f"- mean teacher uncertainty (1 - p_gold): {unc.mean():.3f}; share of positions "
-                          f"with UNC < 0.05: {(unc < 0.05).mean():.3f}, > 0.5: {(unc > 0.5).mean():.3f}"),
-                         f"- mean {k} mass: {mass.mean():.4f}; minimum: {mass.min():.4f}", ""]
+                          f"with UNC < 0.05: {(unc < 0.05).mean():.3f}, > 0.5: {(unc > 0.5).mean():.3f}")]
+            if stats["top_k"] != 0:  # a cache of sampled targets only keeps no top-k
+                sections.append(f"- mean {k} mass: {mass.mean():.4f}; minimum: {mass.min():.4f}")
+            sections.append("")
     if plots:
         sections += ["## Plots", ""]
         for caption, file in plots:

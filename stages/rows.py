@@ -52,8 +52,9 @@ class BadRow:
     reason: str
 
 
-def resolve_format(path: str, fmt: str = "auto") -> str:
-    """'jsonl' | 'json' | 'parquet' | 'hub' for a path (file, directory or hub name)."""
+def resolve_format(path: str, fmt: str = "auto", key: str = "data.path") -> str:
+    """'jsonl' | 'json' | 'parquet' | 'hub' for a path (file, directory or hub name); `key` is the
+    setting that names it, for messages."""
     if fmt != "auto":
         return fmt
     p = Path(path)
@@ -61,17 +62,17 @@ def resolve_format(path: str, fmt: str = "auto") -> str:
         found = {_EXTENSIONS[f.suffix] for f in p.iterdir() if f.suffix in _EXTENSIONS}
         if len(found) != 1:
             raise DataError(
-                f"data.path {path!r}: a directory needs files of exactly one kind "
+                f"{key} {path!r}: a directory needs files of exactly one kind "
                 f"(.jsonl, .json or .parquet), found {sorted(found) or 'none'}; or set data.format"
             )
         return found.pop()
     if p.suffix in _EXTENSIONS:
         if not p.exists():
-            raise DataError(f"data.path {path!r}: file not found; check data.path (a relative path is "
+            raise DataError(f"{key} {path!r}: file not found; check {key} (a relative path is "
                             f"taken from the current directory, {os.getcwd()})")
         return _EXTENSIONS[p.suffix]
     if p.exists():
-        raise DataError(f"data.path {path!r}: unknown extension; use .jsonl/.json/.parquet or set data.format")
+        raise DataError(f"{key} {path!r}: unknown extension; use .jsonl/.json/.parquet or set data.format")
     return "hub"
 
 
@@ -225,8 +226,10 @@ class JsonlSource(_MultiFile):
         for _line, raw in self._lines_from(i, start):
             try:
                 rows.append(json.loads(raw))
-            except ValueError as e:
-                rows.append(BadRow(f"not valid JSON ({e})"))
+            except ValueError as e:  # the line is the row: say the column, not the decoder's "line 1"
+                msg, col = getattr(e, "msg", str(e)), getattr(e, "colno", None)
+                at = f"{'' if msg.endswith(' at') else ' at'} column {col}" if col else ""
+                rows.append(BadRow(f"not valid JSON ({msg}{at})"))
             if len(rows) == end - start:
                 break
         if len(rows) != end - start:
@@ -257,7 +260,7 @@ class ParquetSource(_MultiFile):
         try:
             meta = self._pq.ParquetFile(path).metadata
         except Exception as e:
-            raise DataError(f"data.path {path!r}: could not read parquet: {e}") from e
+            raise DataError(f"{path}: could not read parquet: {e}") from e
         sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self._group_starts.append(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist())
         self._digests.append(_file_sha256(path))
@@ -297,7 +300,7 @@ class ArrowSource(RowSource):
         return out
 
 
-def _hub_source(path: str, split: str) -> ArrowSource:
+def _hub_source(path: str, split: str, key: str = "data.path") -> ArrowSource:
     import datasets
 
     datasets.disable_progress_bars()
@@ -305,9 +308,9 @@ def _hub_source(path: str, split: str) -> ArrowSource:
         ds = datasets.load_dataset(path, split=split)
     except Exception as e:  # network, missing split, ...: say what was tried
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"data.path {path!r} is not a local file or directory, so it was tried as a hub "
+        raise DataError(f"{key} {path!r} is not a local file or directory, so it was tried as a hub "
                         f"dataset (split {split!r}) and that failed: {first}. Check the path; offline, "
-                        "point data.path at a local .jsonl/.json/.parquet file") from None
+                        f"point {key} at a local .jsonl/.json/.parquet file") from None
     fingerprint = _combine(["hub", path, split, str(getattr(ds, "_fingerprint", "")), str(len(ds))])
     return ArrowSource(ds, fmt="hub", fingerprint=fingerprint, where=f"{path}[{split}]")
 
@@ -325,7 +328,7 @@ def _json_array_source(files: list[str]) -> RowSource:
         ds = datasets.load_dataset("json", data_files=files, split="train")
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"data.path {files[0]!r}: could not read the JSON array ({first}); convert it to "
+        raise DataError(f"{files[0]}: could not read the JSON array ({first}); convert it to "
                         "jsonl (one object per line) to get per-line errors") from None
     fingerprint = _combine(["json", *(_file_sha256(f) for f in files)])
     _say_where_arrow_went(ds, files)
@@ -342,16 +345,17 @@ def _say_where_arrow_went(ds, files: list[str]) -> None:
               file=sys.stderr, flush=True)
 
 
-def open_rows(path: str, *, fmt: str = "auto", split: str = "train", columns: list[str] | None = None) -> RowSource:
-    """The row source for a data path (file, directory or hub name)."""
+def open_rows(path: str, *, fmt: str = "auto", split: str = "train", columns: list[str] | None = None,
+              key: str = "data.path") -> RowSource:
+    """The row source for a data path (file, directory or hub name); `key` names the setting in messages."""
     if not path:
-        raise DataError("data.path is empty: set it to a .jsonl/.json/.parquet file, a directory, or a hub name")
-    fmt = resolve_format(path, fmt)
+        raise DataError(f"{key} is empty: set it to a .jsonl/.json/.parquet file, a directory, or a hub name")
+    fmt = resolve_format(path, fmt, key)
     if fmt == "hub":
-        return _hub_source(path, split)
+        return _hub_source(path, split, key)
     files = data_files(path, fmt)
     if not files:
-        raise DataError(f"data.path {path!r}: no {fmt} files found")
+        raise DataError(f"{key} {path!r}: no {fmt} files found")
     if fmt == "jsonl":
         return JsonlSource(files)
     if fmt == "parquet":

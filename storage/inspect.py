@@ -17,7 +17,7 @@ import numpy as np
 
 from storage.cache import Cache
 from storage.errors import StorageArgumentError
-from storage.schema import has_samples, targets_of
+from storage.schema import describe_logprobs, describe_teacher, has_samples, targets_of
 
 HIST_BINS = 10
 BAR_WIDTH = 40
@@ -135,12 +135,11 @@ def _human(n: float) -> str:
 
 def _header(r: InspectReport) -> list[str]:
     c = r.counts
-    teacher = r.identity.get("teacher", "?")
     return [f"cache {r.url} (fingerprint {r.fingerprint})",
-            f"  teacher {teacher}, top_k {r.top_k if r.top_k is not None else '?'}, "
-            f"vocab {r.identity.get('vocab_size', '?')}, max_seq_len {r.identity.get('max_seq_len', '?')}",
+            f"  {describe_teacher(r.identity)}; vocab {r.identity.get('vocab_size', '?')}, "
+            f"max_seq_len {r.identity.get('max_seq_len', '?')}",
             f"  targets {_targets(r.identity, r.format_version)}",
-            f"  log-probs {r.encoding}",
+            f"  log-probs: {describe_logprobs(r.identity, r.encoding)}",
             f"  shards done {len(r.done)}/{r.num_shards}",
             f"  {c['num_sequences']:,} sequences, {c['num_tokens']:,} tokens, "
             f"{c['num_positions']:,} target positions (in complete shards)"]

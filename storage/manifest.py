@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from storage.encoding import EncodingError, LogprobEncoding
+from storage.diff import changes
 from storage.errors import CacheMismatchError, ManifestError
 from storage.fs import CacheFS
 from storage.schema import ARRAY_DTYPES, FORMAT_VERSION, SUPPORTED_VERSIONS, format_version_for, has_samples, targets_of
@@ -126,24 +127,27 @@ class Manifest:
             raise ManifestError(f"{where}: {e}") from None
         return manifest
 
-    def check_matches(self, identity: dict[str, Any], shard_plan: list[dict[str, Any]], where: str) -> None:
-        """Raise CacheMismatchError naming every identity key / plan entry that differs."""
+    def differences(self, identity: dict[str, Any], shard_plan: list[dict[str, Any]]) -> list[str]:
+        """One `key: cache's -> requested` line per identity key / plan entry that differs."""
         want_id, want_plan = normalize_json(identity), normalize_json(shard_plan)
-        diffs = [f"identity.{k}: cache has {self.identity.get(k, '<absent>')!r}, "
-                 f"requested {want_id.get(k, '<absent>')!r}"
-                 for k in sorted(set(self.identity) | set(want_id))
-                 if self.identity.get(k, "<absent>") != want_id.get(k, "<absent>")]
+        diffs = changes(self.identity, want_id, prefix="identity.")
         if len(self.shard_plan) != len(want_plan):
-            diffs.append(f"shard_plan: cache has {len(self.shard_plan)} shards, requested {len(want_plan)}")
+            diffs.append(f"shard_plan: {len(self.shard_plan)} -> {len(want_plan)} shards")
         else:
             bad = [i for i, (a, b) in enumerate(zip(self.shard_plan, want_plan)) if a != b]
-            diffs += [f"shard_plan[{i}]: cache has {self.shard_plan[i]!r}, requested {want_plan[i]!r}"
-                      for i in bad[:5]]
-            if len(bad) > 5:
-                diffs.append(f"... and {len(bad) - 5} more shard_plan entries differ")
+            for i in bad[:3]:
+                diffs += changes(self.shard_plan[i], want_plan[i], prefix=f"shard_plan[{i}].")
+            if len(bad) > 3:
+                diffs.append(f"... and {len(bad) - 3} more shard_plan entries differ")
+        return diffs
+
+    def check_matches(self, identity: dict[str, Any], shard_plan: list[dict[str, Any]], where: str) -> None:
+        """Raise CacheMismatchError naming every identity key / plan entry that differs."""
+        diffs = self.differences(identity, shard_plan)
         if diffs:
             raise CacheMismatchError(
-                f"the cache at {where} was built with a different configuration:\n  " + "\n  ".join(diffs)
+                f"the cache at {where} was built with a different configuration (cache -> requested):\n  "
+                + "\n  ".join(diffs)
                 + "\nUse a new cache path for the new configuration, or delete this cache to rebuild it.")
 
 

@@ -70,6 +70,22 @@ def has_samples(targets: str) -> bool:
     return targets in ("sampled", "topk+sampled")
 
 
+def describe_teacher(identity: dict) -> str:
+    """`teacher model 'opt-6.7b (fine-tuned)': top-64 log-probs and 16 draws per position`, for inspect/status."""
+    kind, top_k = targets_of(identity), identity.get("top_k", "?")
+    held = [f"top-{top_k} log-probs"] if kind != "sampled" else []
+    if has_samples(kind):
+        held.append(f"{identity.get('samples', '?')} draws per position" + (" (no top-k)" if kind == "sampled" else ""))
+    return f"teacher model {identity.get('teacher', '?')!r}: {' and '.join(held)}"
+
+
+def describe_logprobs(identity: dict, encoding_label: str) -> str:
+    """How the top-k log-probs are stored; a cache of draws only has none (just the gold log-prob)."""
+    if targets_of(identity) == "sampled":
+        return "no top-k log-probs (sampled targets: the draws and the gold token's float32 log-prob)"
+    return encoding_label
+
+
 def format_version_for(samples: bool, lossy: bool) -> int:
     """v1 for the plain exact top-k (unchanged since v1), v2 with either optional feature."""
     return FORMAT_V2 if samples or lossy else FORMAT_VERSION

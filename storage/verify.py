@@ -14,7 +14,7 @@ from storage import lease as leases
 from storage import shard as shards
 from storage.cache import Cache
 from storage.errors import ManifestError
-from storage.schema import ShardData, has_samples, targets_of
+from storage.schema import ShardData, describe_logprobs, describe_teacher
 
 
 @dataclass
@@ -41,11 +41,12 @@ class VerifyReport:
                  f"{self.sequences} sequences, {self.positions} positions in good shards"]
         lines += [f"  ERROR {p}" for p in self.cache_problems]
         for index in sorted(self.bad):
-            lines.append(f"  BAD shard {index} ({self.locations.get(index, '?')}):")
+            lines.append(f"  BAD shard {index} ({self.locations.get(index) or 'location unknown'}):")
             lines += [f"    - {p}" for p in self.bad[index]]
         lines += [f"  note: {n}" for n in self.notes]
         if self.bad:
-            lines.append("  Delete each bad shard directory and rerun the teacher stage to rewrite it.")
+            lines.append("  Delete each bad shard directory and rerun the teacher stage to rewrite it (a missing one: "
+                         "just rerun it).")
         lines.append("OK" if self.ok else "FAILED")
         return "\n".join(lines)
 
@@ -69,7 +70,9 @@ def verify_cache(url: str, deep: bool = True, **storage_options) -> VerifyReport
         if attrs is None or (attrs.get("complete") is not True and not attrs.get(shards.UNREADABLE)):
             report.pending.append(index)
             if index in cache.manifest.shards_done:
-                report.bad[index] = ["manifest lists it as done but the shard is missing or incomplete"]
+                state = "missing" if attrs is None else "incomplete (no `complete` marker)"
+                report.bad[index] = [f"the manifest lists it as done, but the shard is {state}"]
+                report.locations[index] = cache.shard_location(index)
             continue
         problems = _check_shard(cache, index, attrs, deep, vocab, top_k)
         if problems:
@@ -126,9 +129,8 @@ def status_summary(url: str, **storage_options) -> str:
             held.append(f"shard {index} by {record.worker_id} ({record.expires_at - now:.0f}s left)")
     ident = cache.manifest.identity
     lines = [f"cache {cache.url} (format v{cache.manifest.format_version}, fingerprint {cache.fingerprint})",
-             f"  log-probs {cache.encoding.label()}",
-             f"  teacher {ident.get('teacher', '?')}, top_k {ident.get('top_k', '?')}, targets {targets_of(ident)}"
-             + (f" ({ident.get('samples')} draws per position)" if has_samples(targets_of(ident)) else ""),
+             f"  {describe_teacher(ident)}",
+             f"  log-probs: {describe_logprobs(ident, cache.encoding.label())}",
              f"  shards done {len(done)}/{cache.num_shards}; {seqs} sequences, {positions} positions",
              f"  leased now: {len(held)}"] + [f"    {h}" for h in held]
     return "\n".join(lines)

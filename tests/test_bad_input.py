@@ -103,6 +103,16 @@ CONFIG_CASES = {
                                    ["students.a.init.num_attention_heads=3"],
                                    ["students[0].init: invalid LlamaConfig: The hidden size (64) is not a multiple "
                                     "of the number of attention heads (3)"]),
+    # issue 23, item 2: a placeholder typo would be cached as literal text in every prompt
+    "template_placeholder_typo": ("data: {path: x.jsonl, prompt_field: instruction, template_fields: [instruction, "
+                                  "input], template: \"{instruction}\\n[[Input: {inptu}\\n]]Response:\\n\"}\n"
+                                  "teacher: {model: m}\n", [],
+                                  ["data.template: {inptu} names no field (did you mean input?)",
+                                   "the template can use {prompt}, {instruction}, {input}",
+                                   "write {{inptu}} for a literal {inptu}"]),
+    "template_field_not_listed": (D + "teacher: {model: m}\n", ['data.template="{prompt} {context}"'],
+                                  ["data.template: {context} names no field; the template can use {prompt} (add a "
+                                   "row field to data.template_fields to use it"]),
 }
 
 
@@ -119,6 +129,8 @@ def test_config_errors_in_process(tmp_path, capsys, monkeypatch, case):
         assert piece in err
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "default" / "students").exists()  # nothing was started
+    rc, err = atkd_here(capsys, "run", str(path), *overrides, "--dry-run")  # --dry-run sees it too
+    assert rc == 2 and all(piece in err for piece in expected), err
 
 
 @pytest.mark.integration
@@ -171,7 +183,9 @@ DATA_CASES = {
     "non_string_field": ([{"prompt": "q", "response": "a"}, {"prompt": "q", "response": 7}], [],
                          ["train.jsonl:2: field 'response' must be a string, got int 7", "data.bad_rows=skip"]),
     "malformed_json_line": ("text:" + '{"prompt": "q", "response": "a"}\n\n{"prompt": "q", "resp\n', [],
-                            ["train.jsonl:3: not valid JSON", "data.bad_rows=skip"]),
+                            ["train.jsonl:3: not valid JSON (Invalid control character at column 22)",
+                             "Fix that line (one JSON object per line)", "data.bad_rows=skip",
+                             "!data.*_field", "!line 1 column"]),  # "!": must not appear
     "empty_dataset": ("empty", [], ["has no rows", "check data.path"]),
     "all_rows_overlong": ("ref", ["data.max_seq_len=4", "data.overlong=skip"],
                           ["5 of 5 rows (100%) were dropped", "> data.max_seq_len=4",
@@ -206,7 +220,7 @@ def test_data_errors(ws, tmp_path, capsys, case):
     assert "atkd: DataError:" in err
     assert "Failed to load JSON" not in err  # no library noise before the project's message
     for piece in expected:
-        assert piece in err, err
+        assert (piece[1:] not in err) if piece.startswith("!") else (piece in err), err
     assert "set data.overlong=truncate" not in err or "overlong=skip" in " ".join(overrides)
     if rows not in (None, "ref"):
         assert data in err  # where: the file
@@ -220,6 +234,64 @@ def test_teacher_model_path_missing(ws, capsys):
     rc, err = atkd_here(capsys, "teacher", str(config(ws, "nomodel", model="/nonexistent/teacher")))
     assert rc == 1
     assert "teacher.model '/nonexistent/teacher': no such directory" in err and "set teacher.model" in err
+
+
+def test_missing_model_paths_name_their_setting(ws, capsys):
+    """issue 23, item 8: before any engine starts (two caches: one engine would start first), not the hub's
+    'Repo id must be in the form', nor 'vLLM failed to start'; a student's model, not 'the tokenizer'."""
+    cfg = config(ws, "nomodel-run", model="/nonexistent/teacher",
+                 extra={"data": {"path": ws["data"], "max_seq_len": 64, "holdout": {"validation": 5, "test": 5}},
+                        "eval": {"max_examples": 4}})
+    rc, err = atkd_here(capsys, "run", str(cfg), "teacher.backend=auto")
+    assert rc == 1, err
+    assert "teacher.model '/nonexistent/teacher': no such directory; set teacher.model" in err
+    assert "Repo id" not in err and "vLLM failed to start" not in err and "not using vLLM" not in err
+    cfg = config(ws, "nostudent", cache=ws["ref_cache"])
+    rc, err = atkd_here(capsys, "student", str(cfg), "students.s1.init=null", "students.s1.model=/nonexistent/student")
+    assert rc == 1, err
+    assert "students[0].model '/nonexistent/student': no such directory" in err and "tokenizer" not in err
+    assert not (ws["root"] / "nostudent" / "students").exists()
+
+
+def test_messages_name_the_setting_that_is_wrong(ws, tmp_path, capsys):
+    """issue 23, item 9: eval.path (not data.path); the student's tokenizer setting, said in words."""
+    cfg = config(ws, "msgs", cache=ws["ref_cache"])
+    rc, err = atkd_here(capsys, "eval", str(cfg), "eval.path=/nonexistent/test.jsonl")
+    assert rc == 1 and "eval.path '/nonexistent/test.jsonl': file not found; check eval.path" in err, err
+    assert "data.path" not in err
+    other = tmp_path / "no-bos-tokenizer"
+    fixtures.make_tokenizer(other, add_bos=False)
+    rc, err = atkd_here(capsys, "student", str(cfg), f"students.s1.tokenizer={other}")
+    assert rc == 1, err
+    assert "VocabularyMismatchError: student 's1' does not match the cache's vocabulary: its tokenizer (from " \
+           "students.s1.tokenizer) is not the one the cache was written with" in err
+    assert "special tokens around a text: the first adds nothing, the second id(s) [0] before it" in err
+    assert "set students.s1.tokenizer to teacher.model's directory" in err
+    assert "tokenizer_path" not in err and "[[" not in err
+    assert not (ws["root"] / "msgs" / "students").exists()  # a failed first attempt leaves no empty directory
+
+
+def test_a_typo_in_a_sweep_variant_is_reported_where_it_was_made(ws, tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"config: {config(ws, 'sweep')}\nout_dir: {tmp_path / 'out'}\nseeds: [0]\n"
+                     "variants:\n  - {name: s1-hr, from: s1, set: {loss.hard_ratoi: 0.3}}\n")
+    rc, err = atkd_here(capsys, "sweep", str(sweep), "--dry-run")
+    assert rc == 2, err
+    assert f"{sweep}: variants[0].set.loss: unknown key(s) 'hard_ratoi'" in err and "students[" not in err
+
+
+def test_a_deleted_shard_is_a_storage_problem_and_verify_names_it(ws, capsys):
+    cache = copy_cache(ws, "deleted")
+    shutil.rmtree(cache / "shards" / "shard-00003.zarr")  # the manifest still lists it as done
+    cfg = config(ws, "deleted", cache=str(cache))
+    rc, err = atkd_here(capsys, "student", str(cfg))
+    assert rc == 1, err
+    assert (f"atkd: CacheNotReadyError: the teacher cache {cache} is not complete: 7 of 8 shards, missing shard(s) 3; "
+            "run `atkd teacher`") in err and "config error" not in err
+    rc, report = atkd_here(capsys, "verify", str(cache))
+    assert rc == 1
+    assert f"BAD shard 3 ({cache}/shards/shard-00003.zarr)" in report and "(?)" not in report
+    assert "the manifest lists it as done, but the shard is missing" in report
 
 
 def test_teacher_tokenizer_missing(ws, tmp_path, capsys):
@@ -245,7 +317,7 @@ def test_student_refuses_a_cache_of_another_config(ws, tmp_path, capsys, other_l
     rc, err = atkd_here(capsys, "student", str(cfg), *overrides)
     assert rc == 1, err
     assert "atkd: CacheMismatchError: the teacher cache at" in err and "was not built from this config" in err
-    expected = {"other_teacher": "teacher_fingerprint: cache has", "other_data": "data_fingerprint: cache has",
+    expected = {"other_teacher": '\n  teacher_fingerprint: "sha256:', "other_data": '\n  data_fingerprint: "sha256:',
                 "more_top_k": "the cache holds the teacher's top-8, teacher.top_k=16 asks for more"}[case]
     assert expected in err, err
     assert not (ws["root"] / f"mismatch-{case}" / "students").exists()
@@ -358,7 +430,8 @@ def test_manifest_missing(ws, capsys):
     assert rc == 1 and f"{cache}/manifest.json does not exist. Run the teacher stage" in text
     cfg = config(ws, "nomanifest", cache=str(cache))
     rc, err = atkd_here(capsys, "student", str(cfg))
-    assert rc != 0 and f"the teacher cache {cache} is not complete; run `atkd teacher` first" in err
+    assert rc == 1 and f"CacheNotReadyError: the teacher cache {cache} does not exist (no manifest.json); run " \
+        "`atkd teacher` first" in err
     # The teacher rebuilds the manifest around the committed shards without rewriting them.
     before = {p.parent.name: p.stat().st_mtime_ns for p in (cache / "shards").glob("*/zarr.json")}
     rc, err = atkd_here(capsys, "teacher", str(cfg))
@@ -388,7 +461,7 @@ def test_cache_written_by_another_teacher_is_refused(ws, other_llama_dir):
     rc, err = atkd_subprocess("teacher", str(cfg))
     assert rc == 1, err
     assert "CacheMismatchError" in err and f"the cache at {cache} was built with a different configuration" in err
-    assert "identity.teacher_fingerprint: cache has" in err
+    assert '\n  identity.teacher_fingerprint: "sha256:' in err and "(cache -> requested)" in err
     assert "Use a new cache path for the new configuration" in err
     assert fh.compare_caches(fh.cache_snapshot(str(cache)), ws["ref_snapshot"]) == []
 

@@ -37,14 +37,14 @@ def load_student_tokenizer(student_cfg: StudentConfig, tokenizer_path: str | Non
               or (cache_identity or {}).get("tokenizer") or "")
     if not source:
         raise ModelError(
-            f"student {student_cfg.name!r}: no tokenizer to load; it is initialised from `init`, so "
-            "pass tokenizer_path (the teacher's tokenizer, which wrote the cache)"
+            f"student {student_cfg.name!r}: no tokenizer to load; it is initialised from `init`, so set "
+            f"students.{student_cfg.name}.tokenizer (or teacher.model, whose tokenizer it then uses)"
         )
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=student_cfg.trust_remote_code)
     except (OSError, ValueError) as e:  # missing files, an unreachable hub, an unknown tokenizer class
-        raise ModelError(f"student {student_cfg.name!r}: cannot load the tokenizer {source!r} "
-                         f"({type(e).__name__}: {_first_line(e)})") from e
+        raise ModelError(f"student {student_cfg.name!r}: cannot load the tokenizer {source!r} of "
+                         f"{tokenizer_setting(student_cfg)} ({type(e).__name__}: {_first_line(e)})") from e
 
 
 def build_student(student_cfg: StudentConfig, tokenizer=None) -> torch.nn.Module:
@@ -62,7 +62,9 @@ def build_student(student_cfg: StudentConfig, tokenizer=None) -> torch.nn.Module
             model = AutoModelForCausalLM.from_pretrained(
                 student_cfg.model, dtype=torch.float32, trust_remote_code=trust)
         except (OSError, ValueError) as e:  # missing files, an unreachable hub, an unknown architecture
-            raise ModelError(f"student {student_cfg.name!r}: cannot load the model {student_cfg.model!r} "
+            where = (f"the final model of student {student_cfg.init_from!r}" if student_cfg.init_from
+                     else f"students.{student_cfg.name}.model")
+            raise ModelError(f"student {student_cfg.name!r}: cannot load the model {student_cfg.model!r} of {where} "
                              f"({type(e).__name__}: {_first_line(e)})") from e
     elif student_cfg.init is not None:
         init = dict(student_cfg.init)
@@ -98,7 +100,20 @@ def embedding_rows(model: torch.nn.Module) -> int:
     return int(rows)
 
 
-def check_vocabulary(model: torch.nn.Module, tokenizer, identity: dict, *, student_name: str = "") -> None:
+def tokenizer_setting(student_cfg: StudentConfig) -> str:
+    """Which setting gave a student its tokenizer (load_student_tokenizer's order), for messages."""
+    name = student_cfg.name or "NAME"
+    if student_cfg.tokenizer:
+        return f"students.{name}.tokenizer"
+    if student_cfg.init_from:
+        return f"the final model of student {student_cfg.init_from!r} (students.{name}.init_from)"
+    if student_cfg.model:
+        return f"students.{name}.model"
+    return "teacher.model (the default for an `init` student)"
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer, identity: dict, *, student_name: str = "",
+                     tokenizer_from: str = "") -> None:
     """Refuse a student that cannot read the cache's ids, naming what differs.
 
     `identity` is the cache manifest's identity (`tokenizer_fingerprint`,
@@ -124,7 +139,8 @@ def check_vocabulary(model: torch.nn.Module, tokenizer, identity: dict, *, stude
                 if name in cache_special and cache_special[name] != value:
                     facts.append(f"{name} token id {value} vs cache {cache_special[name]}")
             detail = "; ".join(facts) or "same size, but token ids or special tokens differ"
-        problems.append(f"tokenizer fingerprint {tokenizer_fingerprint(info)} != cache {cache_fp} ({detail})")
+        problems.append(f"its tokenizer{f' (from {tokenizer_from})' if tokenizer_from else ''} is not the one "
+                        f"the cache was written with: {detail} (student vs cache)")
     elif cache_fp is None and cache_vocab is not None and int(cache_vocab) != len(tokenizer):
         problems.append(f"tokenizer size {len(tokenizer)} != cache vocab_size {cache_vocab}")
     # Every id the cache holds needs a row. The tokenizer's ids certainly occur;
@@ -136,10 +152,11 @@ def check_vocabulary(model: torch.nn.Module, tokenizer, identity: dict, *, stude
     if rows < needed:
         problems.append(f"embedding has {rows} rows but the cache holds ids up to {needed - 1}")
     if problems:
+        key = f"students.{student_name or 'NAME'}.tokenizer"
         raise VocabularyMismatchError(
             f"{who} does not match the cache's vocabulary: " + "; ".join(problems)
-            + ". Use a student with the teacher's tokenizer (pass tokenizer_path for an `init` student)."
-        )
+            + f". Give it the teacher's tokenizer: set {key} to teacher.model's directory (or leave it empty for "
+            "an `init` student), or use a student model that shares the teacher's vocabulary")
     if rows > len(tokenizer):
         log.info("%s: embedding padded to %d rows for %d tokens (ids match: fine)", who, rows, len(tokenizer))
 
@@ -164,7 +181,8 @@ def describe_size(model: torch.nn.Module) -> str:
     if getattr(text, "hidden_size", None):
         facts.append(f"hidden {text.hidden_size}")
     if getattr(text, "num_hidden_layers", None):
-        facts.append(f"{text.num_hidden_layers} layers")
+        layers = text.num_hidden_layers
+        facts.append(f"{layers} layer{'s' if layers != 1 else ''}")
     return f"{size} parameters ({', '.join(facts)})"
 
 

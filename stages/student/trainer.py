@@ -28,6 +28,7 @@ step), `tb/` (TensorBoard), `final/` (save_pretrained + tokenizer), and
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -54,7 +55,7 @@ from stages.student.distributed import Dist, init_distributed, load_states, mode
 from stages.student.export import save_final, training_chat_template, write_json_atomic
 from stages.student.interrupt import StopOnSignal, TrainingStopped
 from stages.student.model import (build_student, check_batch_ids, check_vocabulary, describe_size, embedding_rows,
-                                  load_student_tokenizer, warn_unknown_tokens)
+                                  load_student_tokenizer, tokenizer_setting, warn_unknown_tokens)
 from stages.student.objective import StudentObjective
 from stages.student.optim import (apply_config, build_optimizer, clip_and_step, lr_at, schedule_meta, set_lr,
                                   steps_for_epochs, warmup_for)
@@ -202,13 +203,15 @@ def step_record(step: int, totals: dict, norm: float, lr: float, tokens: int, se
 
 def train_student(student_cfg: StudentConfig, *, cache_url: str | None, out_dir: str | os.PathLike,
                   tokenizer_path: str | None = None, progress: bool = True,
-                  top_k: int | None = None, data_cfg: DataConfig | None = None) -> TrainSummary:
+                  top_k: int | None = None, data_cfg: DataConfig | None = None,
+                  record: dict | None = None) -> TrainSummary:
     """Train `student_cfg` from the cache at `cache_url` (or, with cache_url None, from the
     training rows of `data_cfg`: loss.kind sft only) into `out_dir`.
 
     Resumes from the newest valid checkpoint in `out_dir`; returns at once when
     `done.json` says the student already reached `optim.max_steps`. `top_k`: use the first
-    top_k entries of the cache's rows (None: all).
+    top_k entries of the cache's rows (None: all). `record`: what it is trained from
+    (pipeline.student_record), written into done.json as `trained_from`.
     """
     if cache_url is None and (data_cfg is None or student_cfg.loss.kind != "sft"):
         raise TrainingError(f"student {student_cfg.name!r}: training without a teacher cache is plain SFT from "
@@ -222,14 +225,15 @@ def train_student(student_cfg: StudentConfig, *, cache_url: str | None, out_dir:
                             start_step=done["steps"], final_loss=done.get("final_loss"), already_done=True)
     d = init_distributed()
     try:
-        return _train(student_cfg, name, cache_url, out, tokenizer_path, progress, d, top_k, data_cfg)
+        return _train(student_cfg, name, cache_url, out, tokenizer_path, progress, d, top_k, data_cfg, record)
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, tokenizer_path, progress: bool,
-           d: Dist, top_k: int | None = None, data_cfg: DataConfig | None = None) -> TrainSummary:
+           d: Dist, top_k: int | None = None, data_cfg: DataConfig | None = None,
+           record: dict | None = None) -> TrainSummary:
     from stages.progress import tqdm
 
     from storage.cache import Cache
@@ -245,7 +249,7 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
     identity = cache.manifest.identity if cache is not None else {}
     tokenizer = load_student_tokenizer(cfg, tokenizer_path, cache_identity=identity)
     student = build_student(cfg, tokenizer)
-    check_vocabulary(student, tokenizer, identity, student_name=name)
+    check_vocabulary(student, tokenizer, identity, student_name=name, tokenizer_from=tokenizer_setting(cfg))
     if d.is_main:
         resume.say(f"{name}: {describe_size(student)}")
     rows = embedding_rows(student)
@@ -309,6 +313,7 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
     amp = autocast_for(cfg, d.device)
     params = [p for p in student.parameters() if p.requires_grad]
     losses, tokens_run, t_run = [], 0, time.perf_counter()
+    recent = collections.deque(maxlen=20)  # (tokens, seconds) of the last steps: a steady tok/s for the bar
 
     def save(at_step: int) -> None:
         model_sd = model_state(wrapped, student, cfg)  # a collective under FSDP: every rank calls it
@@ -361,8 +366,10 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
             tokens_run += tokens
             if step % max(cfg.log_every, 1) == 0 or step == optim.max_steps:
                 steplog.write(rec)
+            recent.append((tokens, rec["step_s"]))
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}",
+                            tok_s=f"{sum(t for t, _ in recent) / max(sum(s for _, s in recent), 1e-9):.0f}")
             if step % cfg.checkpoint_every == 0 or step == optim.max_steps:
                 save(step)
             if step < optim.max_steps and _stop_requested(stop, d):
@@ -385,7 +392,8 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
         save_final(out, student, tokenizer, final_state, chat_template=chat_template)
         write_json_atomic(out / "done.json", {"name": name, "steps": step, "epochs": optim.epochs,
                                               "final_loss": summary.final_loss, "final_dir": summary.final_dir,
-                                              "finished_at": time.time()})
+                                              "finished_at": time.time(),
+                                              **({"trained_from": record} if record is not None else {})})
     d.barrier()
     return summary
 

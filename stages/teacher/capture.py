@@ -31,11 +31,13 @@ from stages import data as data_mod
 from stages import split
 from stages.data_config import DataConfig
 from stages.errors import EngineError
+from stages.progress import restart_clock, tqdm
 from stages.teacher import provenance
 from stages.teacher.config import CacheConfig, TeacherConfig
 from stages.teacher.identity import cache_identity, check_teacher, explain_mismatch, refuse_legacy, shard_plan
 from stages.teacher.shard_writer import (LOGPROB_FLOOR, Heartbeat, ScoredShard, ShardWriter,  # noqa: F401
                                          build_shard, engine_overlaps)
+from storage.diff import changes
 
 
 @dataclass
@@ -71,9 +73,9 @@ def _log(msg: str) -> None:
     print(f"[teacher] {msg}", file=sys.stderr, flush=True)
 
 
-def open_for_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: CacheConfig):
-    """(cache, source, tokenizer, vocab_size): the data indexed, the cache created or checked."""
-    from storage.cache import Cache, CacheMismatchError
+def expected_cache(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: CacheConfig):
+    """(identity, shard plan, log-prob encoding, source, tokenizer, vocab size) of a cache of this
+    config: one indexing pass over the data, the teacher's tokenizer loaded, nothing written."""
     from storage.encoding import LogprobEncoding
 
     tokenizer, vocab_size = check_teacher(teacher_cfg)
@@ -87,14 +89,41 @@ def open_for_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg
     if not plan:
         raise data_mod.DataError(f"the {data_cfg.holdout.part} part of {data_cfg.path!r} has no rows; "
                                  "raise its size in data.holdout")
+    encoding = LogprobEncoding.from_config(cache_cfg.logprob_encoding, cache_cfg.logprob_step)
+    return identity, plan, encoding, source, tokenizer, vocab_size
+
+
+def check_cache(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: CacheConfig) -> None:
+    """Read-only (`atkd status`, --dry-run): CacheMismatchError, one `key: cache's -> config's` line per
+    difference, when the cache at cache_cfg.path was built from another config."""
+    from storage.cache import Cache, CacheMismatchError
+
+    identity, plan, encoding, *_ = expected_cache(data_cfg, teacher_cfg, cache_cfg)
+    refuse_legacy(cache_cfg.path)
+    cache = Cache.open(cache_cfg.path)
+    wanted = encoding.for_top_k(identity.get("top_k")).describe()
+    if cache.manifest.logprob_encoding != wanted:
+        raise CacheMismatchError(f"the cache at {cache.url} stores top-k log-probs otherwise than "
+                                 f"cache.logprob_encoding / cache.logprob_step ask: "
+                                 f"{'; '.join(changes(cache.manifest.logprob_encoding, wanted))}")
+    try:
+        cache.manifest.check_matches(identity, plan, cache.url)
+    except CacheMismatchError as e:
+        raise explain_mismatch(e, cache_cfg.path, identity) from None
+
+
+def open_for_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: CacheConfig):
+    """(cache, source, tokenizer, vocab_size): the data indexed, the cache created or checked."""
+    from storage.cache import Cache, CacheMismatchError
+
+    identity, plan, encoding, source, tokenizer, vocab_size = expected_cache(data_cfg, teacher_cfg, cache_cfg)
     refuse_legacy(cache_cfg.path)
     tasks = int(os.environ.get("SLURM_ARRAY_TASK_COUNT") or 1)
     refuse_unshared_cache(cache_cfg.path, tasks, f"a SLURM array of {tasks} tasks")
     if not Cache.exists(cache_cfg.path):
-        _preflight(source, tokenizer, data_cfg, plan[0], rows)
+        _preflight(source, tokenizer, data_cfg, plan[0], data_mod.num_rows(data_cfg, source))
     try:
-        cache = Cache.create_or_open(cache_cfg.path, identity, plan, logprob_encoding=LogprobEncoding.from_config(
-            cache_cfg.logprob_encoding, cache_cfg.logprob_step))
+        cache = Cache.create_or_open(cache_cfg.path, identity, plan, logprob_encoding=encoding)
     except CacheMismatchError as e:
         raise explain_mismatch(e, cache_cfg.path, identity) from None
     cache.remove_stale_partials()  # killed writers' shard-N.zarr.partial-* (logged)
@@ -116,6 +145,14 @@ def refuse_unshared_cache(url: str, writers: int, how: str) -> None:
                            "(--workers 1, no --ray, no array), or put the cache on a local/NFS path or s3://")
 
 
+def check_complete(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: CacheConfig) -> None:
+    """A complete cache compared with the config (CacheMismatchError naming the keys); its manifest
+    brought up to date when a worker was killed between its last commit and the manifest update."""
+    cache = open_for_capture(data_cfg, teacher_cfg, cache_cfg)[0]
+    if cache.manifest.shards_done != cache.completed_shards():
+        cache.refresh_manifest()
+
+
 def _preflight(source, tokenizer, data_cfg: DataConfig, entry, num_rows: int) -> None:
     """Tokenise the first shard's rows before the cache exists, so wrong field names, a
     wrong kind or a max_seq_len that drops most rows fail before anything is written."""
@@ -127,15 +164,18 @@ def _preflight(source, tokenizer, data_cfg: DataConfig, entry, num_rows: int) ->
 
 
 def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: CacheConfig, *, progress: bool = True,
-                engine=None) -> CaptureSummary:
+                engine=None, on_start=None) -> CaptureSummary:
     """Fill the cache at cache_cfg.path with the teacher's top-k (see module doc).
 
     `engine`: an already started engine to use (tests, benchmarks); by default
     one is made from teacher_cfg when the first shard is claimed, and closed
-    at the end.
+    at the end. `on_start`: called once the cache is checked (or created), before any shard
+    is scored (the pipeline records the run's config then).
     """
     t_start = time.perf_counter()
     cache, source, tokenizer, vocab_size = open_for_capture(data_cfg, teacher_cfg, cache_cfg)
+    if on_start is not None:
+        on_start()
     plan = cache.manifest.shard_plan
     summary = CaptureSummary(cache=str(cache_cfg.path), shards_total=len(plan))
     done_at_start = set(cache.completed_shards())
@@ -151,10 +191,13 @@ def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: Cac
         nonlocal engine
         if summary.engine:
             return engine
+        nonlocal t_first
         if engine is None:
             from stages.teacher.engines import make_engine
 
             engine = make_engine(teacher_cfg, max_seq_len=data_cfg.max_seq_len)
+            t_first = time.perf_counter()  # the rate is the scoring's, not the engine start-up's
+            restart_clock(bar)
         if engine.vocab_size != vocab_size:
             raise EngineError(f"engine vocabulary {engine.vocab_size} != model config vocab_size {vocab_size}")
         summary.engine = engine.name
@@ -298,6 +341,5 @@ def _release_quietly(lease) -> None:
 def _progress_bar(enabled: bool, total: int, initial: int):
     if not enabled:
         return None
-    from stages.progress import tqdm
 
     return tqdm(total=total, initial=initial, unit="shard", desc="teacher", file=sys.stderr, dynamic_ncols=True)

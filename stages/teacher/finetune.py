@@ -12,8 +12,10 @@ Finished, it writes `final/atkd_finetune.json`, the record of what the weights
 were trained from: the base model and its fingerprint, the fine-tune settings
 and the training rows' identity. The cache identity (stages.teacher.identity)
 copies that record, so a cache of the raw teacher, or of a teacher fine-tuned
-otherwise, is refused; a finished fine-tune whose record differs from the
-config is refused too (the weights would not be what the config says).
+otherwise, is refused. A finished fine-tune is never trained again or further:
+one whose record differs from the config (a raised optim.max_steps included) is
+refused before any step, naming each differing key (`settings.optim.max_steps:
+60 -> 80`), so the weights the cache and the students were made from survive.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from stages.errors import TeacherError
 from stages.fingerprint import model_fingerprint
 from stages.student.config import LossConfig, StudentConfig
 from stages.teacher.config import TeacherConfig
+from storage.diff import changes
 from storage.files import atomic_write, read_json
 
 RECORD = "atkd_finetune.json"  # in the fine-tuned model's directory (final/)
@@ -47,10 +50,8 @@ def student_config(teacher_cfg: TeacherConfig) -> StudentConfig:
 def finetune_record(data_cfg: DataConfig, teacher_cfg: TeacherConfig) -> dict:
     """What fine-tuned weights made from this config are: base model, settings, training rows."""
     source, rows = data_mod.training_rows(data_cfg)
-    settings = dataclasses.asdict(teacher_cfg.finetune)
-    settings.pop("enabled")
     return {"base_model": os.path.basename(os.path.normpath(teacher_cfg.model)),
-            "base_fingerprint": model_fingerprint(teacher_cfg.model), "settings": settings,
+            "base_fingerprint": model_fingerprint(teacher_cfg.model), "settings": _settings(teacher_cfg),
             "data": data_mod.rows_identity(data_cfg, source, rows)}
 
 
@@ -70,26 +71,43 @@ def _done(teacher_cfg: TeacherConfig, out: Path) -> bool:
     return is_done(out, teacher_cfg.finetune.optim.max_steps, teacher_cfg.finetune.optim.epochs)
 
 
+def _settings(teacher_cfg: TeacherConfig) -> dict:
+    settings = dataclasses.asdict(teacher_cfg.finetune)
+    settings.pop("enabled")
+    return settings
+
+
 def finetune_state(teacher_cfg: TeacherConfig, out_dir: str | Path) -> str:
-    """For `atkd status` and --dry-run (reads no data, loads no model)."""
-    from stages.student.layout import last_checkpoint
+    """For `atkd status` and --dry-run (reads no data, loads no model: the training rows are compared
+    when the fine-tune is used)."""
+    from stages.student.layout import last_checkpoint, read_done
 
     out = Path(out_dir)
-    if _done(teacher_cfg, out):
-        return "done" if read_record(str(out / "final")) is not None else "trained; its record is written next"
+    have = read_record(str(out / "final"))
+    if have is not None:
+        diffs = changes({"settings": have.get("settings")}, {"settings": _settings(teacher_cfg)})
+        return "done" if not diffs else f"done, but with other settings ({'; '.join(diffs)}): it would be refused"
+    if read_done(out) is not None:
+        return ("trained; its record is written next" if _done(teacher_cfg, out) else
+                "finished with other settings (optim.max_steps / epochs): it would be refused")
     last = last_checkpoint(out)
     return f"in progress (last checkpoint {last.name})" if last else "not started"
 
 
-def _differences(have: dict, want: dict) -> list[str]:
-    return [f"{k}: trained with {json.dumps(have.get(k), sort_keys=True):.160}, the config gives "
-            f"{json.dumps(want.get(k), sort_keys=True):.160}" for k in sorted(set(have) | set(want))
-            if have.get(k) != want.get(k)]
+def _refuse(out: Path, diffs: list[str]) -> TeacherError:
+    return TeacherError(f"the fine-tuned teacher in {out} was made from another config (its record -> this config: "
+                        f"{'; '.join(diffs)}); a finished fine-tune is never changed: delete {out} to fine-tune "
+                        "again with these settings (its cache must then be rebuilt too), or set them back")
 
 
 def finetune_teacher(data_cfg: DataConfig, teacher_cfg: TeacherConfig, out_dir: str | Path, *,
-                     progress: bool = True) -> bool:
-    """Fine-tune teacher.model on the training rows into out_dir (module doc); True if it trained."""
+                     progress: bool = True, on_start=None) -> bool:
+    """Fine-tune teacher.model on the training rows into out_dir (module doc); True if it trained.
+
+    A finished fine-tune (its record in final/, or done.json) is never trained further or
+    again: one whose record differs from this config is refused before any step. `on_start`:
+    called once the checks passed, before training starts."""
+    from stages.student.layout import read_done
     from stages.student.trainer import train_student
 
     out = Path(out_dir)
@@ -97,18 +115,24 @@ def finetune_teacher(data_cfg: DataConfig, teacher_cfg: TeacherConfig, out_dir: 
         raise TeacherError("teacher.finetune.enabled needs teacher.model: the model to fine-tune")
     want = finetune_record(data_cfg, teacher_cfg)
     final = out / "final"
-    if _done(teacher_cfg, out):
-        have = read_record(str(final))
-        if have is None:  # killed between done.json and the record: the weights are this config's
-            atomic_write(final / RECORD, json.dumps(want, indent=1, sort_keys=True))
-            return False
-        diffs = _differences(have, want)
+    have = read_record(str(final))
+    if have is not None:
+        diffs = changes(have, want)
         if diffs:
-            raise TeacherError(
-                f"the fine-tuned teacher in {out} was not made from this config:\n  " + "\n  ".join(diffs)
-                + f"\nDelete {out} to fine-tune again with these settings (its cache must then be rebuilt too), "
-                "or restore the settings it was trained with.")
+            raise _refuse(out, diffs)
         return False
+    done = read_done(out)
+    if done is not None:
+        if not _done(teacher_cfg, out):  # finished, then the config asked for more steps
+            optim = teacher_cfg.finetune.optim
+            key, old, new = (("epochs", done.get("epochs"), optim.epochs) if optim.epochs is not None
+                             else ("max_steps", done.get("steps"), optim.max_steps))
+            raise _refuse(out, [f"settings.optim.{key}: {old} -> {new}"])
+        # Killed between done.json and the record: the weights are this config's.
+        atomic_write(final / RECORD, json.dumps(want, indent=1, sort_keys=True))
+        return False
+    if on_start is not None:
+        on_start()
     print(f"[teacher] fine-tuning {teacher_cfg.model} on the training rows (plain SFT) into {out}", flush=True)
     train_student(student_config(teacher_cfg), cache_url=None, data_cfg=data_cfg, out_dir=out,
                   tokenizer_path=teacher_cfg.model, progress=progress)

@@ -33,7 +33,8 @@ from stages.teacher.config import TeacherConfig
 TOKENIZATION_VERSION = 2
 
 
-def _looks_local(model: str) -> bool:
+def looks_local(model: str) -> bool:
+    """A path rather than a hub name: absolute, starting with . or ~, or with more than one slash."""
     return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
 
 
@@ -68,7 +69,7 @@ def check_model_reachable(model: str, what: str) -> None:
     say at once what was tried instead of letting transformers retry the hub for a minute."""
     if os.path.isdir(os.path.expanduser(model)):
         return
-    if _looks_local(model):
+    if looks_local(model):
         raise ModelError(f"{what} {model!r}: no such directory; set {what} to the model's directory "
                          "(saved with save_pretrained) or a hub name")
     if _in_hub_cache(model) or hub_reachable():
@@ -246,27 +247,30 @@ def check_for_students(cache, data_cfg: DataConfig, teacher_cfg: TeacherConfig) 
     uses the first top_k entries (said in a note); above it, or any other
     difference, raises CacheMismatchError naming every key with both values.
     """
+    from storage.diff import changes
     from storage.errors import CacheMismatchError
+    from storage.manifest import normalize_json
 
     have = cache.manifest.identity
     want = expected_identity(data_cfg, teacher_cfg)
     notes = []
     legacy = "num_rows" not in have
     skip = {"top_k", *(_LEGACY_DATA_KEYS if legacy else ())}
-    diffs = [f"{k}: cache has {have.get(k, '<absent>')!r:.120}, config gives {want.get(k, '<absent>')!r:.120}"
-             for k in sorted(set(have) | set(want))
-             if k not in skip and have.get(k, "<absent>") != want.get(k, "<absent>")]
+    tokenizer_differs = have.get("tokenizer_fingerprint") != want["tokenizer_fingerprint"]
+    if tokenizer_differs:  # described in words below instead of key by key
+        skip |= {"tokenizer_info"}
+    diffs = changes(normalize_json(have), normalize_json(want), skip=skip)
     cached_k, k = int(have.get("top_k", want["top_k"])), int(want["top_k"])
     if k > cached_k:
         diffs.append(f"top_k: the cache holds the teacher's top-{cached_k}, teacher.top_k={k} asks for more")
     if diffs:
         detail = ""
-        if "tokenizer_fingerprint" in {d.split(":")[0] for d in diffs}:
+        if tokenizer_differs:
             detail = "\nTokenizer (cache vs config): " + (describe_tokenizer_difference(
                 have.get("tokenizer_info", {}), want["tokenizer_info"]) or "differs")
         raise CacheMismatchError(
             f"the teacher cache at {cache.url} was not built from this config, so the students would learn "
-            "from another teacher or other data:\n  " + "\n  ".join(diffs) + detail
+            "from another teacher or other data (cache -> config):\n  " + "\n  ".join(diffs) + detail
             + "\nPoint cache.path at the cache of this config, or run `atkd teacher` with a new cache.path.")
     if k < cached_k:
         notes.append(f"using the first {k} of the cache's {cached_k} top-k entries per position (teacher.top_k={k})")

@@ -3,7 +3,8 @@
 Used by the parent of several teacher workers (pipeline/workers.py): it owns no
 shard, so it reads progress where every worker leaves it, each committed
 shard's attributes (`data.tokens`), and reports shards done, tokens per second
-since it started watching, and the ETA.
+and the ETA, measured from the first shard it sees committed (the workers'
+engine start-up is not the scoring's pace).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class CacheProgress:
         self._cache = None
         self._seen: set[int] = set()
         self._tokens = 0
-        self._t0 = time.perf_counter()
+        self._t0 = None  # when the first shard committed after we started watching
         self._bar = None
 
     def _open(self):
@@ -43,14 +44,23 @@ class CacheProgress:
         if cache is None:
             return
         new = [i for i in cache.completed_shards() if i not in self._seen]
+        first = self._t0 is None and bool(new)
         for i in new:
             attrs = cache.shard_attrs(i) or {}
-            self._tokens += int((attrs.get("data") or {}).get("tokens", 0))
+            if not first:  # the first shards' tokens were scored before the clock started
+                self._tokens += int((attrs.get("data") or {}).get("tokens", 0))
             self._seen.add(i)
+        if first:
+            self._t0 = time.perf_counter()
         if self._bar is not None and new:
-            rate = self._tokens / max(time.perf_counter() - self._t0, 1e-9)
             self._bar.n = len(self._seen)
-            self._bar.set_postfix_str(f"{rate:,.0f} tok/s (all workers)")
+            if first:
+                from stages.progress import restart_clock
+
+                restart_clock(self._bar)
+            else:
+                rate = self._tokens / max(time.perf_counter() - self._t0, 1e-9)
+                self._bar.set_postfix_str(f"{rate:,.0f} tok/s (all workers)")
             self._bar.refresh()
 
     @property

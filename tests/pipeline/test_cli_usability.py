@@ -82,7 +82,7 @@ def test_overrides_after_the_student_option_are_accepted(ws, capsys):
     assert rc == 0, out
     assert "would train 5 steps" in out
     rc, out = atkd_here(capsys, "-v", "teacher", "--dry-run", str(cfg), "teacher.top_k=4")
-    assert rc == 0 and "top_k 4" in out
+    assert rc == 0 and "top-4 log-probs" in out
     with pytest.raises(SystemExit) as e:
         cli.main(["student", str(cfg), "--student", "s1", "--bogus"])
     assert e.value.code == 2
@@ -186,7 +186,7 @@ def test_inspect_reports_counts_sizes_uncertainty_and_provenance(ws, capsys):
     rc, out = atkd_here(capsys, "inspect", str(cache))
     assert rc == 0, out
     c = shard_counts(cache)
-    assert "shards done 8/8" in out and "top_k 8" in out
+    assert "shards done 8/8" in out and f"teacher model {os.path.basename(ws['model'])!r}: top-8 log-probs" in out
     assert (f"{c['num_sequences']:,} sequences, {c['num_tokens']:,} tokens, {c['num_positions']:,} target positions"
             in out)
     assert "B per token" in out and "B per top-k entry (ids + log-probs)" in out

@@ -150,7 +150,7 @@ def test_paths_derive_from_run_dir(tmp_path):
 
 def test_answer_rule_follows_the_demo_unless_set(tmp_path):
     """eval.answer_rule auto: the demo's answer check with demo.enabled, the whole response otherwise."""
-    from pipeline.orchestrator import answer_rule, report_sections
+    from pipeline.evaluation import answer_rule, report_sections
 
     demo = load_config(REPO / "pipeline.yaml", [f"run_dir={tmp_path}"])
     assert demo.demo.enabled and demo.eval.answer_rule == "demo"
@@ -204,3 +204,12 @@ def test_optim_checks_are_the_same_for_students_and_the_teacher_fine_tune(tmp_pa
     with pytest.raises(ConfigError, match="teacher.finetune.optim.epochs: must be > 0"):
         load_config(path, ["teacher.finetune.enabled=true", "teacher.finetune.optim.epochs=0"])
     assert load_config(path, ["students.0.optim.warmup_ratio=0.03"]).students[0].optim.warmup_ratio == 0.03
+
+
+def test_an_override_changes_one_student_where_yaml_anchors_share_a_setting(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("data: {path: x.jsonl}\nteacher: {model: t}\nstudents:\n"
+                    "  - {name: a, init: {hidden_size: 64}, optim: &o {lr: 0.001}}\n"
+                    "  - {name: b, init: {hidden_size: 64}, optim: *o}\n")
+    cfg = load_config(path, ["students.b.optim.lr=0.01"])
+    assert [s.optim.lr for s in cfg.students] == [0.001, 0.01]

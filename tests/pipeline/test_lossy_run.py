@@ -39,7 +39,7 @@ def test_atkd_run_with_u8_rel_captures_trains_evaluates_and_verifies(tmp_path, t
     rc, out = atkd_here(capsys, "verify", str(run_dir / "cache"))
     assert rc == 0 and "OK" in out, out
     rc, out = atkd_here(capsys, "inspect", str(run_dir / "cache"))
-    assert rc == 0 and "log-probs u8-rel, step 0.08" in out, out
+    assert rc == 0 and "log-probs: u8-rel, step 0.08" in out, out
 
     # The same cache path with the exact encoding is another cache: refused, naming both.
     rc, out = atkd_here(capsys, "teacher", str(cfg), "cache.logprob_encoding=exact")

@@ -53,14 +53,18 @@ def test_atkd_run_end_to_end_on_sampled_targets(tmp_path, capsys, tiny_llama_dir
     assert results["kd"]["kl_to_teacher"] is not None and results["atkd"]["ece"] is not None
     rc, out = atkd_here(capsys, "inspect", str(run / "cache"))
     assert rc == 0 and f"targets {targets} (8 draws per position" in out
-    assert f"log-probs {encoding}" in out
+    assert ("log-probs: no top-k log-probs (sampled targets" if targets == "sampled"
+            else f"log-probs: {encoding}") in out
+    assert "teacher model 'tiny_llama" in out
     rc, out = atkd_here(capsys, "verify", str(run / "cache"))
     assert rc == 0, out
     rc, out = atkd_here(capsys, "status", str(config))
-    assert rc == 0 and f"targets {targets} (8 draws per position)" in out
+    assert rc == 0 and ("8 draws per position (no top-k)" if targets == "sampled"
+                        else "top-8 log-probs and 8 draws per position") in out
     if targets == "sampled":
         rc, out = atkd_here(capsys, "inspect", str(run / "cache"))
         assert "mean top-0 mass" not in out
+        assert "mass" not in (run / "report" / "report.md").read_text()  # a cache of draws keeps no top-k
 
 
 def test_bad_samples_and_targets_are_refused(tmp_path, tiny_llama_dir, train_jsonl):
@@ -84,15 +88,17 @@ def test_dry_run_estimates_the_draws_and_the_encoding_together(tmp_path, tiny_ll
     import re
 
     from pipeline.config import load_config
-    from pipeline.dryrun import plan_text
+    from pipeline.dryrun import plan
 
     config = sampled_config(tmp_path, str(tiny_llama_dir), str(train_jsonl), "topk")
     sizes = {}
     for targets in ("topk", "topk+sampled"):
         for encoding in ("exact", "u8-rel"):
-            text = plan_text(load_config(config, [f"teacher.targets={targets}", f"cache.logprob_encoding={encoding}"]),
-                             "teacher")
-            assert f"targets {targets}, log-probs {encoding})" in text
+            text, problems = plan(load_config(config, [f"teacher.targets={targets}",
+                                                       f"cache.logprob_encoding={encoding}"]), "teacher")
+            assert problems == [], problems
+            what = "top-8 log-probs" + (" and 8 draws per position" if targets != "topk" else "")
+            assert f"{what}, log-probs {encoding})" in text
             line = next(x for x in text.splitlines() if "estimated cache size" in x)
             assert f"B per top-k entry ({encoding})" in line
             assert ("B per position for 8 draws" in line) == (targets != "topk"), line

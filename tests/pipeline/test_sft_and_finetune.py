@@ -173,7 +173,7 @@ def test_finetuned_teacher_is_what_stage_one_caches(tmp_path, tiny_llama_dir, tr
     assert rc == 1 and "teacher_finetune" in out and "teacher_fingerprint" in out
     # Other fine-tune settings than the finished fine-tune's: refused, nothing retrained or lost.
     rc, out = atkd_here(capsys, "run", cfg, "teacher.finetune.optim.lr=0.002")
-    assert rc == 1 and "was not made from this config" in out and "settings" in out
+    assert rc == 1 and "was made from another config" in out and "settings.optim.lr: 0.003 -> 0.002" in out
     assert json.loads((ft_dir / "final" / "atkd_finetune.json").read_text()) == record
 
     # Fine-tuned with other settings (another run dir): another identity, so the first cache is refused.

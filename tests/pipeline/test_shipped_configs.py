@@ -47,8 +47,8 @@ def test_paper_configs_dry_run_prints_the_whole_plan_without_downloading(path, t
     cfg = load_config(path)
     ft = f"{cfg.run_dir}/teacher-finetuned"
     assert f"teacher fine-tune -> {ft}: not started: would fine-tune {cfg.teacher.model}" in out
-    assert f"stage one: teacher {cfg.run_dir}/teacher-finetuned/final (backend vllm, top_k 64" in out
-    assert "a hub dataset is not downloaded by a dry run" in out
+    assert f"stage one: teacher {cfg.run_dir}/teacher-finetuned/final (backend vllm, top-64 log-probs" in out
+    assert "row count unknown (a hub dataset: a dry run downloads nothing)" in out
     for s in cfg.students:
         assert f"student {s.name} ({s.loss.kind}, parameters unknown" in out and "would train 3 epoch(s)" in out
     assert not list(tmp_path.iterdir())  # nothing written

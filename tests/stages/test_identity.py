@@ -46,8 +46,8 @@ def test_stage_two_names_each_setting_that_differs(tmp_path, train_jsonl, tiny_l
     with pytest.raises(CacheMismatchError) as info:
         check_for_students(cache, other, teacher_cfg)
     message = str(info.value)
-    assert "max_seq_len: cache has 64, config gives 48" in message
-    assert "template: cache has" in message and "'Q: {prompt}\\nA: '" in message
+    assert "(cache -> config)" in message and "\n  max_seq_len: 64 -> 48\n" in message
+    assert 'template: "### Instruction' in message and '-> "Q: {prompt}\\nA: "' in message
     assert "data_fingerprint" not in message  # the source is the same; only settings differ
     fewer = TeacherConfig(**{**teacher_cfg.__dict__, "top_k": 2})
     assert check_for_students(cache, data_cfg, fewer) == (2, [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataConfig, EvalConfig
-from stages import evaluate, overlap, split
+from stages import overlap, split
 from stages.data import open_source
 from stages.data_config import HoldoutConfig
 from stages.errors import EvalError
@@ -20,7 +20,7 @@ def _rows(n):
 
 
 def _eval(data_cfg, eval_cfg):
-    return evaluate.eval_rows(data_cfg, eval_cfg, open_source(data_cfg))
+    return overlap.eval_rows(data_cfg, eval_cfg, open_source(data_cfg))
 
 
 def test_the_training_file_as_eval_data_is_refused_with_the_rows_and_the_fix(tmp_path):

@@ -109,7 +109,7 @@ def test_the_cache_holds_its_part_records_it_and_refuses_another_split(tmp_path,
 
     assert check_for_students(cache, cfg, _teacher(tiny_llama_dir))[0] == 4
     other = DataConfig(path=str(train_jsonl), max_seq_len=64, holdout=HoldoutConfig(validation=6, test=4, seed=2))
-    with pytest.raises(CacheMismatchError, match="holdout: cache has .*'seed': 1.*config gives .*'seed': 2"):
+    with pytest.raises(CacheMismatchError, match="\n  holdout.seed: 1 -> 2\n"):
         check_for_students(cache, other, _teacher(tiny_llama_dir))
     with pytest.raises(CacheMismatchError, match="holdout"):
         check_for_students(cache, DataConfig(path=str(train_jsonl), max_seq_len=64), _teacher(tiny_llama_dir))

@@ -78,4 +78,36 @@ def test_config_accepts_a_template_of_named_fields_and_refuses_one_without_any(t
                     "template_fields: [instruction, context]}\nteacher: {model: t}\n")
     assert load_config(path).data.template_fields == ["instruction", "context"]
     with pytest.raises(ConfigError, match="must contain {prompt} or one of data.template_fields"):
+        load_config(path, ['data.template="I: [[C: ]]"'])
+    with pytest.raises(ConfigError, match=r"data.template: \{instruction\} names no field; the template can use "
+                                          r"\{prompt\} \(add a row field to data.template_fields"):
         load_config(path, ["data.template_fields=[]"])
+
+
+@pytest.mark.parametrize("template, unknown, close", [
+    ("### Instruction:\n{instruction}\n[[### Input:\n{inptu}\n]]### Response:\n", "inptu", "input"),
+    ("{instruction} {context}", "context", None),  # a real field, not listed in data.template_fields
+    ("{promt}: {input}", "promt", "prompt")])
+def test_a_placeholder_that_names_no_field_is_refused_at_load(tmp_path, template, unknown, close):
+    from pipeline.config import ConfigError, load_config
+
+    path = tmp_path / "p.yaml"
+    path.write_text("data: {path: x.jsonl, template_fields: [instruction, input]}\nteacher: {model: t}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [f"data.template={template!r}"])
+    message = str(info.value)
+    assert message.startswith(f"data.template: {{{unknown}}} names no field")
+    assert ("did you mean" not in message) if close is None else (f"(did you mean {close}?)" in message)
+    assert "the template can use {prompt}, {instruction}, {input}" in message
+    assert f"write {{{{{unknown}}}}} for a literal {{{unknown}}}" in message
+
+
+def test_double_braces_are_a_literal_placeholder_everywhere():
+    c = cfg(template="{{instruction}} {instruction} [[{{context}} {context}]] {{x}} {x} {{y", template_fields=[
+        "instruction", "context"])
+    row = {"instruction": "I", "context": "C"}
+    assert fill_template(c, row, "row 0", _field) == "{instruction} I {context} C {x} {x} {{y"
+    from stages.template import placeholders, unknown_placeholders
+
+    assert placeholders(c.template) == ["instruction", "context", "x"]
+    assert unknown_placeholders("{{inptu}} {prompt}", {"prompt": "p"}) == []

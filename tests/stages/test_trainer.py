@@ -300,7 +300,8 @@ def test_vocab_mismatch_is_refused(setup):
     msg = str(e.value)
     assert "student 'mismatch' does not match the cache's vocabulary" in msg, msg
     assert "tokenizer size 301 vs cache vocab_size 300" in msg
-    assert "pass tokenizer_path" in msg  # what to do
+    assert "its tokenizer (from teacher.model (the default for an `init` student)) is not the one" in msg  # where
+    assert "set students.mismatch.tokenizer to teacher.model's directory" in msg  # what to do
     assert not (setup["root"] / "mismatch" / "checkpoints").exists()  # refused before any training
     assert fh.compare_caches(fh.cache_snapshot(setup["url"]), before) == []
 

@@ -45,8 +45,9 @@ def test_reopen_with_same_config_and_mismatch_names_keys(cache_url):
     with pytest.raises(CacheMismatchError) as err:
         Cache.create_or_open(cache_url, make_identity(teacher="other", top_k=16), make_plan(SIZES))
     msg = str(err.value)
-    assert "identity.teacher: cache has 'synthetic-teacher', requested 'other'" in msg
-    assert "identity.top_k: cache has 8, requested 16" in msg
+    assert "(cache -> requested)" in msg
+    assert 'identity.teacher: "synthetic-teacher" -> "other"' in msg
+    assert "identity.top_k: 8 -> 16" in msg
     with pytest.raises(CacheMismatchError, match=r"shard_plan\[1\]"):
         Cache.create_or_open(cache_url, make_identity(), make_plan([6, 1, 9, 4]))
 

@@ -302,7 +302,7 @@ def test_topk_plus_sampled_with_u8_rel_stores_both_features(local_url, tmp_path)
     assert verify_cache(local_url).ok
     text = inspect_cache(local_url).text()
     assert f"targets topk+sampled ({N_DRAWS} draws per position, sampling exact, cache format v2)" in text
-    assert "log-probs u8-rel, step 0.08" in text
+    assert "log-probs: u8-rel, step 0.08" in text
     batch = next(iter(CacheDataset(local_url, batch_size=1, seed=0, epochs=1, drop_last=False)))
     assert batch["sample_counts"].sum(1).eq(N_DRAWS).all() and batch["topk_logprobs"].shape[1] == K
 
