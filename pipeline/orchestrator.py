@@ -443,7 +443,8 @@ def _run_eval(cfg: PipelineConfig) -> dict:
                               val_data_cfg=val_job[1] if val_job else None)
     logs = {s.name: str(student_dir(cfg, s.name) / "log.jsonl") for s in cfg.students}
     cache = cfg.cache.path if needs_training_cache(cfg) and cache_complete(cfg.cache.path) else None
-    report = write_report(cfg.run_dir, results, logs, cache, sections=report_sections(cfg))
+    report = write_report(cfg.run_dir, results, logs, cache, sections=report_sections(cfg),
+                          continues={s.name: s.init_from for s in cfg.students if s.init_from})
     _log(f"report written to {report}")
     return results
 
