@@ -291,8 +291,8 @@ def _plot(cells: Cells, estimates, path: Path) -> bool:
             if est is not None:
                 ys.append(y)
                 xs.append(est.mean)
-                lo.append(est.mean - est.lo)
-                hi.append(est.hi - est.mean)
+                lo.append(max(est.mean - est.lo, 0.0))  # a constant metric: the replicates' float sums can
+                hi.append(max(est.hi - est.mean, 0.0))  # land 1e-17 beside the mean; matplotlib refuses < 0
         ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", capsize=3, color="#4477aa", clip_on=False)
         low, high = RANGES.get(key, (None, None))  # matplotlib's margin would reach past the metric's range
         left, right = ax.get_xlim()

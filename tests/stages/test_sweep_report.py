@@ -104,3 +104,13 @@ def test_sweep_plot_axes_stay_inside_each_metrics_range(tmp_path, monkeypatch):
     assert limits["exact match"][0] >= 0.0 and limits["exact match"][1] <= 1.0
     assert limits["KL(teacher ‖ model)"][0] >= 0.0
     assert limits["perplexity"][0] >= 1.0
+
+
+def test_sweep_plot_takes_a_constant_metric_over_ten_seeds(tmp_path):
+    """Ten seeds of one value (a teacher's): the bootstrap's upper end sat 1.4e-17 below the mean and
+    matplotlib refused the negative error bar, which stopped `atkd sweep` after its seventh run."""
+    cells = {("default", "teacher"): [SeedResult(k, {"exact_match": 0.1, "perplexity": 1.472}) for k in range(10)]}
+    est = cell_estimates(cells)[("default", "teacher")]["exact_match"]
+    assert est.hi < est.mean  # the float noise this test is about
+    write_sweep_report(tmp_path, cells, Sweep())
+    assert (tmp_path / "sweep.png").stat().st_size > 5000
