@@ -254,19 +254,28 @@ def notes() -> list[str]:
 
 
 def machine() -> str:
-    """CPU model and cores (and the GPU, if torch sees one)."""
-    cpu = platform.processor() or platform.machine()
+    """CPU model, family/model numbers and the kernels torch dispatches to (AVX2, AVX512, ...), cores, and
+    the GPU if torch sees one. A model name alone ("AMD EPYC" in a VM) can hide the generation, and the
+    kernels decide the rounding: runs are bit-identical only on the same CPU kind."""
+    cpu, ident = platform.processor() or platform.machine(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key in ("model name", "cpu family", "model") and key not in ident:
+                ident[key] = value
+            if key == "flags":
                 break
     except OSError:
         pass
+    cpu = ident.get("model name", cpu)
+    if "cpu family" in ident:
+        cpu += f" (family {ident['cpu family']}, model {ident.get('model', '?')})"
     text = f"{cpu}, {os.cpu_count()} logical cores"
     try:
         import torch
 
+        text += f", torch CPU kernels {torch.backends.cpu.get_cpu_capability()}"
         if torch.cuda.is_available():
             text += f", GPU {torch.cuda.get_device_name(0)}"
     except ImportError:  # pragma: no cover

@@ -114,3 +114,15 @@ def test_sweep_plot_takes_a_constant_metric_over_ten_seeds(tmp_path):
     assert est.hi < est.mean  # the float noise this test is about
     write_sweep_report(tmp_path, cells, Sweep())
     assert (tmp_path / "sweep.png").stat().st_size > 5000
+
+
+def test_machine_names_the_cpu_kind_and_the_kernels_torch_uses():
+    """'AMD EPYC' alone covered two CPU kinds that round differently (AVX-512 and AVX2 kernels)."""
+    import torch
+
+    from stages.sweep_report import machine
+
+    text = machine()
+    assert f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()}" in text and "logical cores" in text
+    if "cpu family" in open("/proc/cpuinfo").read():
+        assert "(family " in text
