@@ -250,8 +250,6 @@ def derive_paths(cfg: PipelineConfig) -> None:
         cfg.eval.path, cfg.eval.split = cfg.data.path, cfg.data.split  # evaluation reads its test part
     if cfg.eval.answer_rule == "auto":
         cfg.eval.answer_rule = "demo" if cfg.demo.enabled else "exact"
-    if cfg.eval.allow_train_overlap is None:  # the demo's fact-recall task repeats training facts by design
-        cfg.eval.allow_train_overlap = cfg.demo.enabled
 
 
 def validate(cfg: PipelineConfig) -> None:

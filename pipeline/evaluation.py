@@ -182,7 +182,8 @@ def _run_eval(cfg: PipelineConfig, states: dict[str, StudentState]) -> dict:
                               val_data_cfg=val_job[1] if val_job else None)
     logs = {s.name: str(runner.student_dir(cfg, s.name) / "log.jsonl") for s in cfg.students}
     cache = cfg.cache.path if runner.needs_training_cache(cfg) and runner.cache_complete(cfg.cache.path) else None
-    report = write_report(cfg.run_dir, results, logs, cache, sections=report_sections(cfg))
+    report = write_report(cfg.run_dir, results, logs, cache, sections=report_sections(cfg),
+                          continues={s.name: s.init_from for s in cfg.students if s.init_from})
     _log(f"report written to {report}")
     return results
 

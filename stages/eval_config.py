@@ -6,7 +6,7 @@ Loaded and validated by pipeline/config.py; the stages only read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 
 @dataclass
@@ -27,7 +27,6 @@ class EvalConfig:
     # is resolved when the config is loaded: "demo" with demo.enabled, else "exact".
     answer_rule: Literal["auto", "exact", "demo"] = "auto"
     # Evaluation rows with the same content as a training row (stages/overlap.py) are refused; true:
-    # evaluate anyway with a loud warning, the count in results.json (train_overlap). Unset (null) is
-    # resolved when the config is loaded: true with demo.enabled (the demo's fact-recall task repeats
-    # training facts by design), else false.
-    allow_train_overlap: Optional[bool] = None
+    # evaluate anyway with a loud warning, the count in results.json (train_overlap). The demo's
+    # evaluation rows are disjoint from its training rows by construction (stages/demo/task.py).
+    allow_train_overlap: bool = False

@@ -1,7 +1,8 @@
 """The run report: a Markdown table of the evaluation and PNG plots.
 
     path = write_report(run_dir, results, students_logs, cache_url,  # <run_dir>/report/report.md
-                        sections=[markdown, ...])                    # the caller's own sections
+                        sections=[markdown, ...],                    # the caller's own sections
+                        continues={"kd": "base", ...})               # student -> its init_from
 
 It only reads: the results it is given (stages.evaluate writes results.json),
 the students' logs and the cache; what else a run has to say (the demo
@@ -10,7 +11,10 @@ report.md and the plots, nothing else.
     print(format_table(results))                                     # the same table, for the terminal
 
 Plots (matplotlib, Agg backend, so no display is needed):
-- `loss_curves.png`: training loss per student, from each student's log.jsonl;
+- `loss_curves.png`: training loss per student, from each student's log.jsonl:
+  the raw per-step values faint, a centred moving average over them; a student
+  that continues another (`init_from`) is drawn from where that one ended, so
+  the steps axis is the model's total training steps;
 - `teacher_uncertainty.png`: histogram of the teacher's UNC = 1 - p(gold) over
   the training cache's positions (ATKD splits positions by it: a bimodal
   histogram means confident answer tokens and uncertain free-choice tokens);
@@ -120,10 +124,43 @@ def cache_statistics(cache_url: str, max_positions: int = MAX_CACHE_POSITIONS) -
 # ---------------------------------------------------------------- plots
 
 
-def _plot_losses(students_logs: dict[str, str], path: Path) -> bool:
+SMOOTH_POINTS = 25  # the moving average spans ~1/25 of a curve's steps
+
+
+def smooth(values: Sequence[float]) -> np.ndarray:
+    """Centred moving average (window ~len/SMOOTH_POINTS, odd); near the ends over the points there are."""
+    x = np.asarray(values, dtype=np.float64)
+    width = max(1, len(x) // SMOOTH_POINTS) | 1
+    if width == 1:
+        return x
+    kernel = np.ones(width)
+    return np.convolve(x, kernel, mode="same") / np.convolve(np.ones_like(x), kernel, mode="same")
+
+
+def step_offsets(last_steps: dict[str, int], continues: dict[str, str]) -> dict[str, int]:
+    """Where each student's step 1 sits on a shared axis: after the last step of the student it continues
+    (init_from), recursively; 0 for a student from scratch or one whose origin has no log."""
+    offsets: dict[str, int] = {}
+
+    def offset(name: str, seen: tuple = ()) -> int:
+        if name not in offsets:
+            origin = continues.get(name)
+            if origin is None or origin in seen or origin not in last_steps:
+                offsets[name] = 0
+            else:
+                offsets[name] = offset(origin, seen + (name,)) + last_steps[origin]
+        return offsets[name]
+
+    for name in last_steps:
+        offset(name)
+    return offsets
+
+
+def _plot_losses(students_logs: dict[str, str], path: Path, continues: dict[str, str] | None = None) -> bool:
     """Each student's own objective (left) and, when logged, its cross-entropy on
     the gold tokens (right: the one curve comparable across losses)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [("loss", "training loss (own objective)"), ("ce", "cross-entropy on gold tokens")]
     curves = {key: {n: read_log(p, key) for n, p in students_logs.items()} for key, _ in panels}
@@ -131,16 +168,24 @@ def _plot_losses(students_logs: dict[str, str], path: Path) -> bool:
     panels = [(key, label) for key, label in panels if curves[key]]
     if not panels:
         return False
+    last = {n: c[0][-1] for n, c in curves[panels[0][0]].items()}
+    offsets = step_offsets(last, continues or {})
+    colors = {n: f"C{i % 10}" for i, n in enumerate(students_logs)}
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for name, (steps, values) in curves[key].items():
-            ax.plot(steps, values, label=name, linewidth=1.2)
-        ax.set_xlabel("step")
+            x = np.asarray(steps) + offsets.get(name, 0)
+            ax.plot(x, values, color=colors[name], linewidth=0.6, alpha=0.3)
+            ax.plot(x, smooth(values), color=colors[name], linewidth=1.5, label=name)
+        for start in sorted({o for o in offsets.values() if o}):
+            ax.axvline(start, color="0.5", linestyle=":", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step (a continuing student after the one it starts from)")
         ax.set_ylabel(label)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Student training")
+    fig.suptitle("Student training (faint: per step; line: moving average)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -172,10 +217,11 @@ def _plot_histogram(values: np.ndarray, path: Path, *, title: str, xlabel: str, 
 
 
 def write_report(run_dir: str | os.PathLike, results: dict[str, dict], students_logs: dict[str, str],
-                 cache_url: str | None, sections: Sequence[str] = ()) -> str:
+                 cache_url: str | None, sections: Sequence[str] = (), continues: dict[str, str] | None = None) -> str:
     """Write `<run_dir>/report/report.md` and its PNGs; returns the report's path.
 
-    `sections`: Markdown the caller adds after the evaluation (empty ones are skipped)."""
+    `sections`: Markdown the caller adds after the evaluation (empty ones are skipped).
+    `continues`: student -> the student it starts from (init_from), for the loss plot's steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,7 +237,7 @@ def write_report(run_dir: str | os.PathLike, results: dict[str, dict], students_
     sections += [text.rstrip("\n") + "\n" for text in extra if text.strip()]
 
     plots = []
-    if _plot_losses(students_logs, out / "loss_curves.png"):
+    if _plot_losses(students_logs, out / "loss_curves.png", continues):
         plots.append(("Training loss per student", "loss_curves.png"))
     stats = cache_statistics(cache_url) if cache_url else None
     if stats is not None:

@@ -8,7 +8,11 @@ eval/results.json and per-example scores) and writes three files in out_dir.
 Intervals come from stages.bootstrap: over seeds and, for exact match and
 ROUGE-L, over the evaluation examples within each seed; perplexity, KL, top-1
 agreement and ECE are corpus-level numbers per run, so over seeds only.
-Sections beyond the main table appear when the sweep has what they compare:
+Then where one new run lands: per seed, the exact match of every run, and a
+95% prediction interval for one new run (stages.bootstrap.prediction_interval:
+the seeds' mean ± a t-quantile times their spread), the range a fresh run on
+another seed or CPU kind should fall in. Sections beyond these appear when the
+sweep has what they compare:
 differences against a baseline student, the teachers side by side (teacher
 size, top-k), and students derived from another one (ATKD's hard_ratio,
 easy_weight, base).
@@ -20,16 +24,23 @@ import json
 import math
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from stages.bootstrap import LEVEL, SAMPLES, SEED, Estimate, bootstrap_mean, paired_difference
+import numpy as np
+
+from stages.bootstrap import LEVEL, SAMPLES, SEED, Estimate, bootstrap_mean, paired_difference, prediction_interval
 from stages.evaluate import EXAMPLE_METRICS
 from stages.report import COLUMNS
 from storage.files import atomic_write
 
 COMPARED = ("exact_match", "rouge_l")  # metrics of the difference tables
 PLOT = "sweep.png"
+RANGES = {  # each metric's possible values: the plot's axis stays inside them
+    "exact_match": (0.0, 1.0), "rouge_l": (0.0, 1.0), "top1_agreement": (0.0, 1.0), "ece": (0.0, 1.0),
+    "kl_to_teacher": (0.0, None), "perplexity": (1.0, None),
+}
+TEACHER = "teacher"  # the model name of the teacher's row in each run's results
 
 
 @dataclass
@@ -65,7 +76,7 @@ def _values(results: list[SeedResult], metric: str) -> list[list[float]]:
         value = r.metrics.get(metric)
         if per_example:
             out.append(per_example)
-        elif isinstance(value, (int, float)) and math.isfinite(value):
+        elif _finite(value):
             out.append([float(value)])
         else:
             out.append([])
@@ -76,6 +87,26 @@ def cell_estimates(cells: Cells) -> dict[tuple[str, str], dict[str, Estimate | N
     return {cell: {key: bootstrap_mean(_values(results, key), key=f"{cell[0]}/{cell[1]}/{key}")
                    for key, *_ in COLUMNS}
             for cell, results in cells.items()}
+
+
+def predictions(cells: Cells) -> dict[tuple[str, str], dict[str, Estimate | None]]:
+    """Per cell and metric: the prediction interval for one new run from the seeds' values, clipped to
+    the metric's range (None for the teacher, the same model in every seed's run)."""
+    out: dict[tuple[str, str], dict[str, Estimate | None]] = {}
+    for cell, results in cells.items():
+        out[cell] = {}
+        for key, *_ in COLUMNS:
+            est = None if cell[1] == TEACHER else prediction_interval([r.metrics.get(key) for r in results])
+            low, high = RANGES.get(key, (None, None))
+            if est is not None:
+                est = replace(est, lo=est.lo if low is None else max(est.lo, low),
+                              hi=est.hi if high is None else min(est.hi, high))
+            out[cell][key] = est
+    return out
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def difference(cells: Cells, a: tuple[str, str], b: tuple[str, str], metric: str) -> Estimate | None:
@@ -116,6 +147,31 @@ def main_table(cells: Cells, estimates) -> list[str]:
         row += [fmt(estimates[cell][key], spec) for key, _, spec, _ in COLUMNS]
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def prediction_section(cells: Cells, predicted, metric: str = "exact_match") -> list[str]:
+    """Each seed's value and where one new run lands (95% prediction interval)."""
+    seeds = sorted({r.seed for results in cells.values() for r in results})
+    if len(seeds) < 2:
+        return []
+    header = "| teacher | model | " + " | ".join(f"seed {k}" for k in seeds) + f" | sd | one new run ({LEVEL:.0%}) |"
+    lines = [f"## One new run: where it lands ({metric.replace('_', ' ')})", "",
+             (f"Each seed's value, the seeds' standard deviation, and a {LEVEL:.0%} prediction interval for one "
+              "new run (another seed, or the same seed on another machine, whose rounding sends training down "
+              "another path): mean ± t · sd · √(1 + 1/n), t Student's quantile with n − 1 degrees of freedom. "
+              "The interval of the table above is for the mean over seeds; this one is for a single run. The "
+              "teacher is the same model in every run, so the seeds give it no spread (a teacher trained on "
+              "another CPU kind can differ: that is not measured here)."), "",
+             header, "|---|---|" + "---:|" * (len(seeds) + 2)]
+    for cell, results in cells.items():
+        value = {r.seed: r.metrics.get(metric) for r in results}
+        row = ["{:.3f}".format(value[k]) if _finite(value.get(k)) else "-" for k in seeds]
+        est = predicted[cell][metric]
+        xs = [v for v in value.values() if _finite(v)]
+        sd = "{:.3f}".format(float(np.std(xs, ddof=1))) if len(xs) > 1 else "-"
+        interval = f"[{est.lo:.3f}, {est.hi:.3f}]" if est is not None else "-"
+        lines.append(f"| {cell[0]} | {cell[1]} | " + " | ".join(row) + f" | {sd} | {interval} |")
+    return lines + [""]
 
 
 def baseline_section(cells: Cells, baseline: str) -> list[str]:
@@ -198,19 +254,28 @@ def notes() -> list[str]:
 
 
 def machine() -> str:
-    """CPU model and cores (and the GPU, if torch sees one)."""
-    cpu = platform.processor() or platform.machine()
+    """CPU model, family/model numbers and the kernels torch dispatches to (AVX2, AVX512, ...), cores, and
+    the GPU if torch sees one. A model name alone ("AMD EPYC" in a VM) can hide the generation, and the
+    kernels decide the rounding: runs are bit-identical only on the same CPU kind."""
+    cpu, ident = platform.processor() or platform.machine(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key in ("model name", "cpu family", "model") and key not in ident:
+                ident[key] = value
+            if key == "flags":
                 break
     except OSError:
         pass
+    cpu = ident.get("model name", cpu)
+    if "cpu family" in ident:
+        cpu += f" (family {ident['cpu family']}, model {ident.get('model', '?')})"
     text = f"{cpu}, {os.cpu_count()} logical cores"
     try:
         import torch
 
+        text += f", torch CPU kernels {torch.backends.cpu.get_cpu_capability()}"
         if torch.cuda.is_available():
             text += f", GPU {torch.cuda.get_device_name(0)}"
     except ImportError:  # pragma: no cover
@@ -235,9 +300,12 @@ def _plot(cells: Cells, estimates, path: Path) -> bool:
             if est is not None:
                 ys.append(y)
                 xs.append(est.mean)
-                lo.append(est.mean - est.lo)
-                hi.append(est.hi - est.mean)
-        ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", capsize=3, color="#4477aa")
+                lo.append(max(est.mean - est.lo, 0.0))  # a constant metric: the replicates' float sums can
+                hi.append(max(est.hi - est.mean, 0.0))  # land 1e-17 beside the mean; matplotlib refuses < 0
+        ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", capsize=3, color="#4477aa", clip_on=False)
+        low, high = RANGES.get(key, (None, None))  # matplotlib's margin would reach past the metric's range
+        left, right = ax.get_xlim()
+        ax.set_xlim(left if low is None else max(left, low), right if high is None else min(right, high))
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_title(f"{header} ({'higher' if better == 'higher' else 'lower'} is better)", fontsize=10)
@@ -253,9 +321,10 @@ def write_sweep_report(out_dir: str | os.PathLike, cells: Cells, about: Sweep) -
     """Write `<out_dir>/report.md`, `results.json` and `sweep.png`; returns the report's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    estimates = cell_estimates(cells)
+    estimates, predicted = cell_estimates(cells), predictions(cells)
     lines = [f"# {about.title}", "", *about.lines, "",
-             f"## Results: mean over seeds [{LEVEL:.0%} interval]", "", *main_table(cells, estimates), ""]
+             f"## Results: mean over seeds [{LEVEL:.0%} interval]", "", *main_table(cells, estimates), "",
+             *prediction_section(cells, predicted)]
     if about.baseline:
         lines += baseline_section(cells, about.baseline)
     lines += teachers_section(cells, estimates, about.teachers)
@@ -269,9 +338,11 @@ def write_sweep_report(out_dir: str | os.PathLike, cells: Cells, about: Sweep) -
                   for r in about.runs] + [""]
     results = {"bootstrap": {"samples": SAMPLES, "level": LEVEL, "seed": SEED,
                              "over_examples": list(EXAMPLE_METRICS)},
+               "one_new_run": f"{LEVEL:.0%} prediction interval, mean ± t(n-1) · sd · sqrt(1 + 1/n) over seeds",
                "cells": [{"teacher": t, "model": m, "seeds": [r.seed for r in cells[(t, m)]],
                           "per_seed": {key: [r.metrics.get(key) for r in cells[(t, m)]] for key, *_ in COLUMNS},
-                          "metrics": {k: (e.as_dict() if e else None) for k, e in estimates[(t, m)].items()}}
+                          "metrics": {k: (e.as_dict() if e else None) for k, e in estimates[(t, m)].items()},
+                          "one_new_run": {k: (e.as_dict() if e else None) for k, e in predicted[(t, m)].items()}}
                          for t, m in cells],
                "runs": about.runs}
     atomic_write(out / "results.json", json.dumps(results, indent=1))

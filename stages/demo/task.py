@@ -13,18 +13,25 @@ phrasing tokens (several continuations are all correct), as on real
 instruction data, and the answer can be checked exactly (`extract_answer`).
 
 Generation is a pure function of (seed, split, count): `random.Random` seeded
-with a string is stable across Python runs and platforms. Validation and test
-prompts never repeat a training prompt, except for the *fact* tasks (`add` of
-two digits and `lookup` in a fixed table), whose whole input space is small and
-seen in training by design (they test recall); `sort`, `count` and `reverse`
-test computation on unseen inputs. The sizes are chosen so a ~3M-parameter
-teacher learns them in a few CPU minutes.
+with a string is stable across Python runs and platforms. Evaluation rows
+(validation and test) are never training rows, nor even training prompts:
+- `sort`, `count` and `reverse` test computation on unseen inputs: their
+  held-out prompts repeat no training prompt;
+- the *fact* tasks (`add` of two digits and `lookup` in a fixed table) have a
+  small input space that training covers by design (they test recall), so each
+  fact is asked in one of several question wordings (`ADD_WORDINGS`,
+  `LOOKUP_WORDINGS`), and one wording per fact, picked by the seed, is held
+  out: training (and the teacher's pool) asks the fact only in its other
+  wordings, evaluation only in the held-out one. A fact recurs in a new wording,
+  as in a benchmark; the row does not. Every wording is seen in training, with
+  other facts.
+The sizes are chosen so a ~3M-parameter teacher learns them in a few CPU minutes.
 
 The optional `teacher` split is the teacher's own, larger training pool (as in
 the paper, the teacher knows more than the students' distillation data): its
-prompts repeat none of the other three splits (FACT_TASKS aside), so the
-teacher cannot memorise the phrasing picked for a student's example and its
-soft labels spread over the valid phrasings.
+prompts repeat none of the other three splits (the fact tasks' training
+wordings aside), so the teacher cannot memorise the phrasing picked for a
+student's example and its soft labels spread over the valid phrasings.
 """
 
 from __future__ import annotations
@@ -39,10 +46,11 @@ from storage.files import atomic_open
 
 # Bump when the generator changes what it writes: cached data made by an older
 # generator is then refused instead of silently mixed.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: fact tasks in several wordings, one per fact held out
 
 TASKS = ("add", "sort", "count", "reverse", "lookup")
 SPLITS = ("train", "validation", "test", "teacher")
+EVAL_SPLITS = ("validation", "test")  # ask each fact in its held-out wording
 
 # Free-choice parts. An answer never contains '.', so every phrasing parses back.
 OPENERS = ("", "Sure! ", "OK. ", "Let me see. ")
@@ -63,22 +71,44 @@ LOOKUP_TABLE: dict[tuple[str, str], str] = {
         "a snake": "0", "a crab": "10", "a cat": "4", "a fish": "0",
     }.items()},
 }
-_LOOKUP_QUESTIONS = {
-    "color": "What color is {key}?",
-    "capital": "What is the capital of {key}?",
-    "legs": "How many legs does {key} have?",
+LOOKUP_WORDINGS: dict[str, tuple[str, ...]] = {
+    "color": ("What color is {key}?", "Name the color of {key}.", "Which color does {key} have?"),
+    "capital": ("What is the capital of {key}?", "Name the capital of {key}.", "Which city is the capital of {key}?"),
+    "legs": ("How many legs does {key} have?", "Name the number of legs of {key}.", "How many legs has {key}?"),
 }
-FACT_TASKS = ("add", "lookup")  # small input spaces, fully covered by training
+ADD_WORDINGS = ("Add {a} and {b}.", "What is {a} plus {b}?", "Compute {a} + {b}.")
+WORDINGS = len(ADD_WORDINGS)  # every fact task has this many; one per fact is held out for evaluation
+FACT_TASKS = ("add", "lookup")  # small input spaces, fully covered by training (in other wordings)
 
 _LETTERS = "abcdefghij"
 _COUNT_LETTERS = "abc"
 
 MAX_ADDEND = 9
+ADD_FACTS = [(a, b) for a in range(MAX_ADDEND + 1) for b in range(MAX_ADDEND + 1)]
+_LOOKUP_KEYS = sorted(LOOKUP_TABLE)
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
+def held_out_wording(seed: int, task: str) -> dict:
+    """fact -> index of its held-out wording. The facts (per relation for `lookup`) are shuffled by the
+    seed and the wordings dealt in turn, so each wording is held out for about a third of them and seen
+    in training with the rest."""
+    groups = [ADD_FACTS] if task == "add" else [[f for f in _LOOKUP_KEYS if f[0] == r] for r in LOOKUP_WORDINGS]
+    held = {}
+    for g, facts in enumerate(groups):
+        facts = list(facts)
+        random.Random(f"atkd-demo-v{GENERATOR_VERSION}/{seed}/held-out/{task}/{g}").shuffle(facts)  # noqa: S311
+        held.update({fact: i % WORDINGS for i, fact in enumerate(facts)})
+    return held
+
+
+def _wording(rng: random.Random, held_out: int, evaluation: bool) -> int:
+    return held_out if evaluation else rng.choice([w for w in range(WORDINGS) if w != held_out])
+
+
+def _add(rng: random.Random, held_out: dict, evaluation: bool) -> tuple[str, str]:
     a, b = rng.randint(0, MAX_ADDEND), rng.randint(0, MAX_ADDEND)
-    return f"Add {a} and {b}.", str(a + b)
+    wording = ADD_WORDINGS[_wording(rng, held_out[(a, b)], evaluation)]
+    return wording.format(a=a, b=b), str(a + b)
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
@@ -97,22 +127,27 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
     return f"Reverse: {' '.join(seq)}", " ".join(reversed(seq))
 
 
-_LOOKUP_KEYS = sorted(LOOKUP_TABLE)
-
-
-def _lookup(rng: random.Random) -> tuple[str, str]:
+def _lookup(rng: random.Random, held_out: dict, evaluation: bool) -> tuple[str, str]:
     relation, key = rng.choice(_LOOKUP_KEYS)
-    return _LOOKUP_QUESTIONS[relation].format(key=key), LOOKUP_TABLE[(relation, key)]
+    wording = LOOKUP_WORDINGS[relation][_wording(rng, held_out[(relation, key)], evaluation)]
+    return wording.format(key=key), LOOKUP_TABLE[(relation, key)]
 
 
-_GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "add": _add, "sort": _sort, "count": _count, "reverse": _reverse, "lookup": _lookup,
+_COMPUTED: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "sort": _sort, "count": _count, "reverse": _reverse,
 }
+_FACTS = {"add": _add, "lookup": _lookup}
 
 
-def make_example(rng: random.Random, task: str) -> dict:
-    """One row: the prompt and answer of `task`, wrapped in a random phrasing."""
-    prompt, answer = _GENERATORS[task](rng)
+def make_example(rng: random.Random, task: str, held_out: dict | None = None, evaluation: bool = False) -> dict:
+    """One row: the prompt and answer of `task`, wrapped in a random phrasing.
+
+    Fact tasks need `held_out` (held_out_wording's map): an `evaluation` row asks
+    the fact in its held-out wording, any other row in one of the others."""
+    if task in _FACTS:
+        prompt, answer = _FACTS[task](rng, held_out, evaluation)
+    else:
+        prompt, answer = _COMPUTED[task](rng)
     response = rng.choice(OPENERS) + rng.choice(PHRASINGS).format(answer=answer)
     return {"prompt": prompt, "response": response, "answer": answer, "task": task}
 
@@ -121,19 +156,21 @@ def generate_split(seed: int, split: str, count: int, exclude_prompts: Iterable[
     """`count` rows of `split`, tasks in equal shares (round robin, then shuffled).
 
     Prompts in `exclude_prompts` (the training prompts, for held-out splits) are
-    redrawn, except for FACT_TASKS, whose whole input space training covers.
+    redrawn, except for FACT_TASKS, whose wordings keep evaluation and training
+    apart instead (the module doc).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     rng = random.Random(f"atkd-demo-v{GENERATOR_VERSION}/{seed}/{split}")  # noqa: S311 - seeded demo data, no secret
+    held_out = {task: held_out_wording(seed, task) for task in FACT_TASKS}
     excluded = set(exclude_prompts)
     rows = []
     for i in range(count):
         task = TASKS[i % len(TASKS)]
         for _ in range(1000):
-            row = make_example(rng, task)
+            row = make_example(rng, task, held_out.get(task), split in EVAL_SPLITS)
             if task in FACT_TASKS or row["prompt"] not in excluded:
                 break
         else:  # pragma: no cover - the input spaces are far larger than any split
@@ -146,9 +183,10 @@ def generate_split(seed: int, split: str, count: int, exclude_prompts: Iterable[
 def generate_splits(seed: int, train: int, validation: int, test: int, teacher: int = 0) -> dict[str, list[dict]]:
     """The students' three splits, plus the teacher's pool when `teacher` > 0.
 
-    Held-out prompts never repeat a training prompt, and teacher prompts repeat
-    none of the three (FACT_TASKS aside). Adding the teacher's pool leaves the
-    other splits unchanged (each split draws from its own random stream).
+    No held-out prompt is a training prompt (or a teacher prompt), and teacher
+    prompts repeat none of the three splits (the fact tasks' training wordings
+    aside). Adding the teacher's pool leaves the other splits unchanged (each
+    split draws from its own random stream).
     """
     rows = {"train": generate_split(seed, "train", train)}
     seen = {r["prompt"] for r in rows["train"]}
@@ -208,8 +246,12 @@ def extract_answer(text: str, task: str | None = None) -> str | None:
 def compute_answer(prompt: str, task: str) -> str:
     """Recompute the answer from a prompt alone (a check on the generator)."""
     if task == "add":
-        a, b = map(int, re.fullmatch(r"Add (\d+) and (\d+)\.", prompt).groups())
-        return str(a + b)
+        for wording in ADD_WORDINGS:
+            pattern = re.escape(wording).replace(re.escape("{a}"), r"(\d+)").replace(re.escape("{b}"), r"(\d+)")
+            m = re.fullmatch(pattern, prompt)
+            if m:
+                return str(int(m.group(1)) + int(m.group(2)))
+        raise ValueError(f"prompt {prompt!r} is not an addition in a known wording")
     if task == "sort":
         return " ".join(sorted(prompt.removeprefix("Sort: ").split(), key=int))
     if task == "count":
@@ -219,7 +261,7 @@ def compute_answer(prompt: str, task: str) -> str:
         return " ".join(reversed(prompt.removeprefix("Reverse: ").split()))
     if task == "lookup":
         for (relation, key), value in LOOKUP_TABLE.items():
-            if _LOOKUP_QUESTIONS[relation].format(key=key) == prompt:
+            if any(w.format(key=key) == prompt for w in LOOKUP_WORDINGS[relation]):
                 return value
         raise ValueError(f"prompt {prompt!r} is not in the lookup table")
     raise ValueError(f"unknown demo task {task!r}")

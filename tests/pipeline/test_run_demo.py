@@ -68,6 +68,9 @@ def test_atkd_run_end_to_end_then_nothing_to_do(tmp_path):
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert all(r["ece"] is not None and set(r["exact_match_by_task"]) == {"add", "sort", "count", "reverse",
                                                                           "lookup"} for r in results.values())
+    # the demo evaluates with the overlap refusal on, on rows that are not training rows
+    assert all(r["train_overlap"] == 0 for r in results.values())
+    assert "evaluation rows are training rows" not in first.stderr
 
     from transformers import AutoModelForCausalLM
 

@@ -1,11 +1,13 @@
 """stages.bootstrap: known answers (exact enumeration, closed-form spread) and determinism."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 
-from stages.bootstrap import bootstrap_mean, generator, paired_difference, replicates
+from stages.bootstrap import (bootstrap_mean, generator, paired_difference, prediction_interval, replicates, t_cdf,
+                              t_quantile)
 
 
 def test_constant_values_give_a_point_interval():
@@ -79,3 +81,43 @@ def test_paired_difference_cancels_shared_example_difficulty():
 
 def test_no_values_is_none():
     assert bootstrap_mean([[], []]) is None
+
+
+# ---------------------------------------------------------------- one new run
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 9, 30])
+def test_t_cdf_matches_the_integrated_density(df):
+    """Dense float64 reference: the t density integrated numerically (trapezoids on a fine grid)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    for t in (-3.0, -0.7, 0.0, 0.4, 1.5, 2.776, 6.0):
+        x = np.linspace(0.0, abs(t), 200_001)
+        density = np.exp(log_c - (df + 1) / 2 * np.log1p(x ** 2 / df))
+        half = float(np.sum((density[1:] + density[:-1]) / 2 * np.diff(x)))
+        assert t_cdf(t, df) == pytest.approx(0.5 + math.copysign(half, t), abs=1e-9)
+
+
+def test_t_quantile_matches_the_tables():
+    table = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262, 29: 2.045}  # two-sided 95%, any statistics table
+    for df, value in table.items():
+        assert t_quantile(0.975, df) == pytest.approx(value, abs=5e-4)
+        assert t_quantile(0.025, df) == pytest.approx(-value, abs=5e-4)
+    assert t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        t_quantile(1.0, 3)
+
+
+def test_prediction_interval_formula_and_coverage():
+    est = prediction_interval([0.40, 0.45, 0.50, 0.47, 0.43])
+    sd = np.std([0.40, 0.45, 0.50, 0.47, 0.43], ddof=1)
+    half = 2.7764451 * sd * math.sqrt(1.2)
+    assert est.mean == pytest.approx(0.45) and est.seeds == 5
+    assert (est.lo, est.hi) == (pytest.approx(0.45 - half, abs=1e-6), pytest.approx(0.45 + half, abs=1e-6))
+    assert prediction_interval([0.5]) is None and prediction_interval([0.5, None, float("nan")]) is None
+    rng = np.random.default_rng(0)  # a new normal draw lands inside the interval of five earlier ones 95% of the time
+    hits = 0
+    for _ in range(4000):
+        x = rng.normal(0.45, 0.03, size=6)
+        est = prediction_interval(x[:5])
+        hits += est.lo <= x[5] <= est.hi
+    assert abs(hits / 4000 - 0.95) < 0.012

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,8 @@ from stages.demo.task import (
     extract_answer,
     generate_splits,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tiny_demo(**overrides) -> DemoConfig:
@@ -69,17 +73,71 @@ def test_answers_are_correct_and_extractable():
     assert len({r["response"].replace(r["answer"], "X") for r in splits["train"]}) >= 8
 
 
-def test_held_out_prompts_are_new_except_facts():
-    splits = generate_splits(0, 1000, 200, 200)
-    train = {r["prompt"] for r in splits["train"]}
+def test_evaluation_rows_are_not_training_rows_at_the_demos_sizes():
+    """The shipped pipeline.yaml keeps the overlap refusal on, and the pipeline's own check (content
+    fingerprints) finds no evaluation row among the students' training rows; stricter, no evaluation
+    prompt is a training or teacher prompt."""
+    from pipeline.config import load_config
+    from stages.overlap import content_fields, row_fingerprint
+
+    cfg = load_config(REPO / "pipeline.yaml")
+    assert cfg.demo.enabled and cfg.eval.allow_train_overlap is False
+    demo, data_cfg = cfg.demo, cfg.data
+    splits = generate_splits(demo.seed, demo.train_examples, demo.validation_examples, demo.test_examples,
+                             demo.teacher_train_examples)
+    fields = content_fields(data_cfg)
+    train = {row_fingerprint(r, fields) for r in splits["train"]}
+    trained_prompts = {r["prompt"] for name in ("train", "teacher") for r in splits[name]}
     for split in ("validation", "test"):
-        assert all(r["prompt"] not in train for r in splits[split] if r["task"] not in demo_task.FACT_TASKS)
+        assert len(splits[split]) == 300
+        assert sum(row_fingerprint(r, fields) in train for r in splits[split]) == 0, split
+        assert not [r["prompt"] for r in splits[split] if r["prompt"] in trained_prompts], split
+
+
+def test_facts_recur_in_training_only_in_other_wordings():
+    splits = generate_splits(0, 4000, 300, 300)
+    wordings = {"add": demo_task.ADD_WORDINGS,
+                "lookup": [w for ws in demo_task.LOOKUP_WORDINGS.values() for w in ws]}
+
+    def fact(row):  # ((task, answer, the fact's own words), the wording it is asked in)
+        for w in wordings[row["task"]]:
+            pattern = re.escape(w)
+            for name, group in (("{a}", r"(\d)"), ("{b}", r"(\d)"), ("{key}", "(.+)")):
+                pattern = pattern.replace(re.escape(name), group)
+            m = re.fullmatch(pattern, row["prompt"])
+            if m:
+                return (row["task"], row["answer"], m.groups()), w
+        raise AssertionError(f"no wording matches {row['prompt']!r}")
+
+    trained: dict = {}
+    for row in splits["train"]:
+        if row["task"] in demo_task.FACT_TASKS:
+            key, wording = fact(row)
+            trained.setdefault(key, set()).add(wording)
+    assert {w for ws in trained.values() for w in ws} == set(wordings["add"]) | set(wordings["lookup"])
+    for split in ("validation", "test"):
+        rows = [r for r in splits[split] if r["task"] in demo_task.FACT_TASKS]
+        assert len(rows) == 120
+        for row in rows:  # the fact was trained, never in this wording
+            key, wording = fact(row)
+            assert key in trained and wording not in trained[key], row
+
+
+def test_held_out_wordings_are_balanced_and_seeded():
+    for task in demo_task.FACT_TASKS:  # each wording held out for a third of the facts (of each relation)
+        held = demo_task.held_out_wording(0, task)
+        groups = {fact[0] if task == "lookup" else task for fact in held}
+        for group in groups:
+            values = [w for fact, w in held.items() if (fact[0] if task == "lookup" else task) == group]
+            counts = [values.count(w) for w in range(demo_task.WORDINGS)]
+            assert max(counts) - min(counts) <= 1, (task, group, counts)
+        assert demo_task.held_out_wording(1, task) != held
 
 
 def test_addition_answer_is_the_sum():
     for row in generate_splits(5, 200, 0, 0)["train"]:
         if row["task"] == "add":
-            a, b = (int(x) for x in row["prompt"].removeprefix("Add ").rstrip(".").split(" and "))
+            a, b = (int(x) for x in re.findall(r"\d+", row["prompt"]))
             assert int(row["answer"]) == a + b
 
 
@@ -209,9 +267,11 @@ def test_teacher_pool_is_disjoint_and_leaves_the_students_splits_unchanged():
     assert generate_splits(1, 300, 60, 60, teacher=2000)["teacher"] != splits["teacher"]
     assert {k: v for k, v in splits.items() if k != "teacher"} == without
     assert len(splits["teacher"]) == 2000 and {r["task"] for r in splits["teacher"]} == set(TASKS)
-    others = {r["prompt"] for name in ("train", "validation", "test") for r in splits[name]}
+    held_out = {r["prompt"] for name in ("validation", "test") for r in splits[name]}
+    assert not any(r["prompt"] in held_out for r in splits["teacher"])
+    train = {r["prompt"] for r in splits["train"]}
     computed = [r for r in splits["teacher"] if r["task"] not in demo_task.FACT_TASKS]
-    assert computed and not any(r["prompt"] in others for r in computed)
+    assert computed and not any(r["prompt"] in train for r in computed)
     assert all(compute_answer(r["prompt"], r["task"]) == r["answer"] for r in splits["teacher"])
 
 

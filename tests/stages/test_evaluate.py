@@ -38,8 +38,7 @@ def demo_setup(tmp_path_factory):
     run_capture(val_cfg, TeacherConfig(model=str(teacher), backend="transformers", top_k=8),
                 CacheConfig(path=str(cache), sequences_per_shard=5), progress=False)
     eval_cfg = EvalConfig(path=str(root / "test.jsonl"), validation_path=str(root / "validation.jsonl"),
-                          max_new_tokens=12, batch_size=4, backend="transformers",
-                          allow_train_overlap=True)  # the demo's fact rows repeat training rows by design
+                          max_new_tokens=12, batch_size=4, backend="transformers")  # refusal on: no overlap
     return {"root": root, "data_cfg": data_cfg, "eval_cfg": eval_cfg, "teacher": str(teacher),
             "other": str(other), "cache": str(cache), "rows": splits["test"]}
 
@@ -75,7 +74,7 @@ def test_a_model_that_says_the_reference_scores_one(demo_setup, monkeypatch):
         return [row["response"] for row in rows]
 
     monkeypatch.setattr(evaluate, "generate_greedy", say_reference)
-    cfg = EvalConfig(path=s["eval_cfg"].path, max_new_tokens=4, batch_size=4, allow_train_overlap=True)
+    cfg = EvalConfig(path=s["eval_cfg"].path, max_new_tokens=4, batch_size=4)
     res = evaluate.evaluate_models({"ref": s["teacher"]}, eval_cfg=cfg, data_cfg=s["data_cfg"],
                                    teacher_dir=s["teacher"], progress=False)["ref"]
     assert res["exact_match"] == 1.0 and res["rouge_l"] == pytest.approx(1.0)

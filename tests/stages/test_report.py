@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.config import CacheConfig, DataConfig, TeacherConfig
-from stages.report import format_table, read_log, write_report
+from stages.report import format_table, read_log, smooth, step_offsets, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -99,3 +100,44 @@ def test_report_reads_no_demo_file(tmp_path):
     assert "## Demo teacher" in with_demo and "3.00M parameters" in with_demo and "add 0.80" in with_demo
     assert "trained on 20,000 examples, 600 steps" in with_demo
     assert "| atkd | 0.300 | 0.700 |" in with_demo  # the per-task table stays
+
+
+def test_continuing_students_are_drawn_after_their_origin_and_smoothed(tmp_path, monkeypatch):
+    """base trains 4 steps; kd continues it (init_from) for 3: kd's curve starts at step 5, on integer
+    ticks, each curve once raw and once smoothed."""
+    from matplotlib.figure import Figure
+
+    drawn = {}
+    save = Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        if str(args[0]).endswith("loss_curves.png"):
+            ax = fig.axes[0]
+            drawn["lines"] = [(line.get_label(), list(line.get_xdata())) for line in ax.get_lines()]
+            drawn["ticks"] = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    logs = {"base": _write_log(tmp_path / "base" / "log.jsonl", [4.0, 3.0, 2.5, 2.2]),
+            "kd": _write_log(tmp_path / "kd" / "log.jsonl", [2.1, 2.0, 1.9])}
+    write_report(tmp_path, RESULTS, logs, None, continues={"kd": "base"})
+    kd = [x for label, x in drawn["lines"] if label == "kd"]
+    assert kd == [[5, 6, 7]]  # the smoothed, labelled line
+    assert [5, 6, 7] in [x for _, x in drawn["lines"]][:-1]  # and the raw one under it
+    assert [1, 2, 3, 4] in [x for label, x in drawn["lines"] if label == "base" or label.startswith("_")]
+    assert drawn["ticks"] and all(float(t).is_integer() for t in drawn["ticks"])
+
+
+def test_step_offsets_follow_init_from_chains():
+    last = {"base": 500, "sft": 250, "more": 100, "solo": 50}
+    offsets = step_offsets(last, {"sft": "base", "more": "sft", "orphan": "gone", "loop": "loop"})
+    assert offsets == {"base": 0, "sft": 500, "more": 750, "solo": 0}
+
+
+def test_smooth_is_a_centred_mean_that_keeps_length_and_level():
+    x = [float(i % 2) for i in range(100)]  # 0, 1, 0, 1, ...: a window of 5 averages to 0.4-0.6
+    y = smooth(x)
+    assert y.shape == (100,) and np.all(np.abs(y[2:-2] - 0.5) <= 0.1 + 1e-12)
+    assert smooth([3.0, 2.0]).tolist() == [3.0, 2.0]  # too short to smooth
+    ramp = np.arange(200, dtype=float)
+    assert np.allclose(smooth(ramp)[10:-10], ramp[10:-10])  # a centred mean does not lag a trend

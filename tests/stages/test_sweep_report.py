@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from stages.sweep_report import SeedResult, Sweep, cell_estimates, difference, write_sweep_report
+from stages.sweep_report import SeedResult, Sweep, cell_estimates, difference, predictions, write_sweep_report
 
 
 def _seed(seed: int, hits: list[int], ppl: float) -> SeedResult:
@@ -59,3 +59,70 @@ def test_report_files_and_sections(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 5000
     write_sweep_report(tmp_path / "again", _cells(), about)
     assert (tmp_path / "again" / "report.md").read_text() == text  # deterministic
+
+
+def _five_seeds():
+    values = {"kd": [0.40, 0.45, 0.50, 0.47, 0.43], "teacher": [0.8] * 5, "bad": [0.02, 0.0, 0.01, 0.03, 0.0]}
+    return {("default", m): [SeedResult(k, {"exact_match": v, "kl_to_teacher": 0.0 if m == "teacher" else 0.3,
+                                            "perplexity": 2.0})
+                             for k, v in enumerate(vs)] for m, vs in values.items()}
+
+
+def test_one_new_run_section_gives_each_seed_and_a_prediction_interval(tmp_path):
+    cells = _five_seeds()
+    pred = predictions(cells)
+    kd = pred[("default", "kd")]["exact_match"]
+    half = 2.7764451 * np.std([0.40, 0.45, 0.50, 0.47, 0.43], ddof=1) * np.sqrt(1.2)
+    assert kd.lo == pytest.approx(0.45 - half) and kd.hi == pytest.approx(0.45 + half)
+    assert pred[("default", "teacher")]["exact_match"] is None  # the same model in every run
+    assert pred[("default", "bad")]["exact_match"].lo == 0.0  # clipped to the metric's range
+    text = open(write_sweep_report(tmp_path, cells, Sweep())).read()
+    section = text.split("## One new run")[1].split("\n## ")[0]
+    assert "| teacher | model | seed 0 | seed 1 | seed 2 | seed 3 | seed 4 | sd | one new run (95%) |" in section
+    interval = f"[{0.45 - half:.3f}, {0.45 + half:.3f}]"
+    assert f"| default | kd | 0.400 | 0.450 | 0.500 | 0.470 | 0.430 | 0.038 | {interval} |" in section
+    assert "| default | teacher | 0.800 | 0.800 | 0.800 | 0.800 | 0.800 | 0.000 | - |" in section
+    results = json.loads((tmp_path / "results.json").read_text())
+    cell = next(c for c in results["cells"] if c["model"] == "kd")
+    assert cell["one_new_run"]["exact_match"]["lo"] == pytest.approx(0.45 - half)
+
+
+def test_sweep_plot_axes_stay_inside_each_metrics_range(tmp_path, monkeypatch):
+    """A teacher with KL 0 and a student near 0 exact match: matplotlib's margins would put the axes
+    below 0; the plot keeps [0, 1] metrics inside [0, 1] and KL at >= 0."""
+    from matplotlib.figure import Figure
+
+    limits = {}
+    save = Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        limits.update({ax.get_title().split(" (")[0]: ax.get_xlim() for ax in fig.axes})
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    write_sweep_report(tmp_path, _five_seeds(), Sweep())
+    assert limits["exact match"][0] >= 0.0 and limits["exact match"][1] <= 1.0
+    assert limits["KL(teacher ‖ model)"][0] >= 0.0
+    assert limits["perplexity"][0] >= 1.0
+
+
+def test_sweep_plot_takes_a_constant_metric_over_ten_seeds(tmp_path):
+    """Ten seeds of one value (a teacher's): the bootstrap's upper end sat 1.4e-17 below the mean and
+    matplotlib refused the negative error bar, which stopped `atkd sweep` after its seventh run."""
+    cells = {("default", "teacher"): [SeedResult(k, {"exact_match": 0.1, "perplexity": 1.472}) for k in range(10)]}
+    est = cell_estimates(cells)[("default", "teacher")]["exact_match"]
+    assert est.hi < est.mean  # the float noise this test is about
+    write_sweep_report(tmp_path, cells, Sweep())
+    assert (tmp_path / "sweep.png").stat().st_size > 5000
+
+
+def test_machine_names_the_cpu_kind_and_the_kernels_torch_uses():
+    """'AMD EPYC' alone covered two CPU kinds that round differently (AVX-512 and AVX2 kernels)."""
+    import torch
+
+    from stages.sweep_report import machine
+
+    text = machine()
+    assert f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()}" in text and "logical cores" in text
+    if "cpu family" in open("/proc/cpuinfo").read():
+        assert "(family " in text
