@@ -1,6 +1,7 @@
 """Long fault-injection run (issue 6): SIGKILL `atkd teacher` and `atkd student` many times.
 
     python bench/fault_bench.py [--kills 24] [--seed 0] [--mode fork|subprocess] [--root DIR]
+    python bench/fault_bench.py --engine vllm-hidden --parts teacher --kills 6   # stage one on vLLM's hidden route
 
 Per stage, campaigns on fresh run directories until at least --kills kills:
 each campaign kills the command at seeded crash points (mid-shard write,
@@ -12,12 +13,18 @@ timestamps; per-step log records + final weights). Then rounds of four
 concurrent teacher workers on one cache, two of them killed: no shard
 committed twice, none missing, `atkd verify` clean, content equal.
 
+`--engine vllm-hidden` runs stage one on vLLM's hidden-state route (backend vllm,
+vllm_route hidden, vLLM in-process so that every attempt computes with the same
+threads); each attempt then starts vLLM (~30-60 s on a 2-core CPU), so use it with
+`--parts teacher` and few kills.
+
 Prints counts: kills, resumes, mismatches (must be 0). Exit status 1 on any mismatch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -29,6 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import _harness as fh  # noqa: E402
 
 SHARDS = 8  # 40 rows, 5 per shard
+ENGINE = {}  # teacher settings over write_config's (transformers) ones: set from --engine in main
+
+
+def config(ws, path: Path, run_dir: Path, cache: Path) -> Path:
+    cfg = fh.write_config(path, model=ws["model"], data=ws["data"], run_dir=str(run_dir), cache=str(cache))
+    if ENGINE:
+        import yaml
+
+        raw = yaml.safe_load(cfg.read_text())
+        raw["teacher"].update(ENGINE)
+        cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return cfg
 
 
 def campaigns(stage: str, ws, ref, args, rng) -> fh.Counts:
@@ -40,8 +59,7 @@ def campaigns(stage: str, ws, ref, args, rng) -> fh.Counts:
         name = f"{stage}-{n:02d}"
         run = ws["root"] / name
         cache = run / "cache" if teacher else ws["root"] / "ref" / "cache"  # students share the reference cache
-        cfg = fh.write_config(ws["root"] / f"{name}.yaml", model=ws["model"], data=ws["data"],
-                              run_dir=str(run), cache=str(cache))
+        cfg = config(ws, ws["root"] / f"{name}.yaml", run, cache)
         plan = fh.random_kill_plan(rng, points, max_hit=max_hit, n_points=4, n_timed=2,
                                    max_delay=0.7 * ref[f"{stage}_s"])
         counts = fh.run_campaign([stage, str(cfg)], plan, ws["root"] / "logs" / name, mode=args.mode)
@@ -64,8 +82,7 @@ def worker_rounds(ws, ref, args, rng) -> fh.Counts:
     total = fh.Counts()
     for n in range(args.worker_rounds):
         name = f"workers-{n:02d}"
-        cfg = fh.write_config(ws["root"] / f"{name}.yaml", model=ws["model"], data=ws["data"],
-                              run_dir=str(ws["root"] / name), cache=str(ws["root"] / name / "cache"))
+        cfg = config(ws, ws["root"] / f"{name}.yaml", ws["root"] / name, ws["root"] / name / "cache")
         logs = ws["root"] / "logs" / name
         trace = logs / "trace.txt"  # every crash-point hit, "shard.committed" ones name their shard
         point = f"{rng.choice(fh.TEACHER_POINTS)}:{rng.randint(1, 2)}"
@@ -102,36 +119,47 @@ def main() -> int:
     p.add_argument("--mode", choices=["fork", "subprocess"], default="fork",
                    help="fork: warm forkserver children (fast); subprocess: `python -m` per attempt")
     p.add_argument("--root", help="work directory (default: a temporary one)")
+    p.add_argument("--engine", choices=["transformers", "vllm-hidden"], default="transformers",
+                   help="stage one's engine (vllm-hidden: vLLM's hidden-state route, in-process)")
+    p.add_argument("--parts", default="teacher,student,workers", help="which campaigns to run")
     args = p.parse_args()
+    if args.engine == "vllm-hidden":
+        ENGINE.update(backend="vllm", vllm_route="hidden", max_num_seqs=64)
+        os.environ["ATKD_VLLM_IN_PROCESS"] = "1"  # inherited by every attempt (and the forkserver)
+    parts = args.parts.split(",")
     rng = random.Random(args.seed)
     root = Path(args.root or tempfile.mkdtemp(prefix="fault_bench-"))
     t0 = time.time()
-    print(f"fault bench in {root} (mode {args.mode}, seed {args.seed})", flush=True)
+    print(f"fault bench in {root} (mode {args.mode}, seed {args.seed}, engine {args.engine})", flush=True)
     ws = fh.make_workspace(root)
 
-    cfg = fh.write_config(root / "ref.yaml", model=ws["model"], data=ws["data"], run_dir=str(root / "ref"),
-                          cache=str(root / "ref" / "cache"))
+    cfg = config(ws, root / "ref.yaml", root / "ref", root / "ref" / "cache")
     fh.run_atkd(["status", str(cfg)], root / "logs" / "warmup.log", mode=args.mode)  # start the forkserver
     t = time.monotonic()
     rc, out = fh.run_atkd(["teacher", str(cfg)], root / "logs" / "ref-teacher.log", mode=args.mode)
     assert rc == 0, out
     teacher_s = time.monotonic() - t
-    t = time.monotonic()
-    rc, out = fh.run_atkd(["student", str(cfg)], root / "logs" / "ref-student.log", mode=args.mode)
-    assert rc == 0, out
-    student_s = time.monotonic() - t
+    student_s, student = 0.0, None
+    if "student" in parts:
+        t = time.monotonic()
+        rc, out = fh.run_atkd(["student", str(cfg)], root / "logs" / "ref-student.log", mode=args.mode)
+        assert rc == 0, out
+        student_s, student = time.monotonic() - t, fh.student_snapshot(root / "ref" / "students" / "s1")
     ref = {"cache": fh.cache_snapshot(str(root / "ref" / "cache")), "teacher_s": teacher_s,
-           "student": fh.student_snapshot(root / "ref" / "students" / "s1"), "student_s": student_s}
+           "student": student, "student_s": student_s}
     assert len(ref["cache"]["shards"]) == SHARDS
     print(f"reference runs: teacher {teacher_s:.1f} s, student {student_s:.1f} s", flush=True)
 
     results = {}
-    print("stage one (atkd teacher):", flush=True)
-    results["teacher"] = campaigns("teacher", ws, ref, args, rng)
-    print("stage two (atkd student):", flush=True)
-    results["student"] = campaigns("student", ws, ref, args, rng)
-    print("concurrent teacher workers:", flush=True)
-    results["workers"] = worker_rounds(ws, ref, args, rng)
+    if "teacher" in parts:
+        print("stage one (atkd teacher):", flush=True)
+        results["teacher"] = campaigns("teacher", ws, ref, args, rng)
+    if "student" in parts:
+        print("stage two (atkd student):", flush=True)
+        results["student"] = campaigns("student", ws, ref, args, rng)
+    if "workers" in parts:
+        print("concurrent teacher workers:", flush=True)
+        results["workers"] = worker_rounds(ws, ref, args, rng)
 
     print(f"\n{'':10s} {'kills':>6s} {'resumes':>8s} {'attempts':>9s} {'late':>5s} {'mismatches':>11s}")
     for stage, c in results.items():

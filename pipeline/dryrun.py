@@ -84,10 +84,13 @@ def teacher_lines(cfg: PipelineConfig) -> list[str]:
             else f"{done}/{cache.num_shards} shards done: stage one would write the other {cache.num_shards - done}"
         return [f"teacher cache {cfg.cache.path}: {state}"]
     est = estimate_data(cfg)
-    teacher = runner.cached_teacher(cfg).model
-    lines = [f"stage one: teacher {teacher} (backend {cfg.teacher.backend}, top_k {cfg.teacher.top_k}, "
+    from stages.teacher.engines import planned_engine
+
+    cached = runner.cached_teacher(cfg)
+    lines = [f"stage one: teacher {cached.model} (backend {cfg.teacher.backend}, top_k {cfg.teacher.top_k}, "
              f"targets {cfg.teacher.targets}, log-probs {cfg.cache.logprob_encoding}) "
              f"-> cache {cfg.cache.path} (not started)",
+             f"  engine: {planned_engine(cached)}",
              f"  data {cfg.data.path}: {est.rows_note}"]
     if est.rows is not None and cfg.data.holdout is not None:
         from stages.split import sizes

@@ -130,5 +130,15 @@ def status_summary(url: str, **storage_options) -> str:
              f"  teacher {ident.get('teacher', '?')}, top_k {ident.get('top_k', '?')}, targets {targets_of(ident)}"
              + (f" ({ident.get('samples')} draws per position)" if has_samples(targets_of(ident)) else ""),
              f"  shards done {len(done)}/{cache.num_shards}; {seqs} sequences, {positions} positions",
+             *_engine_line(cache.manifest.provenance),
              f"  leased now: {len(held)}"] + [f"    {h}" for h in held]
     return "\n".join(lines)
+
+
+def _engine_line(provenance: dict) -> list[str]:
+    """Which engine (and vLLM route) wrote the shards, from the provenance (not the identity)."""
+    if not provenance.get("engine"):
+        return []
+    route = provenance.get("engine_route", "")
+    return [f"  engine {provenance['engine']} {provenance.get('engine_version', '')}".rstrip()
+            + (f", route {route.split(' ', 1)[0]}" if route else "")]
