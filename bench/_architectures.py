@@ -48,6 +48,10 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
                                          tie_word_embeddings=True)),
     "GPT2LMHeadModel": ("GPT2Config", dict(n_embd=HIDDEN, n_layer=2, n_head=HEADS, n_positions=512,
                                            tie_word_embeddings=True)),
+    # Pythia's layout (the paper's other family): an untied head, hub checkpoints call it embed_out
+    "GPTNeoXForCausalLM": ("GPTNeoXConfig", dict(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+                                                 num_hidden_layers=2, num_attention_heads=HEADS,
+                                                 max_position_embeddings=512, tie_word_embeddings=False)),
 }
 
 

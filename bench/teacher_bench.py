@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -76,21 +77,25 @@ def timed(fn, repeat: int) -> float:
     return best
 
 
+def rss() -> int:
+    """This process's resident memory in bytes (Linux /proc; no psutil on the GPU machine)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class PeakRSS:
     """This process's peak RSS while the block runs (sampled every 20 ms) and its RSS before."""
 
     def __enter__(self):
-        import psutil
-
-        self._proc, self._stop = psutil.Process(), threading.Event()
-        self.base = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self.base = self.peak = rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self):
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self.peak = max(self.peak, rss())
 
     def __exit__(self, *exc):
         self._stop.set()

@@ -33,17 +33,17 @@ from __future__ import annotations
 import numpy as np
 
 from stages.errors import TeacherError
-from stages.teacher.engine_vllm import check_lengths, close_llm, cuda_available, start_llm
+from stages.teacher.engine_vllm import check_lengths, close_llm, cuda_available, model_architectures, start_llm
 from stages.teacher.output_head import OutputHead
 from stages.teacher.scoring import TeacherRows, example_targets, rows_from_hidden, split_rows
 
 _POOLER = dict(task="token_embed", pooling_type="ALL", use_activation=False)
 
 
-def pooling_unavailable_reason() -> str | None:
-    """Why this vLLM cannot hand back hidden states (None: its pooling runner can)."""
+def pooling_unavailable_reason(model_path: str) -> str | None:
+    """Why this vLLM cannot hand back this model's hidden states (None: its pooling runner can)."""
     try:
-        from vllm import LLM
+        from vllm import LLM, ModelRegistry
         from vllm.config import PoolerConfig
 
         PoolerConfig(**_POOLER)
@@ -51,6 +51,13 @@ def pooling_unavailable_reason() -> str | None:
         return f"this vLLM has no token_embed pooling ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     if not hasattr(LLM, "encode"):
         return "this vLLM's LLM has no encode()"
+    for arch in model_architectures(model_path):
+        entry = getattr(ModelRegistry, "models", {}).get(arch)
+        if entry is not None and str(getattr(entry, "module_name", "")).endswith(".transformers"):
+            # vLLM 0.32-CPU: the pooling runner over its transformers backend fails at start-up
+            # ("Current vLLM config is not set"), seen with GPTNeoX (Pythia).
+            return (f"vLLM runs {arch} through its generic transformers backend, whose pooling runner does not "
+                    "start (vLLM 0.32)")
     return None
 
 

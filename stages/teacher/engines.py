@@ -79,7 +79,7 @@ def hidden_route_reason(teacher_cfg: TeacherConfig, *, check_vllm: bool = True) 
     if why is None and check_vllm:
         from stages.teacher.engine_vllm_hidden import pooling_unavailable_reason
 
-        why = pooling_unavailable_reason()
+        why = pooling_unavailable_reason(teacher_cfg.model)
     return why
 
 
@@ -166,8 +166,9 @@ def planned_engine(teacher_cfg: TeacherConfig) -> str:
                 else "vLLM, which is not installed: stage one would fail")
     sampled = teacher_cfg.targets != "topk"
     if teacher_cfg.vllm_route != "logprobs" and not os.path.isdir(os.path.expanduser(teacher_cfg.model)):
-        return ("vLLM where it supports the architecture; its route is decided once teacher.model exists "
-                "(hidden-state route if its output head is reproduced)")
+        fallback = "transformers" if sampled and teacher_cfg.backend == "auto" else "its prompt log-probs route"
+        return ("decided once teacher.model exists: vLLM's hidden-state route if its output head is reproduced "
+                f"(and vLLM supports the architecture), else {fallback}")
     if teacher_cfg.vllm_route == "logprobs":
         if sampled and teacher_cfg.backend == "auto":
             return "transformers (sampled targets with teacher.vllm_route=logprobs)"

@@ -11,7 +11,7 @@ below is the whole rest of the forward.
 logits was read in transformers' modeling code (5.19) and is tested against the
 model's own forward (tests/stages/test_output_head.py):
 
-    logits = hidden @ W.T (+ b)     W: `lm_head.weight`, or the input embeddings when
+    logits = hidden @ W.T (+ b)     W: `lm_head.weight` (Pythia: `embed_out`), or the input embeddings when
                                     config.tie_word_embeddings; b: Phi's head bias
     then  Gemma-2 / Gemma-3         cap * tanh(logits / cap), cap = config.final_logit_softcapping (if set)
           Cohere / Cohere-2         logits * config.logit_scale
@@ -36,6 +36,7 @@ class HeadSteps:
     """What one architecture does after the final hidden state (config attribute names)."""
 
     embed: str = _EMBED  # checkpoint key of the input embeddings (the head when tied)
+    head: tuple[str, ...] = ("lm_head.weight",)  # checkpoint keys the untied head may have
     bias: bool = False  # lm_head has a bias
     softcap: str | None = None  # cap * tanh(logits / cap)
     multiply: str | None = None  # logits * value
@@ -59,6 +60,8 @@ HEADS: dict[str, HeadSteps] = {
     "Phi3ForCausalLM": _PLAIN,
     "OPTForCausalLM": HeadSteps(embed="model.decoder.embed_tokens.weight"),
     "GPT2LMHeadModel": HeadSteps(embed="transformer.wte.weight"),
+    # Pythia; transformers 5 loads `embed_out` as lm_head and saves it back under that name
+    "GPTNeoXForCausalLM": HeadSteps(embed="gpt_neox.embed_in.weight", head=("lm_head.weight", "embed_out.weight")),
 }
 
 
@@ -182,7 +185,7 @@ def _weight_key(steps: HeadSteps, config, tensors: dict[str, str]) -> str:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     tied = bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
     short = steps.embed.split(".", 1)[1]
-    candidates = [steps.embed, short, "lm_head.weight"] if tied else ["lm_head.weight"]
+    candidates = [steps.embed, short, *steps.head] if tied else list(steps.head)
     for key in candidates:
         if key in tensors:
             return key
