@@ -7,8 +7,8 @@ rows at a time (scoring.py, the code path vLLM's hidden-state route shares).
 So neither [batch, seq, vocab] logits nor a [tokens, vocab] float32 tensor ever
 exists; the largest temporary is [logprob_chunk, vocab] float32.
 
-The head is output_head.OutputHead: exact for the architectures it lists
-(Gemma-2's soft-capping, Cohere's scale, ...), a plain projection otherwise. A
+The head is output_head.OutputHead for the architectures it lists (Gemma-2's
+soft-capping, Cohere's scale, ...), the model's own output layer otherwise. A
 start-up self-check compares it with the model's own full forward on a short
 input, so a head that does more than that is caught instead of silently mis-scored.
 """
@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from stages.errors import EngineError, ModelError, TeacherError
-from stages.teacher.output_head import OutputHead
+from stages.teacher.output_head import HEADS, OutputHead
 from stages.teacher.scoring import TeacherRows, example_targets, rows_from_hidden, split_rows
 
 
@@ -91,7 +91,10 @@ class HFTeacherEngine:
                              f"{first})") from e
         self.model = model.to(self.device)
         self.model.eval()
-        self.head = OutputHead.from_model(self.model)
+        # The exact head where output_head.py knows the architecture; otherwise the model's own
+        # output layer, which the self-check below must find equal to its full forward.
+        known = type(self.model).__name__ in HEADS
+        self.head = OutputHead.from_model(self.model) if known else self.model.get_output_embeddings()
         self.vocab_size = int(self.head.weight.shape[0])
         self.description = f"transformers on {self.device} ({str(self.torch_dtype).replace('torch.', '')})"
         self.startup_seconds = time.perf_counter() - t0

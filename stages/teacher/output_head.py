@@ -99,12 +99,11 @@ class OutputHead:
 
     @classmethod
     def from_model(cls, model) -> "OutputHead":
-        """The head of a loaded transformers model (its own weights); an architecture outside
-        HEADS gets the plain projection, which the transformers engine's self-check tests."""
+        """The head of a loaded transformers model of an architecture in HEADS (its own weights)."""
         arch = type(model).__name__
         layer = model.get_output_embeddings()
         return cls(layer.weight, getattr(layer, "bias", None), architecture=arch, source="the loaded model",
-                   **_scalars(HEADS.get(arch, _PLAIN), model.config))
+                   **_scalars(HEADS[arch], model.config))
 
     @classmethod
     def load(cls, model_dir: str, *, device: str = "cpu", dtype=None) -> "OutputHead":

@@ -104,3 +104,30 @@ def test_sharded_checkpoint_index(tmp_path, tiny_tokenizer):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     torch.testing.assert_close(OutputHead.load(str(tmp_path / "sharded")).weight, model.lm_head.weight, rtol=0,
                                atol=0)
+
+
+def test_transformers_engine_scores_a_soft_capped_head(model_dirs):
+    """Gemma-2's head is not a plain projection: the transformers engine (which refused it
+    before it used this module) now passes its self-check and scores the capped log-probs."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from stages.data import TokenizedExample
+    from stages.teacher.engine_hf import HFTeacherEngine
+
+    path = str(model_dirs["Gemma2ForCausalLM"])
+    ids = list(range(3, 40))
+    example = TokenizedExample(0, ids, np.arange(len(ids) - 1, dtype=np.int32))
+    engine = HFTeacherEngine(path, dtype="float32", device="cpu")
+    try:
+        rows = engine.score([example], 5)[0]
+    finally:
+        engine.close()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    top = reference.topk(5)
+    np.testing.assert_allclose(rows.topk_logprobs, top.values.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(rows.topk_ids, top.indices.numpy())
+    np.testing.assert_allclose(rows.target_logprobs, reference[torch.arange(len(ids) - 1), torch.tensor(ids[1:])],
+                               rtol=0, atol=1e-5)
