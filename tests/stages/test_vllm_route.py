@@ -98,3 +98,14 @@ def test_auto_keeps_logprobs_where_vllm_has_no_native_model(tmp_path, tiny_token
     route, why = resolve_route(TeacherConfig(model=str(path)))
     assert route == "logprobs" and "through its generic transformers backend" in why
     assert "GPTNeoXForCausalLM" in capsys.readouterr().err
+
+
+def test_token_pieces_bound_the_hidden_states_held_at_once():
+    from stages.teacher.engine_vllm_hidden import token_pieces
+
+    lengths = [5, 50, 7, 50, 20, 3, 64, 200, 1]
+    pieces = token_pieces(lengths, 100)
+    assert [i for p in pieces for i in p] == list(range(len(lengths)))  # consecutive, all, in order
+    for p in pieces:
+        assert sum(lengths[i] for i in p) <= 100 or len(p) == 1
+    assert [list(p) for p in pieces] == [[0, 1, 2], [3, 4, 5], [6], [7], [8]]
