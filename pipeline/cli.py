@@ -347,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     set_verbose(args.verbose)
     reaper = None
     if argv is None and args.command in STARTS_PROCESSES and not getattr(args, "dry_run", False):
-        from pipeline.reaper import start
+        from stages.reaper import start
 
-        reaper = start()  # what this command starts dies with it, even on kill -9 (pipeline/reaper.py)
+        reaper = start()  # what this command starts dies with it, even on kill -9 (stages/reaper.py)
     try:
         return _run_command(args)
     finally:

@@ -14,6 +14,7 @@ students by name or index: `students.atkd.optim.lr=3e-4`, `students.0.loss=kd`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -252,6 +253,23 @@ def derive_paths(cfg: PipelineConfig) -> None:
         cfg.eval.answer_rule = "demo" if cfg.demo.enabled else "exact"
 
 
+def check_vllm_route(teacher: TeacherConfig) -> None:
+    """teacher.vllm_route=hidden needs vLLM and, for a teacher already on disk, a head atkd reproduces
+    (a teacher built later, by the demo or the fine-tune, is checked when its engine starts)."""
+    if teacher.vllm_route != "hidden":
+        return
+    if teacher.backend == "transformers":
+        raise ConfigError("teacher.vllm_route: hidden is a vLLM route, but teacher.backend is transformers; "
+                          "set teacher.backend: vllm or auto, or leave vllm_route at auto")
+    if teacher.model and os.path.isdir(os.path.expanduser(teacher.model)) and not teacher.finetune.enabled:
+        from stages.teacher.output_head import unsupported_reason
+
+        why = unsupported_reason(teacher.model)
+        if why is not None:
+            raise ConfigError(f"teacher.vllm_route: hidden cannot serve teacher.model {teacher.model!r}: {why}; "
+                              "set teacher.vllm_route: auto (falls back to logprobs) or logprobs")
+
+
 def validate(cfg: PipelineConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     if not cfg.data.path:
@@ -267,6 +285,7 @@ def validate(cfg: PipelineConfig) -> None:
 
         if not 1 <= cfg.teacher.samples <= MAX_SAMPLES:
             raise ConfigError(f"teacher.samples: must be in [1, {MAX_SAMPLES}], got {cfg.teacher.samples}")
+    check_vllm_route(cfg.teacher)
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.teacher.device):
         raise ConfigError(f"teacher.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.teacher.device!r}")
     if cfg.data.max_seq_len < 2:

@@ -164,6 +164,10 @@ def teacher_lines(cfg: PipelineConfig, out: Plan) -> None:
     out.add(f"stage one: teacher {runner.cached_teacher(cfg).model} (backend {cfg.teacher.backend}, {_what(cfg)}, "
             f"log-probs {cfg.cache.logprob_encoding}) -> cache {cfg.cache.path} (not started)")
     teacher_ok = _teacher_checks(cfg, out)
+    if teacher_ok:
+        from stages.teacher.engines import planned_engine
+
+        out.add(f"  engine: {planned_engine(runner.cached_teacher(cfg))}")
     est = estimate_data(cfg, out, teacher_ok)
     out.add(f"  data {cfg.data.path}: {est.rows_note}")
     if est.rows is not None and cfg.data.holdout is not None:

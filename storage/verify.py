@@ -132,5 +132,15 @@ def status_summary(url: str, **storage_options) -> str:
              f"  {describe_teacher(ident)}",
              f"  log-probs: {describe_logprobs(ident, cache.encoding.label())}",
              f"  shards done {len(done)}/{cache.num_shards}; {seqs} sequences, {positions} positions",
+             *_engine_line(cache.manifest.provenance),
              f"  leased now: {len(held)}"] + [f"    {h}" for h in held]
     return "\n".join(lines)
+
+
+def _engine_line(provenance: dict) -> list[str]:
+    """Which engine (and vLLM route) wrote the shards, from the provenance (not the identity)."""
+    if not provenance.get("engine"):
+        return []
+    route = provenance.get("engine_route", "")
+    return [f"  engine {provenance['engine']} {provenance.get('engine_version', '')}".rstrip()
+            + (f", route {route.split(' ', 1)[0]}" if route else "")]

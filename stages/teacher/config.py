@@ -31,6 +31,10 @@ class FinetuneConfig:
 class TeacherConfig:
     model: str = ""  # path or hub name of the teacher
     backend: Literal["auto", "vllm", "transformers"] = "auto"
+    # How vLLM hands back the numbers: "hidden" = final hidden states as tensors, head applied by
+    # atkd (exact per architecture, stages/teacher/output_head.py); "logprobs" = vLLM's prompt
+    # log-probs as python results; "auto" = hidden where the head is reproduced, else logprobs.
+    vllm_route: Literal["auto", "hidden", "logprobs"] = "auto"
     top_k: int = 64
     # What the cache holds per target position: the top-k, n draws from the teacher's full
     # distribution (cache format v2, docs/cache-format.md), or both. The gold log-prob always.
@@ -38,8 +42,8 @@ class TeacherConfig:
     samples: int = 16  # draws per position for sampled targets (1..255)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # transformers engine: auto | cpu | cuda | cuda:N
-    batch_tokens: int = 16384  # transformers engine: tokens per forward pass
-    logprob_chunk: int = 2048  # transformers engine: positions per log-softmax chunk
+    batch_tokens: int = 16384  # transformers engine: tokens per forward pass; vLLM hidden route: per encode call
+    logprob_chunk: int = 2048  # transformers engine and vLLM hidden route: positions per log-softmax chunk
     tensor_parallel_size: int = 1  # vLLM
     pipeline_parallel_size: int = 1  # vLLM
     gpu_memory_utilization: float = 0.85  # vLLM; on CPU: fraction of RAM for KV cache

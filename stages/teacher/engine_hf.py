@@ -2,37 +2,26 @@
 
 Per batch: one forward pass of the base model (no LM head) over right-padded
 sequences of similar length; then only the hidden states at the trained
-positions go through the LM head, `logprob_chunk` rows at a time, with
-log-softmax in float32. So neither [batch, seq, vocab] logits nor a
-[tokens, vocab] float32 tensor ever exists; the largest temporary is
-[logprob_chunk, vocab] float32.
+positions go through the output head and into cached rows, `logprob_chunk`
+rows at a time (scoring.py, the code path vLLM's hidden-state route shares).
+So neither [batch, seq, vocab] logits nor a [tokens, vocab] float32 tensor ever
+exists; the largest temporary is [logprob_chunk, vocab] float32.
 
-A start-up self-check compares this path with the model's own full forward on
-a short input, so models whose head does more than a linear projection
-(logit soft-capping, scaling) are caught instead of silently mis-scored.
+The head is output_head.OutputHead for the architectures it lists (Gemma-2's
+soft-capping, Cohere's scale, ...), the model's own output layer otherwise. A
+start-up self-check compares it with the model's own full forward on a short
+input, so a head that does more than that is caught instead of silently mis-scored.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass
-
 import numpy as np
 
 from stages.errors import EngineError, ModelError, TeacherError
-
-
-@dataclass
-class TeacherRows:
-    """Teacher data for one sequence's trained targets, in target_positions order."""
-
-    topk_ids: np.ndarray  # int32 [p, k], descending log-prob
-    topk_logprobs: np.ndarray  # float32 [p, k]
-    target_logprobs: np.ndarray  # float32 [p]
-    # sampled targets only (stages/teacher/sampling.py encode): distinct ids ascending, -1 padding
-    sample_ids: np.ndarray | None = None  # int32 [p, n]
-    sample_counts: np.ndarray | None = None  # uint8 [p, n], 0 = padding
+from stages.teacher.output_head import HEADS, OutputHead
+from stages.teacher.scoring import TeacherRows, example_targets, rows_from_hidden, split_rows
 
 
 def resolve_device(device: str) -> str:
@@ -102,7 +91,11 @@ class HFTeacherEngine:
                              f"{first})") from e
         self.model = model.to(self.device)
         self.model.eval()
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        # The exact head where output_head.py knows the architecture; otherwise the model's own
+        # output layer, which the self-check below must find equal to its full forward.
+        known = type(self.model).__name__ in HEADS
+        self.head = OutputHead.from_model(self.model) if known else self.model.get_output_embeddings()
+        self.vocab_size = int(self.head.weight.shape[0])
         self.description = f"transformers on {self.device} ({str(self.torch_dtype).replace('torch.', '')})"
         self.startup_seconds = time.perf_counter() - t0
         self._check_head()
@@ -115,8 +108,7 @@ class HFTeacherEngine:
 
     def _logprobs(self, hidden):
         """[n, H] hidden states -> [n, V] float32 log-probs (call on chunks only)."""
-        head = self.model.get_output_embeddings()
-        return head(hidden).float().log_softmax(dim=-1)
+        return self.head(hidden).float().log_softmax(dim=-1)
 
     def _check_head(self) -> None:
         import torch
@@ -129,8 +121,8 @@ class HFTeacherEngine:
         tol = 1e-4 if self.torch_dtype == torch.float32 else 5e-2
         if err > tol:
             raise EngineError(
-                f"{type(self.model).__name__}: the LM head is not a plain projection of the base model's "
-                f"hidden states (max log-prob difference {err:.3g}); this engine does not support it"
+                f"{type(self.model).__name__}: the LM head is not what atkd applies to the base model's hidden "
+                f"states (max log-prob difference {err:.3g}); this engine does not support it"
             )
 
     # ------------------------------------------------------------ public
@@ -151,60 +143,22 @@ class HFTeacherEngine:
                 rows, cols, gold, where = [], [], [], []
                 for b, i in enumerate(batch):
                     ex = examples[i]
-                    n = lengths[i]
-                    ids[b, :n] = torch.as_tensor(ex.input_ids, dtype=torch.long)
-                    mask[b, :n] = 1
-                    t = torch.as_tensor(np.asarray(ex.target_positions, dtype=np.int64))
-                    rows.append(torch.full_like(t, b))
+                    ids[b, :lengths[i]] = torch.as_tensor(ex.input_ids, dtype=torch.long)
+                    mask[b, :lengths[i]] = 1
+                    t, g, w = example_targets(ex)
+                    rows.append(np.full(len(t), b))
                     cols.append(t)
-                    gold.append(ids[b, t + 1])
-                    where.append(np.stack([np.full(len(t), ex.example_id, dtype=np.int64), t.numpy()], 1))
+                    gold.append(g)
+                    where.append(w)
                 hidden = self._hidden(ids.to(self.device), mask.to(self.device))
-                sel = hidden[torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)]  # [P, H]
+                sel = hidden[torch.as_tensor(np.concatenate(rows)).to(self.device),
+                             torch.as_tensor(np.concatenate(cols)).to(self.device)]  # [P, H]
                 del hidden
-                where = np.concatenate(where) if where else np.zeros((0, 2), np.int64)
-                out_ids, out_lp, out_gold, out_s = self._topk_chunks(sel, torch.cat(gold).to(self.device), top_k,
-                                                                     sampler, where)
-                start = 0
-                for i in batch:
-                    p = len(examples[i].target_positions)
-                    results[i] = TeacherRows(
-                        topk_ids=out_ids[start : start + p],
-                        topk_logprobs=out_lp[start : start + p],
-                        target_logprobs=out_gold[start : start + p],
-                        sample_ids=None if out_s is None else out_s[0][start : start + p],
-                        sample_counts=None if out_s is None else out_s[1][start : start + p],
-                    )
-                    start += p
+                scored = rows_from_hidden(sel, torch.as_tensor(np.concatenate(gold)), np.concatenate(where),
+                                          self.head, top_k, sampler, self.logprob_chunk)
+                for i, r in zip(batch, split_rows([len(examples[i].target_positions) for i in batch], scored)):
+                    results[i] = r
         return results  # type: ignore[return-value]
-
-    def _topk_chunks(self, hidden, gold, top_k: int, sampler=None, where=None):
-        """Top-k, gold log-probs and (with a sampler) the draws, `logprob_chunk` rows at a time;
-        `where` [P, 2] is each row's (example id, target position), the draws' seed."""
-        import torch
-
-        ids, lps, golds, s_ids, s_counts = [], [], [], [], []
-        for a in range(0, hidden.shape[0], self.logprob_chunk):
-            b = a + self.logprob_chunk
-            lp = self._logprobs(hidden[a:b])
-            values, indices = torch.topk(lp, top_k, dim=-1, sorted=True)
-            golds.append(lp.gather(-1, gold[a:b, None])[:, 0].cpu())
-            ids.append(indices.to(torch.int32).cpu())
-            lps.append(values.cpu())
-            if sampler is not None:
-                chunk_ids, chunk_counts = sampler(lp, where[a:b, 0], where[a:b, 1])
-                s_ids.append(chunk_ids)
-                s_counts.append(chunk_counts)
-            del lp
-        samples = None
-        if sampler is not None:
-            n = sampler.n
-            samples = (np.concatenate(s_ids) if s_ids else np.zeros((0, n), np.int32),
-                       np.concatenate(s_counts) if s_counts else np.zeros((0, n), np.uint8))
-        if not ids:
-            return (np.zeros((0, top_k), np.int32), np.zeros((0, top_k), np.float32), np.zeros((0,), np.float32),
-                    samples)
-        return torch.cat(ids).numpy(), torch.cat(lps).numpy(), torch.cat(golds).numpy(), samples
 
     def forward_only(self, examples) -> int:
         """A bare forward pass (base model + LM head at every position); for the benchmark."""

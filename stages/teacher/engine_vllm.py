@@ -1,4 +1,7 @@
-"""The vLLM teacher engine (production path): prompt log-probs of token-id prompts.
+"""The vLLM teacher engine's shared start-up, and its prompt log-probs route (teacher.vllm_route: logprobs).
+
+`start_llm`, `check_lengths` and `close_llm` serve both routes; the hidden-state
+route is engine_vllm_hidden.py. This route reads vLLM's own prompt log-probs:
 
 What this vLLM returns (checked in vllm 0.32.0, V1 model runner, which is what
 runs on CPU and wherever Triton is missing; the V2 runner computes the same):
@@ -28,23 +31,25 @@ import gc
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from stages.errors import TeacherError
 from stages.logs import engine_output
-from stages.teacher.engine_hf import TeacherRows
+from stages import reaper
+from stages.teacher.scoring import TeacherRows
 
-# Sampled targets through vLLM (docs/cache-format.md, "Sampled targets and vLLM"): prompt
-# rows skip vLLM's sampler and logits processors, so the exact route is
-# prompt_logprobs=-1 with max_logprobs=-1: every prompt position's whole vocabulary,
-# sorted, as python lists through the engine-core IPC; the full rows are rebuilt here
-# and drawn from with the same sampler as the transformers engine. It costs ~V entries
-# per prompt position (not just per target), so it is much slower than top-k.
+# Sampled targets on this route (docs/cache-format.md, "Sampled targets and vLLM"): prompt
+# rows skip vLLM's sampler and logits processors, so the exact way is prompt_logprobs=-1
+# with max_logprobs=-1: every prompt position's whole vocabulary, sorted, as python lists
+# through the engine-core IPC; the full rows are rebuilt here and drawn from with the same
+# sampler as the transformers engine. It costs ~V entries per prompt position (not just per
+# target), so it is far slower than top-k; the hidden-state route (engine_vllm_hidden.py) is not.
 VLLM_SAMPLED_COST = ("vLLM returns prompt positions' full vocabulary only as python lists (prompt_logprobs=-1): "
-                     "exact, but ~V python entries per position, far slower than the transformers engine on one "
-                     "device; use backend vllm for sampled targets only for a teacher that needs its parallelism")
+                     "exact, but ~V python entries per position, far slower than top-k; the hidden-state route "
+                     "(teacher.vllm_route: hidden) draws from tensors instead where it can serve the model")
 
 # Prompt tokens per `LLM.generate` call: bounds the python-side result lists.
 _REQUEST_TOKENS = 1 << 16
@@ -99,96 +104,140 @@ def unsupported_reason(model_path: str) -> str | None:
     return None
 
 
+@dataclass
+class StartedLLM:
+    """vLLM's `LLM`, started by `start_llm` for one route, and what the engines report about it."""
+
+    llm: object
+    description: str  # device, dtype, parallelism, in-process, CPU adjustments
+    device: str  # cuda / cpu
+    dtype: str  # what vLLM runs the model in
+    startup_seconds: float
+    max_model_len: int
+
+
+def start_llm(model_path: str, *, dtype: str = "auto", tensor_parallel_size: int = 1,
+              pipeline_parallel_size: int = 1, gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256,
+              enforce_eager: bool = False, trust_remote_code: bool = False, max_seq_len: int | None = None,
+              in_process: bool | None = None, **route_kwargs) -> StartedLLM:
+    """Start vLLM for either route (`route_kwargs`: the route's own LLM arguments).
+
+    `in_process` (default: env ATKD_VLLM_IN_PROCESS=1) runs vLLM's engine core and
+    worker inside this process (tp = pp = 1 only): two fewer process start-ups
+    (~45 s on a 2-core CPU box), but vLLM then pins this process's OpenMP
+    threads and patches torch.set_num_threads, so use it only in a process that
+    does nothing else (a dedicated worker, the benchmark, the tests' scorer)."""
+    from vllm import LLM
+
+    on_gpu = cuda_available()
+    notes = []
+    if not on_gpu:
+        # CPU vLLM: the memory fraction is of one NUMA node's RAM and the
+        # default 0.85-0.92 fails at start-up; graph capture is GPU-only.
+        if gpu_memory_utilization > 0.5:
+            notes.append(f"gpu_memory_utilization {gpu_memory_utilization} -> 0.3 on CPU")
+            gpu_memory_utilization = 0.3
+        enforce_eager = True
+        if dtype == "auto":
+            dtype = "float32"  # as the transformers engine: CPU bf16 loses accuracy for little speed
+    kwargs = dict(
+        model=model_path,
+        enable_prefix_caching=False,  # every prompt position must be computed, not read from a cache
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        dtype=dtype,
+        enforce_eager=enforce_eager,
+        max_num_seqs=max_num_seqs,
+        trust_remote_code=trust_remote_code,
+        **route_kwargs,
+    )
+    limit = model_max_positions(model_path)
+    if max_seq_len is not None and (limit is None or max_seq_len + 1 <= limit):
+        # +1: vLLM refuses a prompt as long as max_model_len (it must generate one token).
+        kwargs["max_model_len"] = max_seq_len + 1
+    if in_process is None:
+        in_process = os.environ.get("ATKD_VLLM_IN_PROCESS") == "1"
+    in_process = in_process and tensor_parallel_size == 1 and pipeline_parallel_size == 1
+    if in_process:
+        kwargs["distributed_executor_backend"] = "uni"
+    t0 = time.perf_counter()
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    # vLLM does not watch its parent: its engine core and workers (GBs of RAM, the GPU) must die
+    # with this process even when it is SIGKILLed (stages/reaper.py). In-process vLLM starts none.
+    guard = None if in_process else reaper.start()
+    try:
+        if in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        with engine_output():  # start-up chatter of vLLM and its engine processes -> the stage log
+            llm = LLM(**kwargs)
+        llm.atkd_reaper = guard
+    except BaseException:
+        if guard is not None:
+            guard.stop()  # a failed start-up: whatever it left dies with this process
+        raise
+    finally:
+        if in_process:
+            if saved is None:
+                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+            else:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+    model_config = llm.llm_engine.model_config
+    run_dtype = str(model_config.dtype).replace("torch.", "")
+    device = "cuda" if on_gpu else "cpu"
+    description = (f"vLLM on {device} ({run_dtype}, tp={tensor_parallel_size}, pp={pipeline_parallel_size}"
+                   f"{', in-process' if in_process else ''})" + "".join("; " + n for n in notes))
+    return StartedLLM(llm, description, device, run_dtype, time.perf_counter() - t0,
+                      int(model_config.max_model_len))
+
+
+def check_lengths(examples, max_model_len: int) -> None:
+    for ex in examples:
+        if len(ex.input_ids) >= max_model_len:
+            raise TeacherError(
+                f"example {ex.example_id}: {len(ex.input_ids)} tokens, vLLM max_model_len is "
+                f"{max_model_len} (needs one more than the longest sequence)"
+            )
+
+
+def close_llm(llm) -> None:
+    """Shut vLLM's engine core down (its processes end with it) and drop the LLM."""
+    if llm is None:
+        return
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    guard = getattr(llm, "atkd_reaper", None)
+    if guard is not None:
+        guard.cancel()
+    del llm
+    gc.collect()
+
+
 class VLLMTeacherEngine:
+    """The log-probs route: vLLM's own prompt log-probs, as python results (see module doc)."""
+
     name = "vllm"
+    route = "logprobs"
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        top_k: int,
-        dtype: str = "auto",
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.85,
-        max_num_seqs: int = 256,
-        enforce_eager: bool = False,
-        trust_remote_code: bool = False,
-        max_seq_len: int | None = None,
-        flat_logprobs: bool = True,
-        in_process: bool | None = None,
-        full_vocab: bool = False,
-    ):
-        """`in_process` (default: env ATKD_VLLM_IN_PROCESS=1) runs vLLM's engine core and
-        worker inside this process (tp = pp = 1 only): two fewer process start-ups
-        (~45 s on a 2-core CPU box), but vLLM then pins this process's OpenMP
-        threads and patches torch.set_num_threads, so use it only in a process that
-        does nothing else (a dedicated worker, the benchmark, the tests' scorer).
-        `full_vocab`: request every prompt position's whole vocabulary (sampled targets)."""
-        from vllm import LLM, SamplingParams
+    def __init__(self, model_path: str, *, top_k: int, flat_logprobs: bool = True, full_vocab: bool = False,
+                 **settings):
+        """`settings`: start_llm's. `full_vocab`: request every prompt position's whole
+        vocabulary (sampled targets)."""
+        from vllm import SamplingParams
 
-        on_gpu = cuda_available()
-        notes = []
-        if not on_gpu:
-            # CPU vLLM: the memory fraction is of one NUMA node's RAM and the
-            # default 0.85-0.92 fails at start-up; graph capture is GPU-only.
-            if gpu_memory_utilization > 0.5:
-                notes.append(f"gpu_memory_utilization {gpu_memory_utilization} -> 0.3 on CPU")
-                gpu_memory_utilization = 0.3
-            enforce_eager = True
-            if dtype == "auto":
-                dtype = "float32"  # as the transformers engine: CPU bf16 loses accuracy for little speed
         self.top_k = int(top_k)
         self.full_vocab = bool(full_vocab)
         self._flat = flat_logprobs and _supports_flat_logprobs(SamplingParams)
         if self.full_vocab and not self._flat:
             raise TeacherError("sampled targets through vLLM need its flat_logprobs results (vLLM >= 0.11)")
-        kwargs = dict(
-            model=model_path,
-            max_logprobs=-1 if self.full_vocab else self.top_k,
-            enable_prefix_caching=False,  # prompt log-probs must be computed, not read from cache
-            tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            dtype=dtype,
-            enforce_eager=enforce_eager,
-            max_num_seqs=max_num_seqs,
-            trust_remote_code=trust_remote_code,
-            skip_tokenizer_init=True,  # we send token ids and read ids back
-        )
-        limit = model_max_positions(model_path)
-        if max_seq_len is not None and (limit is None or max_seq_len + 1 <= limit):
-            # +1: vLLM refuses a prompt as long as max_model_len (it must generate one token).
-            kwargs["max_model_len"] = max_seq_len + 1
-        if in_process is None:
-            in_process = os.environ.get("ATKD_VLLM_IN_PROCESS") == "1"
-        in_process = in_process and tensor_parallel_size == 1 and pipeline_parallel_size == 1
-        if in_process:
-            kwargs["distributed_executor_backend"] = "uni"
-        t0 = time.perf_counter()
-        saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-        try:
-            if in_process:
-                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            with engine_output():  # start-up chatter of vLLM and its engine processes -> the stage log
-                self.llm = LLM(**kwargs)
-        finally:
-            if in_process:
-                if saved is None:
-                    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-                else:
-                    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
-        self.startup_seconds = time.perf_counter() - t0
-        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        started = start_llm(model_path, max_logprobs=-1 if self.full_vocab else self.top_k,
+                            skip_tokenizer_init=True, **settings)  # we send token ids and read ids back
+        self.llm = started.llm
+        self.startup_seconds, self.max_model_len = started.startup_seconds, started.max_model_len
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
-        device = "cuda" if on_gpu else "cpu"
-        self.device = device
-        self.description = (
-            f"vLLM on {device} ({dtype}, tp={tensor_parallel_size}, pp={pipeline_parallel_size}"
-            f"{', in-process' if in_process else ''})"
-        )
-        if notes:
-            self.description += "; " + "; ".join(notes)
+        self.device = started.device
+        self.description = started.description + ", prompt log-probs route"
         self._sampling = self._sampling_params(self.top_k)
 
     def _sampling_params(self, k: int):
@@ -209,12 +258,7 @@ class VLLMTeacherEngine:
         if top_k > self.top_k:
             raise ValueError(f"this vLLM engine was started with max_logprobs={self.top_k}; asked for top_k={top_k}")
         sampling = self._sampling if top_k == self.top_k else self._sampling_params(top_k)
-        for ex in examples:
-            if len(ex.input_ids) >= self.max_model_len:
-                raise TeacherError(
-                    f"example {ex.example_id}: {len(ex.input_ids)} tokens, vLLM max_model_len is "
-                    f"{self.max_model_len} (needs one more than the longest sequence)"
-                )
+        check_lengths(examples, self.max_model_len)
         results: list[TeacherRows] = []
         start = 0
         while start < len(examples):
@@ -249,15 +293,8 @@ class VLLMTeacherEngine:
         return _rows_from_dicts(ex, plp, k)
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is None:
-            return
-        core = getattr(llm.llm_engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-        self.llm = None
-        del llm
-        gc.collect()
+        llm, self.llm = getattr(self, "llm", None), None
+        close_llm(llm)
 
     def __enter__(self):
         return self

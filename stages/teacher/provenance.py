@@ -2,6 +2,7 @@
 
     teacher_model   the teacher's absolute path, or its hub id
     engine          vllm / transformers, its version and description (device, dtype, parallelism)
+    engine_route    vLLM only: hidden (hidden states, head applied by atkd) or logprobs, and why
     dtype           teacher.dtype as configured
     hosts           every host whose worker wrote shards
     started_at      when the first worker started scoring (seconds since the epoch)
@@ -47,6 +48,8 @@ def record_start(cache, teacher_cfg: TeacherConfig, engine) -> None:
         "engine_version": engine_version(getattr(engine, "name", "")),
         "engine_description": getattr(engine, "description", ""),
         "dtype": teacher_cfg.dtype,
+        **({"engine_route": f"{engine.route} ({getattr(engine, 'choice_reason', '')})"}
+           if getattr(engine, "route", None) else {}),
         "hosts": sorted(set(known.get("hosts", [])) | {host}),
         "started_at": known.get("started_at", time.time()),
     })

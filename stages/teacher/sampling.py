@@ -47,14 +47,23 @@ def draw(logprobs, u, sub_rows: int = 256):
     """Inverse-CDF draws: logprobs [P, V] (torch, any float dtype), u [P, n] float64 -> ids [P, n] int64.
 
     The cumulative sum runs in float64 over the whole vocabulary, ``sub_rows``
-    rows at a time (bounds the float64 temporary), on the log-probs' device.
+    rows at a time, on the log-probs' device, in one reused float64 buffer
+    (converted, exponentiated and summed in place: the same numbers as fresh
+    tensors, ~3x faster on a CPU, where allocating and filling new pages cost
+    more than the arithmetic).
     """
     import torch
 
     u = torch.as_tensor(u, dtype=torch.float64, device=logprobs.device)
     out = []
+    buf = torch.empty((min(sub_rows, logprobs.shape[0]), logprobs.shape[1]), dtype=torch.float64,
+                      device=logprobs.device)
     for a in range(0, logprobs.shape[0], sub_rows):
-        cdf = torch.cumsum(logprobs[a:a + sub_rows].double().exp(), dim=-1)
+        part = logprobs[a:a + sub_rows]
+        cdf = buf[:part.shape[0]]
+        cdf.copy_(part)
+        cdf.exp_()
+        cdf.cumsum_(dim=-1)
         target = u[a:a + sub_rows] * cdf[:, -1:]
         ids = torch.searchsorted(cdf, target, right=True)
         out.append(ids.clamp_(max=logprobs.shape[1] - 1))

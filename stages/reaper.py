@@ -5,7 +5,9 @@ own, `--workers N` starts N teacher processes, DataLoader workers and torchrun
 start more. A command killed with SIGKILL cannot stop them, and they keep
 gigabytes of RAM or the GPU. So the `atkd` command (and `python -m pipeline`)
 first starts a watchdog when it may start processes (`start()`, from
-pipeline/cli.py; not when Python code calls `cli.main(argv)` in a process of its own):
+pipeline/cli.py; not when Python code calls `cli.main(argv)` in a process of its own),
+and so does each vLLM engine for the process that starts it (stages/teacher/engine_vllm.py:
+a `--workers` child killed on its own, or a library caller, leaves no engine behind):
 
 - the command's environment gets a token of its own (`ATKD_RUN_TOKENS`, after
   an outer command's), which every process it execs inherits;
@@ -21,6 +23,8 @@ pipeline/cli.py; not when Python code calls `cli.main(argv)` in a process of its
   SIGKILL after 2 s, and says so on stderr. A command that ends normally
   (Ctrl-C included: its engines were closed on the way out) says so
   (`Reaper.stop()`) and the watchdog does the same once the process has exited.
+  A guard over one thing that ended cleanly while the process goes on (an engine
+  shut down) is called off with `Reaper.cancel()`: its watchdog exits at once.
 
 Linux only (it reads /proc); elsewhere `start()` returns None and nothing changes.
 This file runs as the watchdog's script too (`python reaper.py PID TOKEN`),
@@ -50,8 +54,20 @@ class Reaper:
 
     def stop(self) -> None:
         """The command ends normally: the watchdog checks for leftovers once this process has exited."""
+        self._tell(b"done\n")
+
+    def cancel(self) -> None:
+        """What this guard covers ended cleanly and the process goes on: the watchdog exits now."""
+        self._tell(b"cancel\n")
         try:
-            self.proc.stdin.write(b"done\n")
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _tell(self, message: bytes) -> None:
+        try:
+            self.proc.stdin.write(message)
             self.proc.stdin.close()
         except (OSError, ValueError):
             pass  # it acts on its own once this process is gone
@@ -171,6 +187,8 @@ def watch(parent: int, token: str) -> None:
         _descendants(parent, since, seen)
         if open_stdin and select.select([stdin], [], [], POLL_SECONDS)[0]:
             data = os.read(stdin.fileno(), 64)
+            if b"cancel" in data:
+                return  # the guarded work ended cleanly; the process goes on
             normal = normal or b"done" in data
             open_stdin = bool(data)  # closed: keep polling the parent
         else:
