@@ -343,7 +343,9 @@ def check_training_cache(cfg: PipelineConfig) -> int:
 def student_top_k(cfg: PipelineConfig, scfg: StudentConfig) -> int:
     """The top-k entries per position `scfg` trains on: its loss.top_k, else teacher.top_k (the
     first k of the cache's rows; a teacher.top_k below the cache's is deprecated for this, and
-    check_training_cache says so)."""
+    check_training_cache says so); 0 for a cache of sampled targets only, which has no top-k."""
+    if cfg.teacher.targets == "sampled":
+        return 0
     return int(scfg.loss.top_k if scfg.loss.top_k is not None else cfg.teacher.top_k)
 
 
@@ -408,7 +410,7 @@ def _run_student(cfg: PipelineConfig, scfg: StudentConfig, retrain) -> bool:
     if not rows:
         check_training_cache(cfg)
     top_k = None if rows else student_top_k(cfg, scfg)
-    if top_k is not None and scfg.loss.top_k is not None:
+    if top_k and scfg.loss.top_k is not None:
         _log(f"student {scfg.name!r} trains on the first {top_k} top-k entries per position (loss.top_k)")
     if not rows:
         _check_loss_targets(cfg, scfg)

@@ -119,7 +119,7 @@ def _data(cfg: PipelineConfig, s: StudentConfig, memo: dict) -> dict | None:
         memo["cache"] = cache.fingerprint if cache is not None and cache.is_complete() else None
     if memo["cache"] is None:
         return None
-    return {"cache": memo["cache"], "top_k": 0 if cfg.teacher.targets == "sampled" else student_top_k(cfg, s)}
+    return {"cache": memo["cache"], "top_k": student_top_k(cfg, s)}
 
 
 def expected_record(cfg: PipelineConfig, s: StudentConfig, memo: dict | None = None) -> dict:
