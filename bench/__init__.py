@@ -1,1 +1,2 @@
-"""Benchmarks (run as scripts) and bench/_harness.py, the builders and kill harness that tests/ import too."""
+"""Benchmarks, run as scripts. What they share with the tests (tiny models, synthetic caches, the kill
+harness, the local S3 server) is tests/support/, which they import; tests/support imports no bench."""

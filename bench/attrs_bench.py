@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from storage.cache import Cache  # noqa: E402
 from storage.verify import verify_cache  # noqa: E402
-from bench._synthetic import build_cache  # noqa: E402
+from tests.support.synthetic import build_cache  # noqa: E402
 
 
 def best(fn, repeat: int = 3) -> float:

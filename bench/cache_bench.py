@@ -9,7 +9,7 @@ on one shard, and reader throughput (positions/s, one process, shuffled,
 through CacheDataset + collate_sequences). Then the same shards once more per
 lossy log-prob encoding (cache.logprob_encoding u8-rel, one per --steps),
 side by side with exact: bytes, write throughput, the per-position KL from the
-exact top-k-implied target to the decoded one (bench/_target_kl.py), reader
+exact top-k-implied target to the decoded one (tests/support/target_kl.py), reader
 throughput; plus fp16 with zeroed mantissa bits, considered and not adopted.
 
 How the rows are made (no real teacher on CPU, so a statistical stand-in):
@@ -226,7 +226,7 @@ def _gold(s: ShardData) -> np.ndarray:
 
 
 def _kl_stats(shards: list[ShardData], decoded: list[ShardData], vocab: int) -> str:
-    from bench._target_kl import target_kl
+    from tests.support.target_kl import target_kl
 
     kl = np.concatenate([target_kl(a.topk_ids, a.topk_logprobs, b.topk_ids, b.topk_logprobs, _gold(a),
                                    a.target_logprobs, vocab) for a, b in zip(shards, decoded)])
@@ -274,7 +274,7 @@ def _print_fp16_considered(shard: ShardData, vocab: int) -> None:
     |log-prob|, and nothing keeps the residual bucket's mass, so its KL is far above u8-rel's."""
     import numcodecs
 
-    from bench._target_kl import target_kl
+    from tests.support.target_kl import target_kl
 
     print("  considered, not adopted (shard 0): float16 log-probs with mantissa bits rounded to zero")
     z = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
@@ -438,7 +438,7 @@ def capture_throughput(rows: int, root: str) -> None:
 
     import torch
 
-    from bench import _harness as fh
+    from tests.support import harness as fh
     from stages.data_config import DataConfig
     from stages.teacher.capture import run_capture
     from stages.teacher.config import CacheConfig, TeacherConfig

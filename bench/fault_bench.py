@@ -15,7 +15,7 @@ concurrent teacher workers on one cache, two of them killed: no shard
 committed twice, none missing, `atkd verify` clean, content equal.
 
 With --backend s3 the teacher caches of the campaigns and of the worker rounds live
-in s3://faults/ on a local S3 server (moto on 127.0.0.1, bench/_s3.py) instead of a
+in s3://faults/ on a local S3 server (moto on 127.0.0.1, tests/support/s3.py) instead of a
 local directory; the references stay local, so equality is checked across backends.
 
 `--engine vllm-hidden` runs stage one on vLLM's hidden-state route (backend vllm,
@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import _harness as fh  # noqa: E402
+from tests.support import harness as fh  # noqa: E402
 
 SHARDS = 8  # 40 rows, 5 per shard
 ENGINE = {}  # teacher settings over write_config's (transformers) ones: set from --engine in main
@@ -142,7 +142,7 @@ def main() -> int:
         os.environ["ATKD_VLLM_IN_PROCESS"] = "1"  # inherited by every attempt (and the forkserver)
     s3 = None
     if args.backend == "s3":
-        from bench._s3 import LocalS3
+        from tests.support.s3 import LocalS3
 
         s3 = LocalS3().start()
         s3.apply_env()

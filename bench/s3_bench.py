@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._s3 import LocalS3  # noqa: E402
+from tests.support.s3 import LocalS3  # noqa: E402
 
 
 def _claimer(url: str, name: str, rounds: int, barrier, results) -> None:

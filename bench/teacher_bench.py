@@ -44,7 +44,7 @@ def build_model(out: Path, vocab: int, args) -> str:
     """A random Llama with its (tiny) tokenizer, as a hub directory; returns a label."""
     from transformers import AutoTokenizer
 
-    from bench._harness import make_tiny_llama, make_tokenizer
+    from tests.support.harness import make_tiny_llama, make_tokenizer
 
     tok_dir = out.parent / "tokenizer"
     if not tok_dir.is_dir():

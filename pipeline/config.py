@@ -2,8 +2,10 @@
 
 Every section is a dataclass defined next to the stage it configures
 (stages/data_config.py, stages/teacher/config.py, stages/student/config.py,
-stages/eval_config.py, stages/demo/config.py); this module only loads the
-YAML, applies overrides and validates into those types (and re-exports them).
+stages/eval/config.py, stages/demo/config.py; OptimConfig in stages/training/config.py)
+and checks its own values (`check()`); this module loads the YAML, applies
+overrides, builds those types (and re-exports them), calls each section's check
+and owns the rules that join sections (`validate`).
 `load_config` walks the YAML tree against the dataclass fields so an unknown
 key or a wrong type fails at load time with the key's full path
 (`students[1].optim.lr: expected a number, got 'fast'`).
@@ -14,7 +16,6 @@ students by name or index: `students.atkd.optim.lr=3e-4`, `students.0.loss=kd`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import types
 import typing
@@ -25,11 +26,12 @@ from typing import Any, Literal
 import yaml
 
 from stages.data_config import DataConfig
+from stages.errors import ConfigError, check_name  # noqa: F401 - re-exported
 from stages.demo.config import DemoConfig
-from stages.eval_config import EvalConfig
-from stages.student.config import LossConfig, OptimConfig, StudentConfig, student_data
+from stages.eval.config import EvalConfig
+from stages.student.config import LossConfig, StudentConfig, student_data
 from stages.teacher.config import CacheConfig, FinetuneConfig, TeacherConfig
-from storage.errors import AtkdError
+from stages.training.config import OptimConfig
 from storage.files import atomic_write
 
 
@@ -39,10 +41,6 @@ __all__ = ["CacheConfig", "ConfigError", "DataConfig", "DemoConfig", "EvalConfig
            "OptimConfig", "PipelineConfig", "StudentConfig", "TeacherConfig", "check_name", "config_from_raw",
            "load_config", "read_yaml", "save_resolved",
            "to_dict", "validate"]
-
-
-class ConfigError(AtkdError, ValueError):
-    """A problem with pipeline.yaml, an override or a command-line argument; the message names the key path."""
 
 
 @dataclass
@@ -253,115 +251,34 @@ def derive_paths(cfg: PipelineConfig) -> None:
         cfg.eval.answer_rule = "demo" if cfg.demo.enabled else "exact"
 
 
-def check_vllm_route(teacher: TeacherConfig) -> None:
-    """teacher.vllm_route=hidden needs vLLM and, for a teacher already on disk, a head atkd reproduces
-    (a teacher built later, by the demo or the fine-tune, is checked when its engine starts)."""
-    if teacher.vllm_route != "hidden":
-        return
-    if teacher.backend == "transformers":
-        raise ConfigError("teacher.vllm_route: hidden is a vLLM route, but teacher.backend is transformers; "
-                          "set teacher.backend: vllm or auto, or leave vllm_route at auto")
-    if teacher.model and os.path.isdir(os.path.expanduser(teacher.model)) and not teacher.finetune.enabled:
-        from stages.teacher.output_head import unsupported_reason
-
-        why = unsupported_reason(teacher.model)
-        if why is not None:
-            raise ConfigError(f"teacher.vllm_route: hidden cannot serve teacher.model {teacher.model!r}: {why}; "
-                              "set teacher.vllm_route: auto (falls back to logprobs) or logprobs")
-
-
 def validate(cfg: PipelineConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    if not cfg.data.path:
-        raise ConfigError("data.path: set the training data (a .jsonl/.json/.parquet file or a hub name)")
+    """Each section's own check() (next to its dataclass), then the rules that join sections."""
+    cfg.data.check()
     if not cfg.teacher.model and (cfg.teacher.finetune.enabled or not cfg.students
                                   or any(student_data(s, False) == "cache" for s in cfg.students)):
         raise ConfigError("teacher.model: set the teacher's path or hub name (only a run whose students are "
                           "all `loss.kind: sft` reading the rows needs no teacher)")
-    if cfg.teacher.top_k <= 0:
-        raise ConfigError(f"teacher.top_k: must be > 0, got {cfg.teacher.top_k}")
-    if cfg.teacher.targets != "topk":
-        from stages.teacher.sampling import MAX_SAMPLES
-
-        if not 1 <= cfg.teacher.samples <= MAX_SAMPLES:
-            raise ConfigError(f"teacher.samples: must be in [1, {MAX_SAMPLES}], got {cfg.teacher.samples}")
-    check_vllm_route(cfg.teacher)
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.teacher.device):
-        raise ConfigError(f"teacher.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.teacher.device!r}")
-    if cfg.data.max_seq_len < 2:
-        raise ConfigError(f"data.max_seq_len: must be >= 2, got {cfg.data.max_seq_len}")
-    if not 0.0 <= cfg.data.max_dropped_fraction <= 1.0:
-        raise ConfigError(f"data.max_dropped_fraction: must be in [0, 1], got {cfg.data.max_dropped_fraction}")
-    if cfg.data.limit is not None and cfg.data.limit < 1:
-        raise ConfigError(f"data.limit: must be >= 1 (or null for all rows), got {cfg.data.limit}")
-    holdout = cfg.data.holdout
-    if holdout is not None:
-        for key in ("validation", "test"):
-            value = getattr(holdout, key)
-            if value < 0 or (isinstance(value, float) and value >= 1.0):
-                raise ConfigError(f"data.holdout.{key}: a row count (whole number >= 0) or a fraction in [0, 1), "
-                                  f"got {value!r}")
-        if holdout.part != "train":
-            raise ConfigError(f"data.holdout.part: the pipeline trains on the train part (it reads validation and "
-                              f"test itself), got {holdout.part!r}")
-    if cfg.cache.sequences_per_shard <= 0:
-        raise ConfigError("cache.sequences_per_shard: must be > 0")
-    if cfg.cache.logprob_encoding == "u8-rel" and not 0.0 < cfg.cache.logprob_step <= 1.0:
-        raise ConfigError(f"cache.logprob_step: must be in (0, 1] nats, got {cfg.cache.logprob_step}")
+    cfg.teacher.check()
+    cfg.cache.check()
     if cfg.cache.logprob_encoding != "exact" and cfg.teacher.targets == "sampled":
         raise ConfigError(f"cache.logprob_encoding: {cfg.cache.logprob_encoding} encodes the top-k log-probs, but "
                           "teacher.targets: sampled stores no top-k (only the draws and the gold log-prob); use "
                           "cache.logprob_encoding: exact, or teacher.targets: topk+sampled")
-    if cfg.demo.teacher_train_examples < 0:
-        raise ConfigError(f"demo.teacher_train_examples: must be >= 0 (0 = the teacher trains on the "
-                          f"students' train split), got {cfg.demo.teacher_train_examples}")
-    if cfg.data.kind == "prompt_response":
-        from stages.template import template_names, unknown_placeholders, used_names
-
-        names = template_names(cfg.data)
-        unknown = unknown_placeholders(cfg.data.template, names)
-        if unknown:
-            known = ", ".join("{" + n + "}" for n in names)
-            raise ConfigError(f"data.template: {{{unknown[0]}}} names no field{did_you_mean(unknown[0], list(names))}; "
-                              f"the template can use {known} (add a row field to data.template_fields to use it; "
-                              f"write {{{{{unknown[0]}}}}} for a literal {{{unknown[0]}}})")
-        if not used_names(cfg.data.template, names):
-            raise ConfigError("data.template: must contain {prompt} or one of data.template_fields as {name}")
-    ft = cfg.teacher.finetune
-    if ft.enabled:
-        check_optim(ft.optim, "teacher.finetune.optim")
-        if ft.chunk_size <= 0 or ft.checkpoint_every <= 0:
-            raise ConfigError("teacher.finetune: chunk_size and checkpoint_every must be > 0")
+    cfg.eval.check()
+    cfg.demo.check()
     seen: set[str] = set()
     for i, s in enumerate(cfg.students):
         where = f"students[{i}]"
-        if not s.name:
-            raise ConfigError(f"{where}.name: every student needs a name")
+        s.check(where)
         if s.name in seen:
             raise ConfigError(f"{where}.name: duplicate student name {s.name!r}")
-        check_name(s.name, f"{where}.name")
         seen.add(s.name)
-        sources = [k for k, v in (("model", s.model), ("init", s.init), ("init_from", s.init_from)) if v]
-        if len(sources) != 1:
-            raise ConfigError(f"{where} ({s.name}): set exactly one of `model` (path or hub name), `init` "
-                              f"(a model config) or `init_from` (an earlier student's name); got "
-                              f"{', '.join(sources) or 'none'}")
         if s.init_from and s.init_from not in seen:
             raise ConfigError(f"{where}.init_from: {s.init_from!r} is not a student listed before {s.name!r}")
         if s.init:
             from pipeline.model_config import check_init  # imports transformers: only for `init` students
 
             check_init(s.init, f"{where}.init")
-        if not 0.0 <= s.loss.easy_weight <= 1.0:
-            raise ConfigError(f"{where}.loss.easy_weight: must be in [0, 1], got {s.loss.easy_weight}")
-        if not 0.0 < s.loss.hard_ratio <= 1.0:
-            raise ConfigError(f"{where}.loss.hard_ratio: must be in (0, 1], got {s.loss.hard_ratio}")
-        check_optim(s.optim, f"{where}.optim")
-        if s.loss.ce_weight < 0.0:
-            raise ConfigError(f"{where}.loss.ce_weight: must be >= 0, got {s.loss.ce_weight}")
-        for key in ("beta", "alpha"):
-            if not 0.0 < getattr(s.loss, key) < 1.0:
-                raise ConfigError(f"{where}.loss.{key}: must be in (0, 1), got {getattr(s.loss, key)}")
         if student_data(s, bool(cfg.teacher.model)) == "rows" and s.loss.kind != "sft":
             raise ConfigError(f"{where}.data: {s.name!r} reads the training rows (data: rows), which only plain "
                               f"SFT can: loss.kind {s.loss.kind} learns from the teacher cache (set data: cache or "
@@ -369,34 +286,10 @@ def validate(cfg: PipelineConfig) -> None:
         if s.init and not s.tokenizer and not cfg.teacher.model:
             raise ConfigError(f"{where}.tokenizer: {s.name!r} is initialised from `init` in a run without a "
                               "teacher, so there is no teacher tokenizer to borrow; set its tokenizer")
-        if s.loss.chunk_size <= 0:
-            raise ConfigError(f"{where}.loss.chunk_size: must be > 0, got {s.loss.chunk_size}")
-        if s.checkpoint_every <= 0:
-            raise ConfigError(f"{where}.checkpoint_every: must be > 0")
-
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """` (did you mean hidden_size?)` when a choice is close to `word`, else ''."""
-    import difflib
-
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
-def check_optim(optim, where: str) -> None:
-    if optim.batch_size <= 0 or optim.grad_accum <= 0 or optim.max_steps <= 0:
-        raise ConfigError(f"{where}: batch_size, grad_accum and max_steps must be > 0")
-    if optim.warmup_ratio is not None and not 0 <= optim.warmup_ratio < 1:
-        raise ConfigError(f"{where}.warmup_ratio: must be in [0, 1) (or null to use warmup_steps), "
-                          f"got {optim.warmup_ratio}")
-    if optim.epochs is not None and optim.epochs <= 0:
-        raise ConfigError(f"{where}.epochs: must be > 0 (or null to use max_steps), got {optim.epochs}")
-
-
-def check_name(name: str, where: str) -> None:
-    """Student and run names become directory names: refuse path tricks."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("~"):
-        raise ConfigError(f"{where}: {name!r} is not a valid name (no '/', '..' or absolute paths)")
+        if s.loss.top_k is not None and s.loss.top_k > cfg.teacher.top_k:
+            raise ConfigError(f"{where}.loss.top_k: {s.loss.top_k} is more than stage one caches "
+                              f"(teacher.top_k={cfg.teacher.top_k}); set it to at most {cfg.teacher.top_k}, or null "
+                              "for all of them")
 
 
 def to_dict(cfg: PipelineConfig) -> dict:

@@ -1,13 +1,13 @@
 """Evaluation as a stage of a run: which models it covers, whether results.json is current, the
 train/evaluation overlap check (before any training too), and the report.
 
-    <run_dir>/eval/results.json    metrics per model (stages.evaluate is its only writer)
+    <run_dir>/eval/results.json    metrics per model (stages.eval.evaluate is its only writer)
     <run_dir>/eval/settings.json   what they were computed from (eval_settings): the eval and data
                                    config, the evaluation rows' and the validation cache's content,
                                    and each model as it was (a student's training record and finish
                                    time, the teacher's weights): when any of it changes, `atkd run`
                                    evaluates again
-    <run_dir>/eval/overlap.json    evaluation rows found among the training rows (stages.overlap)
+    <run_dir>/eval/overlap.json    evaluation rows found among the training rows (stages.eval.overlap)
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _source_fingerprints(cfg: PipelineConfig) -> dict:
 def eval_settings(cfg: PipelineConfig, states: dict[str, StudentState] | None = None) -> dict:
     """Everything results.json depends on (module doc). JSON-plain."""
     from stages.fingerprint import fingerprint_json, model_fingerprint
-    from stages.student.layout import read_done
+    from stages.training.layout import read_done
 
     states = student_states(cfg) if states is None else states
     students, models = {s.name for s in cfg.students}, {}
@@ -85,13 +85,13 @@ def eval_stale(cfg: PipelineConfig, states: dict[str, StudentState] | None = Non
 
 
 def check_overlap(cfg: PipelineConfig, *, record: bool = True, unreadable_ok: bool = False) -> str | None:
-    """Evaluation rows that are training rows, found before anything trains (stages.overlap): an
+    """Evaluation rows that are training rows, found before anything trains (stages.eval.overlap): an
     EvalError unless eval.allow_train_overlap (then evaluation warns). `record`: keep the scan's
     outcome in <run_dir>/eval/overlap.json (--dry-run: False). Returns the refusal's text instead of
     raising when `record` is False. `unreadable_ok` (`atkd teacher` / `student`, which do not
     evaluate): data that cannot be read yet (no eval file on this node) is left to the stage that reads it."""
     from stages.errors import EvalError
-    from stages.overlap import check_train_overlap, evaluation_sets
+    from stages.eval.overlap import check_train_overlap, evaluation_sets
     from stages.rows import DataError
 
     if cfg.eval.allow_train_overlap or not (cfg.eval.path or runner.validation_job(cfg)):
@@ -113,7 +113,7 @@ def check_overlap(cfg: PipelineConfig, *, record: bool = True, unreadable_ok: bo
 
 
 def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
-    """Evaluate every trained student and the teacher (stages.evaluate writes results.json), then the report.
+    """Evaluate every trained student and the teacher (stages.eval.evaluate writes results.json), then the report.
 
     A stale student is refused (pipeline.student_record); one not trained yet is left out, said so.
     The validation cache is stage one's: run first, as that stage, when it is missing."""
@@ -143,7 +143,7 @@ def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
 
 
 def answer_rule(cfg: PipelineConfig):
-    """The exact-match rule `eval.answer_rule` names (None: stages.evaluate's default, the whole response)."""
+    """The exact-match rule `eval.answer_rule` names (None: stages.eval.evaluate's default, the whole response)."""
     rule = cfg.eval.answer_rule
     if rule == "auto":  # a config built in code, not by load_config
         rule = "demo" if cfg.demo.enabled else "exact"
@@ -164,8 +164,8 @@ def report_sections(cfg: PipelineConfig) -> list[str]:
 
 
 def _run_eval(cfg: PipelineConfig, states: dict[str, StudentState]) -> dict:
-    from stages.evaluate import evaluate_models
-    from stages.report import write_report
+    from stages.eval.evaluate import evaluate_models
+    from stages.eval.report import write_report
 
     settings = eval_settings(cfg, states)  # before evaluating: a student finishing meanwhile makes them stale
     val_job = runner.validation_job(cfg)
@@ -194,6 +194,6 @@ def load_results(cfg: PipelineConfig) -> dict | None:
 
 
 def format_results(results: dict) -> str:
-    from stages.report import format_table
+    from stages.eval.report import format_table
 
     return format_table(results)

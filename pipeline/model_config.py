@@ -16,7 +16,7 @@ import inspect
 import re
 from typing import Any
 
-from pipeline.config import ConfigError, did_you_mean
+from stages.errors import ConfigError, did_you_mean
 
 _FIELD_ERROR = re.compile(r"error for field '([^']+)'")
 

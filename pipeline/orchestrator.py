@@ -10,12 +10,12 @@ Run directory layout (everything a run produces lives under `run_dir`):
                                        stage one caches its final/ instead of teacher.model
     <run_dir>/cache-val/               teacher cache over the validation split (stage one, for eval;
                                        eval.validation_cache puts it elsewhere, e.g. shared by a sweep's seeds)
-    <run_dir>/eval/results.json        metrics per model (written by stages.evaluate only)
+    <run_dir>/eval/results.json        metrics per model (written by stages.eval.evaluate only)
     <run_dir>/eval/settings.json       what results.json was computed from (pipeline/evaluation.py)
-    <run_dir>/eval/overlap.json        evaluation rows found among the training rows (stages.overlap), keyed
+    <run_dir>/eval/overlap.json        evaluation rows found among the training rows (stages.eval.overlap), keyed
                                        by both sides' fingerprints so a rerun does not rescan
     <run_dir>/eval/<model>.generations.jsonl
-    <run_dir>/report/                  report.md + PNG plots (stages.report, from the results)
+    <run_dir>/report/                  report.md + PNG plots (stages.eval.report, from the results)
 The training cache lives at `cache.path` (often `<run_dir>/cache`, but it can be
 shared by many runs or live on an object store).
 
@@ -32,8 +32,8 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.config import (CacheConfig, ConfigError, DataConfig, PipelineConfig, StudentConfig, TeacherConfig,
-                             check_name, save_resolved)
+from pipeline.config import (CacheConfig, ConfigError, DataConfig, LossConfig, PipelineConfig, StudentConfig,
+                             TeacherConfig, check_name, save_resolved)
 from stages.student.config import student_data
 from storage.files import atomic_write
 
@@ -181,13 +181,32 @@ def validation_job(cfg: PipelineConfig) -> tuple[str, object, object] | None:
 
 
 def run_finetune(cfg: PipelineConfig) -> bool:
-    """teacher.finetune (before stage one): True if it trained."""
+    """teacher.finetune (before stage one): True if it trained. stages.teacher.finetune decides whether the
+    fine-tune is done or refused; the training is plain SFT from the rows by the student trainer, whose
+    pieces are the training kit's (stages/training/), run as `finetune_run` configures it."""
     if not cfg.teacher.finetune.enabled:
         return False
+    from stages.student.trainer import train_student
     from stages.teacher.finetune import finetune_teacher
 
+    out = finetune_dir(cfg)
+
+    def train() -> None:
+        train_student(finetune_run(cfg.teacher), cache_url=None, data_cfg=cfg.data, out_dir=out,
+                      tokenizer_path=cfg.teacher.model)
+
     with stage_log(cfg, "finetune"):
-        return finetune_teacher(cfg.data, cfg.teacher, finetune_dir(cfg), on_start=lambda: record_run(cfg))
+        return finetune_teacher(cfg.data, cfg.teacher, out, train=train, on_start=lambda: record_run(cfg))
+
+
+def finetune_run(teacher: TeacherConfig) -> StudentConfig:
+    """teacher.finetune as a training run: teacher.model trained with loss sft from the rows."""
+    ft = teacher.finetune
+    return StudentConfig(name="teacher-finetune", model=teacher.model, data="rows",
+                         trust_remote_code=teacher.trust_remote_code,
+                         loss=LossConfig(kind="sft", chunk_size=ft.chunk_size), optim=ft.optim, seed=ft.seed,
+                         dtype=ft.dtype, gradient_checkpointing=ft.gradient_checkpointing, fsdp=ft.fsdp,
+                         checkpoint_every=ft.checkpoint_every, keep_checkpoints=ft.keep_checkpoints)
 
 
 def run_teacher(cfg: PipelineConfig, *, validation: bool = False, training: bool = True,
@@ -321,6 +340,15 @@ def check_training_cache(cfg: PipelineConfig) -> int:
     return _checked_caches[key]
 
 
+def student_top_k(cfg: PipelineConfig, scfg: StudentConfig) -> int:
+    """The top-k entries per position `scfg` trains on: its loss.top_k, else teacher.top_k (the
+    first k of the cache's rows; a teacher.top_k below the cache's is deprecated for this, and
+    check_training_cache says so); 0 for a cache of sampled targets only, which has no top-k."""
+    if cfg.teacher.targets == "sampled":
+        return 0
+    return int(scfg.loss.top_k if scfg.loss.top_k is not None else cfg.teacher.top_k)
+
+
 def _check_loss_targets(cfg: PipelineConfig, scfg: StudentConfig) -> None:
     """The student's loss fits the cache's targets (topk / sampled): a ConfigError naming the field."""
     from stages.errors import TrainingError
@@ -379,7 +407,11 @@ def _run_student(cfg: PipelineConfig, scfg: StudentConfig, retrain) -> bool:
     rows = reads_rows(cfg, scfg)
     if not rows:
         require_training_cache(cfg.cache.path)
-    top_k = None if rows else check_training_cache(cfg)
+    if not rows:
+        check_training_cache(cfg)
+    top_k = None if rows else student_top_k(cfg, scfg)
+    if top_k and scfg.loss.top_k is not None:
+        _log(f"student {scfg.name!r} trains on the first {top_k} top-k entries per position (loss.top_k)")
     if not rows:
         _check_loss_targets(cfg, scfg)
     if scfg.init_from:
@@ -424,7 +456,7 @@ def check_student_model(cfg: PipelineConfig, scfg: StudentConfig) -> None:
 
 def _remove_if_nothing_kept(out: Path) -> None:
     """A first attempt that failed before its first checkpoint leaves no students/<name> behind."""
-    from stages.student.layout import list_checkpoints, read_done
+    from stages.training.layout import list_checkpoints, read_done
 
     if os.environ.get("RANK", "0") == "0" and out.is_dir() and not list_checkpoints(out) and read_done(out) is None:
         import shutil
@@ -438,7 +470,7 @@ def _remove_stale_partials(out: Path) -> None:
     """Leftovers of killed saves (final.partial-<pid>, ...); one process per job does it (RANK 0)."""
     if os.environ.get("RANK", "0") != "0":
         return
-    from stages.student.checkpoint import remove_stale_partials
+    from stages.training.checkpoint import remove_stale_partials
 
     for path in remove_stale_partials(out):
         _log(f"removed {path} (left by an interrupted save whose process is gone)")

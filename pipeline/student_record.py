@@ -7,8 +7,9 @@ The trainer writes the record into a finished student's done.json
     model_fingerprint   a `model:` student's weights (stages.fingerprint.model_fingerprint)
     tokenizer           the fingerprint of the tokenizer it read the ids with
     source              where its sequences came from: cache | rows
-    data                {"cache": <the cache's fingerprint>, "top_k": k} or {"rows": <the training rows'
-                        identity: content fingerprint, row count, data settings>}
+    data                {"cache": <the cache's fingerprint>, "top_k": k} (k: the entries it trains on,
+                        loss.top_k or else teacher.top_k, so loss.top_k itself is not in `loss`) or
+                        {"rows": <the training rows' identity: content fingerprint, row count, data settings>}
     continues_from      {"name", "record", "finished_at"}: the student it started from (init_from), as it
                         was when this one trained
 
@@ -20,7 +21,7 @@ gradient_checkpointing, fsdp and trust_remote_code (how it computes, not what).
 would write now:
   done          it matches
   continues     it matches, but optim.max_steps / epochs was raised: training goes on from the last
-                checkpoint (the learning-rate schedule is recomputed, stages.student.resume)
+                checkpoint (the learning-rate schedule is recomputed, stages.training.resume)
   stale         anything else differs, or the student it continues from is stale, not trained, about
                 to train further or was trained again since: refused until retrained (`--retrain NAME`,
                 or delete students/<name>), never skipped as done
@@ -41,7 +42,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, PipelineConfig, StudentConfig
-from pipeline.orchestrator import open_cache, reads_rows, student_dir
+from pipeline.orchestrator import open_cache, reads_rows, student_dir, student_top_k
 from storage.diff import changes
 from storage.errors import AtkdError
 
@@ -118,17 +119,18 @@ def _data(cfg: PipelineConfig, s: StudentConfig, memo: dict) -> dict | None:
         memo["cache"] = cache.fingerprint if cache is not None and cache.is_complete() else None
     if memo["cache"] is None:
         return None
-    return {"cache": memo["cache"], "top_k": 0 if cfg.teacher.targets == "sampled" else int(cfg.teacher.top_k)}
+    return {"cache": memo["cache"], "top_k": student_top_k(cfg, s)}
 
 
 def expected_record(cfg: PipelineConfig, s: StudentConfig, memo: dict | None = None) -> dict:
     """The record training `s` now would write (`data` None while the cache is incomplete)."""
     from stages.fingerprint import fingerprint_json, model_fingerprint
-    from stages.student.layout import read_done
+    from stages.training.layout import read_done
 
     memo = {} if memo is None else memo
     settings = dataclasses.asdict(s)
     record = {k: v for k, v in settings.items() if k not in _NOT_RECORDED}
+    record["loss"].pop("top_k")  # recorded as data.top_k (the k it trains on, however it was set)
     if s.model:
         record["model"] = os.path.basename(os.path.normpath(s.model))
         record["model_fingerprint"] = model_fingerprint(s.model)
@@ -174,7 +176,7 @@ def _parent_change(s: StudentConfig, have: dict, want: dict, states: dict) -> li
 
 
 def _state(cfg: PipelineConfig, s: StudentConfig, states: dict, memo: dict) -> StudentState:
-    from stages.student.layout import is_done, last_checkpoint, read_done
+    from stages.training.layout import is_done, last_checkpoint, read_done
 
     out = student_dir(cfg, s.name)
     done = read_done(out)

@@ -22,7 +22,7 @@ Layout under out_dir (this module owns it):
                                      settings: a teacher that changes only teacher.top_k shares another's
     teachers/<teacher>/cache, cache-val   the teacher's training and validation caches, shared by its seeds
     runs/<teacher>/seed-<k>/         the runs (config.yaml, students/, eval/, report/, logs/)
-    report.md, results.json, sweep.png    stages.sweep_report: mean and 95% interval per (teacher, model)
+    report.md, results.json, sweep.png    stages.eval.sweep_report: mean and 95% interval per (teacher, model)
 
 `cache.path`, `eval.validation_cache` and `demo.dir` of the config are replaced
 by this layout unless the sweep's or the teacher's `set` names them. A student
@@ -335,8 +335,8 @@ def run_sweep(spec: Sweep, runs: list[Run] | None = None) -> str:
 def write_report(spec: Sweep, runs: list[Run], seconds: dict[str, float], finished: dict[str, bool]) -> str:
     """The sweep's report from every finished run's eval/results.json and per-example scores."""
     from pipeline.evaluation import load_results
-    from stages.evaluate import read_example_scores
-    from stages.sweep_report import SeedResult, Sweep as About, machine, write_sweep_report
+    from stages.eval.evaluate import read_example_scores
+    from stages.eval.sweep_report import SeedResult, Sweep as About, machine, write_sweep_report
 
     cells: dict[tuple[str, str], list] = {}
     for run in runs:

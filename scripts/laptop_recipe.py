@@ -49,7 +49,7 @@ def dolly_row(row: dict) -> dict:
 
 
 def build(out: Path, rows: int, seed: int = 0) -> Path:
-    from bench._harness import make_tiny_llama
+    from tests.support.harness import make_tiny_llama
     from stages.demo.tokenizer import train_tokenizer
 
     stamp = {"version": VERSION, "rows": rows, "seed": seed}

@@ -108,7 +108,7 @@ def num_rows(data_cfg: DataConfig, source: RowSource) -> int:
 def training_rows(data_cfg: DataConfig) -> tuple[RowSource, int]:
     """(source, n): the rows stage two reads without a cache (plain SFT, the teacher fine-tune)
     are the train part (stages.split.read_part, part "train") of source rows [0, n). The one
-    place stages.student.rows_dataset opens them."""
+    place stages.training.rows_dataset opens them."""
     source = open_source(data_cfg)
     return source, num_rows(data_cfg, source)
 

@@ -1,12 +1,14 @@
 """DataConfig: the `data:` section of pipeline.yaml (stages/data.py reads it).
 
-Loaded and validated by pipeline/config.py; the stages only read it.
+Loaded by pipeline/config.py, which calls `check()`: each section checks its own values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
+
+from stages.errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -19,6 +21,16 @@ class HoldoutConfig:
     # The part this data section reads. Leave it "train": the pipeline reads validation (the
     # validation cache) and test (evaluation) itself.
     part: Literal["train", "validation", "test"] = "train"
+
+    def check(self) -> None:
+        for key in ("validation", "test"):
+            value = getattr(self, key)
+            if value < 0 or (isinstance(value, float) and value >= 1.0):
+                raise ConfigError(f"data.holdout.{key}: a row count (whole number >= 0) or a fraction in [0, 1), "
+                                  f"got {value!r}")
+        if self.part != "train":
+            raise ConfigError(f"data.holdout.part: the pipeline trains on the train part (it reads validation and "
+                              f"test itself), got {self.part!r}")
 
 
 @dataclass
@@ -49,3 +61,28 @@ class DataConfig:
     # evaluation reads). With it, stage one caches the train part only, the validation cache holds
     # the validation part and evaluation the test part, unless eval.* name other data.
     holdout: Optional[HoldoutConfig] = None
+
+    def check(self) -> None:
+        if not self.path:
+            raise ConfigError("data.path: set the training data (a .jsonl/.json/.parquet file or a hub name)")
+        if self.max_seq_len < 2:
+            raise ConfigError(f"data.max_seq_len: must be >= 2, got {self.max_seq_len}")
+        if not 0.0 <= self.max_dropped_fraction <= 1.0:
+            raise ConfigError(f"data.max_dropped_fraction: must be in [0, 1], got {self.max_dropped_fraction}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit: must be >= 1 (or null for all rows), got {self.limit}")
+        if self.holdout is not None:
+            self.holdout.check()
+        if self.kind == "prompt_response":
+            from stages.template import template_names, unknown_placeholders, used_names
+
+            names = template_names(self)
+            unknown = unknown_placeholders(self.template, names)
+            if unknown:
+                known = ", ".join("{" + n + "}" for n in names)
+                raise ConfigError(f"data.template: {{{unknown[0]}}} names no field"
+                                  f"{did_you_mean(unknown[0], list(names))}; the template can use {known} (add a "
+                                  f"row field to data.template_fields to use it; write {{{{{unknown[0]}}}}} for a "
+                                  f"literal {{{unknown[0]}}})")
+            if not used_names(self.template, names):
+                raise ConfigError("data.template: must contain {prompt} or one of data.template_fields as {name}")

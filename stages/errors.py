@@ -1,8 +1,12 @@
 """Errors the stages raise for problems the user can fix; every one derives from
 `storage.errors.AtkdError`, so the CLI prints its message without a traceback.
 
+ConfigError is here too, below every config: each section's `check()` (next to its
+dataclass in stages/) raises it, and pipeline/config.py and pipeline/model_config.py
+import it from here (pipeline.config re-exports it).
+
 Next to their raisers live DataError (stages/rows.py), ResumeError
-(stages/student/checkpoint.py), VocabularyMismatchError (stages/student/model.py)
+(stages/training/checkpoint.py), VocabularyMismatchError (stages/student/model.py)
 and DemoMismatchError (stages/demo/teacher.py). Each kind keeps the builtin it
 replaced as a second base, so `except ValueError` callers keep working.
 """
@@ -10,6 +14,24 @@ replaced as a second base, so `except ValueError` callers keep working.
 from __future__ import annotations
 
 from storage.errors import AtkdError
+
+
+class ConfigError(AtkdError, ValueError):
+    """A problem with pipeline.yaml, an override or a command-line argument; the message names the key path."""
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """` (did you mean hidden_size?)` when a choice is close to `word`, else '' (for a ConfigError's message)."""
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_name(name: str, where: str) -> None:
+    """Student and run names become directory names: refuse path tricks."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("~"):
+        raise ConfigError(f"{where}: {name!r} is not a valid name (no '/', '..' or absolute paths)")
 
 
 class ModelError(AtkdError, ValueError):

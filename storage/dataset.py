@@ -47,7 +47,7 @@ class BatchSpec:
 
 
 class ResumableReader:
-    """The resume state both readers share (this one, stages.student.rows_dataset's): where
+    """The resume state both readers share (this one, stages.training.rows_dataset's): where
     in which epoch, checked against the data fingerprint, the seed and the order rule.
 
     A reader sets fingerprint, seed, start_epoch, start_consumed and defines

@@ -53,7 +53,7 @@ _ENCODED_SPECS = {"topk_id_deltas": (np.dtype(np.int32), 2), "topk_code_deltas":
                   "topk_anchor": (np.dtype(np.float32), 1)}
 # float32 anchors and outputs round by < 2^-24 relative: allowance on top of `step` in checks.
 _ROUNDING = 1e-5
-RESIDUAL_FLOOR = 1e-6  # = stages.student.losses.TEACHER_RESIDUAL_FLOOR (storage imports no stage)
+RESIDUAL_FLOOR = 1e-6  # = stages.buckets.TEACHER_RESIDUAL_FLOOR (storage imports no stage)
 
 
 class EncodingError(StorageError, ValueError):

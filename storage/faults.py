@@ -13,7 +13,7 @@ call returns at once. The points, both stages:
     shard.write  shard.commit  shard.committed      storage/shard.py, both commit protocols (detail: the shard's path)
     fs.replace.<file>                               storage/fs.py, e.g. fs.replace.manifest.json
     student.step                                    a step's log line written, its checkpoint not yet
-    ckpt.model  ckpt.optim  ckpt.rename  ckpt.renamed   stages/student/checkpoint.py, in write order
+    ckpt.model  ckpt.optim  ckpt.rename  ckpt.renamed   stages/training/checkpoint.py, in write order
     log.rewrite                                     a resume's shortened log written aside, not yet renamed
 """
 

@@ -8,7 +8,7 @@ new one and never a mix:
 1. the new content goes to a temporary file in the same directory, named
    ``<name>.partial-<pid>-<hex>`` (same filesystem, so the rename is atomic;
    the pid lets cleanup code tell a dead writer's leftover from a live one's,
-   see stages/student/checkpoint.py ``stale_partials``);
+   see stages/training/checkpoint.py ``stale_partials``);
 2. the file is flushed and fsynced, then renamed over the target;
 3. the directory is fsynced where the platform allows it, so the rename
    itself survives a power cut.

@@ -1,10 +1,10 @@
-"""Shared pytest fixtures. Builders live in tests/fixtures.py (plain functions)."""
+"""Shared pytest fixtures. Builders live in tests/support/fixtures.py (plain functions)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests import fixtures
+from tests.support import fixtures
 
 
 @pytest.fixture(scope="session")
@@ -44,10 +44,10 @@ def train_jsonl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def local_s3():
     """A local S3 server (moto, 127.0.0.1) for the session, with bucket `atkd-test`; this process's
-    AWS variables point at it (bench/_s3.py). Integration tier only: it is a subprocess."""
+    AWS variables point at it (tests/support/s3.py). Integration tier only: it is a subprocess."""
     import os
 
-    from bench._s3 import LocalS3
+    from tests.support.s3 import LocalS3
 
     saved = dict(os.environ)
     with LocalS3() as s3:

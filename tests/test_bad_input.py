@@ -4,7 +4,7 @@ ruff's S rules and banned APIs, see pyproject.toml).
 
 End-to-end cases run `python -m pipeline` as a subprocess; the many cheap
 variations call `pipeline.cli.main` in this process (same code, exit code and
-stderr); student runs use the warm forked processes of bench/_harness.py. Those
+stderr); student runs use the warm forked processes of tests/support/harness.py. Those
 that start processes are in the integration tier.
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from bench import _harness as fh
-from tests import fixtures
-from tests.fixtures import atkd_here
+from tests.support import harness as fh
+from tests.support import fixtures
+from tests.support.fixtures import atkd_here
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -326,10 +326,22 @@ def test_student_refuses_a_cache_of_another_config(ws, tmp_path, capsys, other_l
 
 
 def test_student_with_fewer_top_k_than_the_cache_says_so(ws, capsys):
+    """The old way (teacher.top_k below the cache's) still trains on the first k, with a deprecation line;
+    loss.top_k, the student's own setting, does the same without it and records the same k."""
     cfg = config(ws, "fewer-k", cache=ws["ref_cache"])
     rc, out = atkd_here(capsys, "student", str(cfg), "teacher.top_k=4", "students.s1.optim.max_steps=2")
     assert rc == 0, out
-    assert "using the first 4 of the cache's 8 top-k entries per position" in out
+    assert "teacher.top_k=4 is below the cache's top-8" in out and "(deprecated: " in out
+    old = json.loads((ws["root"] / "fewer-k" / "students" / "s1" / "done.json").read_text())["trained_from"]
+    assert old["data"]["top_k"] == 4 and "top_k" not in old["loss"]
+    cfg = config(ws, "own-k", cache=ws["ref_cache"])
+    rc, out = atkd_here(capsys, "student", str(cfg), "students.s1.loss.top_k=4", "students.s1.optim.max_steps=2")
+    assert rc == 0, out
+    assert "deprecated" not in out and "trains on the first 4 top-k entries per position (loss.top_k)" in out
+    own = json.loads((ws["root"] / "own-k" / "students" / "s1" / "done.json").read_text())["trained_from"]
+    assert own["data"] == old["data"]  # same cache, same k: the same record whichever way k was set
+    rc, out = atkd_here(capsys, "student", str(cfg), "students.s1.loss.top_k=16")
+    assert rc == 2 and "students[0].loss.top_k: 16 is more than stage one caches (teacher.top_k=8)" in out
 
 
 _VLLM_PROBE = """
@@ -555,7 +567,7 @@ def _can_create(path: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def ref_student(ws):
-    """A finished student run (stage two's resume and checkpoint fallback: tests/stages/test_trainer.py)."""
+    """A finished student run (stage two's resume and checkpoint fallback: tests/stages/student/test_trainer.py)."""
     cfg = config(ws, "ref-student", cache=ws["ref_cache"])
     rc, out = fh.run_atkd(["student", str(cfg)], ws["root"] / "logs" / "ref-student.log")
     assert rc == 0, out
@@ -595,7 +607,7 @@ def test_optimizer_state_with_a_pickle_payload_is_refused(tmp_path):
 
     import torch
 
-    from stages.student import checkpoint as ckpt
+    from stages.training import checkpoint as ckpt
 
     marker = tmp_path / "pwned"
 

@@ -1,9 +1,9 @@
 """Fault injection, short version: SIGKILL real `atkd teacher` / `atkd student` processes
 at named crash points and at seeded random moments, rerun, and compare bit for bit
 with an uninterrupted run. The long version is bench/fault_bench.py; concurrent
-workers, some killed, are in tests/stages/test_teacher.py.
+workers, some killed, are in tests/stages/teacher/test_teacher.py.
 
-Processes come from a warm forkserver (bench/_harness.py); one attempt per
+Processes come from a warm forkserver (tests/support/harness.py); one attempt per
 stage runs as a plain `python -m pipeline` subprocess so the real entry point is covered.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import _harness as fh
+from tests.support import harness as fh
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +103,7 @@ def test_lossy_teacher_killed_ends_bit_identical_and_within_its_bound_of_the_exa
     function of the scored rows), and the cache decodes to the exact run's top-k within the bound."""
     import numpy as np
 
-    from bench._target_kl import target_kl
+    from tests.support.target_kl import target_kl
     from storage.cache import Cache
 
     def lossy_config(name: str) -> Path:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import _harness as fh
-from bench._s3 import ACCESS_KEY, SECRET_KEY, FlakyProxy, free_port
-from bench._synthetic import build_cache, shard_for_plan
-from tests.fixtures import atkd_here
+from tests.support import harness as fh
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY, FlakyProxy, free_port
+from tests.support.synthetic import build_cache, shard_for_plan
+from tests.support.fixtures import atkd_here
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import _harness as fh
+from tests.support import harness as fh
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@ the rerun continues them exactly; the exported files have the usual permissions;
 student trained on `messages` data exports the chat template it was trained with.
 
 Stage one runs in this process (tiny teacher, transformers engine); students run as
-real `python -m pipeline` subprocesses or the warm forked ones of bench/_harness.py.
+real `python -m pipeline` subprocesses or the warm forked ones of tests/support/harness.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from stages.student import checkpoint as ckpt
-from bench import _harness as fh
-from tests import fixtures
+from stages.training import checkpoint as ckpt
+from tests.support import harness as fh
+from tests.support import fixtures
 
 pytestmark = pytest.mark.integration  # every test runs students as processes
 

@@ -1,12 +1,14 @@
 """DemoConfig: the `demo:` section of pipeline.yaml (stages/demo/teacher.py reads it).
 
-Loaded and validated by pipeline/config.py; the stages only read it.
+Loaded by pipeline/config.py, which calls `check()`: each section checks its own values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from stages.errors import ConfigError
 
 
 @dataclass
@@ -29,3 +31,8 @@ class DemoConfig:
     # The teacher's own training pool (data/teacher.jsonl), prompts disjoint from the
     # students' three splits; 0 = the teacher trains on the students' train split.
     teacher_train_examples: int = 0
+
+    def check(self) -> None:
+        if self.teacher_train_examples < 0:
+            raise ConfigError(f"demo.teacher_train_examples: must be >= 0 (0 = the teacher trains on the "
+                              f"students' train split), got {self.teacher_train_examples}")

@@ -1,4 +1,4 @@
-"""What the demo adds to evaluation and the report; stages.evaluate and stages.report know no demo.
+"""What the demo adds to evaluation and the report; stages.eval.evaluate and stages.eval.report know no demo.
 
     rule = DemoAnswer()                                  # evaluate_models(..., answer_rule=rule)
     sections = [teacher_section(run_dir)]                # write_report(..., sections=sections)

@@ -23,9 +23,10 @@ silently replaced: the teacher cache and students downstream depend on it.
 The teacher is a small LlamaConfig causal LM (head_dim 64, which vLLM's CPU
 attention accepts) trained with cross-entropy on exactly the positions stage
 one caches (the response tokens and EOS, from stages.data.tokenize_examples).
-The training pieces are the student trainer's: its schedule and AdamW
-(stages.student.optim), its atomic checkpoints (stages.student.checkpoint) and
-the target-only logits of stages.lm; this module only says what the demo
+The training pieces are the training kit's (stages/training/, which the
+student trainer uses too): its schedule and AdamW (stages.training.optim), its
+atomic checkpoints (stages.training.checkpoint), and the target-only logits of
+stages.lm; this module only says what the demo
 trains, on which batches, and when it stops.
 """
 
@@ -43,7 +44,7 @@ from stages.data_config import DataConfig
 from stages.demo import task as demo_task
 from stages.demo.config import DemoConfig
 from stages.errors import DemoError
-from stages.student.config import OptimConfig
+from stages.training.config import OptimConfig
 from storage.errors import AtkdError
 from storage.files import pid_alive, usual_permissions
 
@@ -222,7 +223,7 @@ def teacher_config(demo_cfg: DemoConfig, tokenizer, max_seq_len: int):
 
 
 def teacher_optim(demo_cfg: DemoConfig) -> OptimConfig:
-    """The demo teacher's optimiser settings for stages.student.optim: linear warmup over
+    """The demo teacher's optimiser settings for stages.training.optim: linear warmup over
     WARMUP_FRACTION of the steps, then cosine to lr * MIN_LR_RATIO."""
     steps = demo_cfg.teacher_steps
     return OptimConfig(lr=demo_cfg.teacher_lr, warmup_steps=max(1, int(WARMUP_FRACTION * steps)),
@@ -271,8 +272,8 @@ def train_demo_teacher(demo_cfg: DemoConfig, data_cfg: DataConfig, tokenizer, tr
     from stages.data import tokenize_examples
     from stages.lm import collate_for_lm, pad_id, target_logits
     from stages.progress import tqdm
-    from stages.student import checkpoint as ckpt
-    from stages.student.optim import build_optimizer, clip_and_step, lr_at, set_lr
+    from stages.training import checkpoint as ckpt
+    from stages.training.optim import build_optimizer, clip_and_step, lr_at, set_lr
 
     final = Path(out_dir)
     if _reuse(final, settings, "teacher"):

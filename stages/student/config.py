@@ -1,6 +1,11 @@
-"""StudentConfig, LossConfig and OptimConfig: one entry of `students:` in pipeline.yaml (stage two).
+"""StudentConfig and LossConfig: one entry of `students:` in pipeline.yaml (stage two).
 
-Loaded and validated by pipeline/config.py; the stages only read them.
+Loaded by pipeline/config.py, which calls `StudentConfig.check(where)` (the student's own
+rules and its loss's and optim's); rules that join sections (a student against the teacher, the
+students against each other) stay in pipeline/config.py.
+
+ATKD's weights have one range, `weight_problems`: the config check and
+stages.student.losses.atkd_position_weights both ask it.
 """
 
 from __future__ import annotations
@@ -8,24 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from stages.errors import ConfigError, check_name
+from stages.training.config import OptimConfig
 
-@dataclass
-class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = 10
-    # Instead of warmup_steps: a fraction of the run's steps (the official ATKD scripts use
-    # 0.03), resolved with max_steps (or epochs) when training starts.
-    warmup_ratio: Optional[float] = None
-    max_steps: int = 100
-    # Instead of max_steps: passes over the cache's sequences, resolved to steps when training
-    # starts (full global batches of batch_size x grad_accum x ranks per epoch) and logged.
-    epochs: Optional[float] = None
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    batch_size: int = 8  # sequences per micro-batch per process
-    grad_accum: int = 1
-    clip_grad_norm: float = 1.0
+
+def weight_problems(*, easy_weight: float, hard_ratio: float, ce_weight: float) -> list[str]:
+    """`key: must be ..., got x` for each loss weight outside its range (none: all fine)."""
+    problems = []
+    for key, value in (("easy_weight", easy_weight), ("hard_ratio", hard_ratio)):
+        if not 0.0 <= value <= 1.0:
+            problems.append(f"{key}: must be in [0, 1], got {value}")
+    if ce_weight < 0.0:
+        problems.append(f"ce_weight: must be >= 0, got {ce_weight}")
+    return problems
 
 
 @dataclass
@@ -51,6 +51,22 @@ class LossConfig:
     # temporaries. 256 kept an ATKD step within 0.73x the memory of plain
     # fine-tuning at vocab 32k (bench/student_bench.py); use ~128 for 150k vocabularies.
     chunk_size: int = 256
+    # The top-k entries per position kd/atkd train on: the first top_k of the cache's rows
+    # (at most teacher.top_k, what stage one caches). null: all of them, the cache's k.
+    top_k: Optional[int] = None
+
+    def check(self, where: str) -> None:
+        """`where`: the loss section's key path (students[i].loss)."""
+        for problem in weight_problems(easy_weight=self.easy_weight, hard_ratio=self.hard_ratio,
+                                       ce_weight=self.ce_weight):
+            raise ConfigError(f"{where}.{problem}")
+        for key in ("beta", "alpha"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"{where}.{key}: must be in (0, 1), got {getattr(self, key)}")
+        if self.chunk_size <= 0:
+            raise ConfigError(f"{where}.chunk_size: must be > 0, got {self.chunk_size}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise ConfigError(f"{where}.top_k: must be > 0 (or null: the cache's top-k), got {self.top_k}")
 
 
 @dataclass
@@ -77,6 +93,21 @@ class StudentConfig:
     log_every: int = 1
     num_workers: int = 0  # DataLoader workers
     fsdp: bool = False
+
+    def check(self, where: str) -> None:
+        """`where`: students[i]. The student's own fields, its loss and its optim."""
+        if not self.name:
+            raise ConfigError(f"{where}.name: every student needs a name")
+        check_name(self.name, f"{where}.name")
+        sources = [k for k, v in (("model", self.model), ("init", self.init), ("init_from", self.init_from)) if v]
+        if len(sources) != 1:
+            raise ConfigError(f"{where} ({self.name}): set exactly one of `model` (path or hub name), `init` "
+                              f"(a model config) or `init_from` (an earlier student's name); got "
+                              f"{', '.join(sources) or 'none'}")
+        self.loss.check(f"{where}.loss")
+        self.optim.check(f"{where}.optim")
+        if self.checkpoint_every <= 0:
+            raise ConfigError(f"{where}.checkpoint_every: must be > 0")
 
 
 def student_data(student: StudentConfig, has_teacher: bool) -> str:

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from stages.errors import TrainingError
 from stages.student.config import LossConfig
 from stages.lm import hidden_at_targets
-from stages.student.losses import atkd_position_weights, bucket_divergence, bucket_logprobs, position_terms
+from stages.buckets import bucket_divergence, bucket_logprobs, position_terms
+from stages.student.losses import atkd_position_weights
 from stages.student.sampled_losses import sampled_position_terms
 
 ChunkLoss = Callable[[Tensor, slice, dict], Tensor]
@@ -126,7 +127,7 @@ class StudentObjective(nn.Module):
     num_hard, num_easy, num_groups and unc (teacher 1 - p_g).
 
     `batch` is `storage.dataset.collate_sequences` output (or, for sft,
-    `stages.student.rows_dataset.collate_examples`: no teacher arrays). The loss is a sum
+    `stages.training.rows_dataset.collate_examples`: no teacher arrays). The loss is a sum
     over positions (sft, kd) or over groups (atkd); `normaliser(batch)` gives
     the matching count, which the trainer adds up over the global batch.
     """

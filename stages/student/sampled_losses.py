@@ -67,17 +67,9 @@ import math
 import torch
 from torch import Tensor
 
-from stages.student.losses import (
-    REDUCTIONS,
-    TEACHER_MIN_LOGPROB,
-    TEACHER_RESIDUAL_FLOOR,
-    PositionTerms,
-    _check_choice,
-    _divergence_rows,
-    _reduce,
-    atkd_position_weights,
-    check_position_args,
-)
+from stages.buckets import (TEACHER_MIN_LOGPROB, TEACHER_RESIDUAL_FLOOR, PositionTerms, check_choice,
+                            divergence_rows)
+from stages.student.losses import REDUCTIONS, _reduce, atkd_position_weights, check_position_args
 
 SAMPLED_BASES = ("forward_kl",)
 
@@ -89,7 +81,7 @@ def _check_base(base: str) -> None:
             "under the student, which draws from the teacher can only give through unbounded importance "
             "weights q/p; use base='forward_kl' or a top-k cache"
         )
-    _check_choice("base", base, SAMPLED_BASES)
+    check_choice("base", base, SAMPLED_BASES)
 
 
 def _check_sampled_inputs(student_logits, sample_ids, sample_counts, target_ids, target_logprobs, valid,
@@ -137,7 +129,7 @@ def sampled_position_terms(
     ids = torch.where(used, ids, 0)
     counts = torch.where(used, counts, 0.0)
 
-    # Teacher binary [p_g, 1 - p_g]: clamp, floor, renormalise (as losses.bucket_logprobs does).
+    # Teacher binary [p_g, 1 - p_g]: clamp, floor, renormalise (as buckets.bucket_logprobs does).
     lp_g = lp_g.clamp(min=TEACHER_MIN_LOGPROB, max=0.0)
     lp_rest = (-torch.expm1(lp_g)).clamp(min=TEACHER_RESIDUAL_FLOOR).log()
     norm = torch.logaddexp(lp_g, lp_rest)
@@ -152,7 +144,7 @@ def sampled_position_terms(
     lq_g, lq_rest = z_g - lse, lse_rest - lse
 
     binary_present = torch.ones(n_rows, 2, dtype=torch.bool, device=device)
-    tkd = _divergence_rows(torch.stack([lp_g, lp_rest], 1), torch.stack([lq_g, lq_rest], 1), binary_present,
+    tkd = divergence_rows(torch.stack([lp_g, lp_rest], 1), torch.stack([lq_g, lq_rest], 1), binary_present,
                            "forward_kl", 0.5, 0.1)
 
     lp_s = None
@@ -202,7 +194,7 @@ def sampled_kd_loss(
     """
     _check_sampled_inputs(student_logits, sample_ids, sample_counts, target_ids, target_logprobs, valid,
                           sample_logprobs)
-    _check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
     if ce_weight < 0.0:
         raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
     terms = sampled_position_terms(student_logits, sample_ids, sample_counts, target_ids, target_logprobs,
@@ -235,7 +227,7 @@ def sampled_atkd_loss(
     _check_sampled_inputs(student_logits, sample_ids, sample_counts, target_ids, target_logprobs, valid,
                           sample_logprobs, group_ids)
     _check_base(base)
-    _check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
     weights = atkd_position_weights(
         target_logprobs, valid, group_ids, easy_weight=easy_weight, hard_ratio=hard_ratio, ce_weight=ce_weight
     )

@@ -4,9 +4,12 @@
     train_student(student_cfg, cache_url=None, data_cfg=..., out_dir=...)   plain SFT from the rows
 
 Without a cache (`cache_url=None`, loss.kind sft) the batches come straight from
-the training rows (stages.student.rows_dataset.RowsDataset: same batch dicts
+the training rows (stages.training.rows_dataset.RowsDataset: same batch dicts
 minus the teacher arrays, same order and resume rules); the teacher fine-tune
-(stages.teacher.finetune) trains that way too.
+trains that way too (pipeline/orchestrator.py wires it: stages.teacher.finetune).
+The pieces every training run shares (schedule and AdamW, checkpoints and
+resume, the run directory's layout, signals, torchrun, export, the step log,
+batches from the rows) are the training kit's, stages/training/.
 
 The loop (nanoGPT style, no Trainer framework): for each optimiser step, take
 `grad_accum` micro-batches from the cache reader, count what the global batch
@@ -31,7 +34,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -48,20 +50,20 @@ import torch.distributed as dist
 from stages.data_config import DataConfig
 from stages.errors import TrainingError
 from stages.lm import pad_id
-from stages.student import checkpoint as ckpt
-from stages.student import resume
 from stages.student.config import StudentConfig
-from stages.student.distributed import Dist, init_distributed, load_states, model_state, optim_state, wrap_model
-from stages.student.export import save_final, training_chat_template, write_json_atomic
-from stages.student.interrupt import StopOnSignal, TrainingStopped
 from stages.student.model import (build_student, check_batch_ids, check_vocabulary, describe_size, embedding_rows,
                                   load_student_tokenizer, tokenizer_setting, warn_unknown_tokens)
 from stages.student.objective import StudentObjective
-from stages.student.optim import (apply_config, build_optimizer, clip_and_step, lr_at, schedule_meta, set_lr,
-                                  steps_for_epochs, warmup_for)
-from storage.faults import fault_point
+from stages.training import checkpoint as ckpt
+from stages.training import resume
+from stages.training.distributed import Dist, init_distributed, load_states, model_state, optim_state, wrap_model
+from stages.training.export import save_final, training_chat_template, write_json_atomic
+from stages.training.interrupt import StopOnSignal, TrainingStopped
+from stages.training.optim import (apply_config, build_optimizer, clip_and_step, lr_at, schedule_meta, set_lr,
+                                   steps_for_epochs, warmup_for)
+from stages.training.rows_dataset import open_rows_dataset
+from stages.training.steplog import StepLog
 from storage.schema import targets_of
-from storage.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -137,52 +139,6 @@ class Batches:
 
 
 # ---------------------------------------------------------------- logging
-
-
-class StepLog:
-    """log.jsonl + TensorBoard on rank 0; a resumed run first drops lines past its checkpoint."""
-
-    def __init__(self, out: Path, start_step: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = out / "log.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if self.path.exists():
-            # Drop the lines of steps this run redoes; via a temporary file and a
-            # rename, so a kill during the rewrite cannot lose the earlier steps.
-            kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= start_step]
-            atomic_write(self.path, "".join(line + "\n" for line in kept),
-                         before_replace=lambda: fault_point("log.rewrite"))  # kept lines aside, not yet replaced
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
-        except ImportError:  # pragma: no cover - tensorboard is a dependency; keep training without it
-            log.warning("tensorboard is not installed: logging to log.jsonl only")
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        fault_point("student.step")  # the step's log line written, its checkpoint not yet
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _logged_step(line: str) -> float:
-    """The step of a log.jsonl line; a torn last line (killed mid-append) counts as after any step."""
-    try:
-        return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 def step_record(step: int, totals: dict, norm: float, lr: float, tokens: int, seconds: float, kind: str) -> dict:
@@ -264,7 +220,8 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
         data_fingerprint, where = {"cache_fingerprint": cache.fingerprint}, "in the cache"
         chat_template = training_chat_template(identity)
     else:
-        dataset, chat_template = _rows_dataset(cfg, name, data_cfg, tokenizer, out, d)
+        dataset, chat_template = open_rows_dataset(data_cfg, tokenizer, optim.batch_size, seed=cfg.seed,
+                                                   name=name, out=out, d=d)
         data_fingerprint, where = {"rows_fingerprint": dataset.fingerprint}, "in the training rows"
     batches = Batches(dataset, cfg.num_workers, cfg.seed)
     if optim.epochs is not None:  # optim.epochs: resolved to steps from this data and world size
@@ -285,10 +242,10 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
     if resumed is not None:
         if not cfg.fsdp:
             student.load_state_dict(ckpt.load_model_state(resumed.path))
-    wrapped = wrap_model(objective, cfg, d)
+    wrapped = wrap_model(objective, cfg.fsdp, d)
     optimizer = build_optimizer(student, optim)
     if resumed is not None:
-        load_states(resumed.path, wrapped, student, optimizer, cfg)
+        load_states(resumed.path, wrapped, student, optimizer, cfg.fsdp)
         apply_config(optimizer, optim)  # the current config's betas and weight decay win
         batches.load_state_dict(resumed.meta["reader"])
         step, loss_tail = resumed.step, list(resumed.meta.get("loss_tail", []))
@@ -316,8 +273,8 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
     recent = collections.deque(maxlen=20)  # (tokens, seconds) of the last steps: a steady tok/s for the bar
 
     def save(at_step: int) -> None:
-        model_sd = model_state(wrapped, student, cfg)  # a collective under FSDP: every rank calls it
-        optim_sd = optim_state(wrapped, optimizer, cfg)
+        model_sd = model_state(wrapped, student, cfg.fsdp)  # a collective under FSDP: every rank calls it
+        optim_sd = optim_state(wrapped, optimizer, cfg.fsdp)
         if d.is_main:
             meta = {"name": name, "config": config_dict, "loss_tail": loss_tail[-LOSS_TAIL:],
                     "reader": batches.state_dict(), "rng": ckpt.rng_state(), "world_size": d.world_size,
@@ -384,7 +341,7 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
     bar.close()
     steplog.close()
 
-    final_state = model_state(wrapped, student, cfg)
+    final_state = model_state(wrapped, student, cfg.fsdp)
     summary = TrainSummary(name=name, out_dir=str(out), final_dir=str(out / "final"), steps=step,
                            start_step=start_step, final_loss=loss_tail[-1][1] if loss_tail else None,
                            losses=losses, tokens=tokens_run, seconds=time.perf_counter() - t_run)
@@ -398,23 +355,6 @@ def _train(cfg: StudentConfig, name: str, cache_url: str | None, out: Path, toke
     return summary
 
 
-def _rows_dataset(cfg: StudentConfig, name: str, data_cfg: DataConfig, tokenizer, out: Path, d: Dist):
-    """(RowsDataset over the training rows, the chat template `messages` data was rendered with).
-    Its counted pass runs here (recorded in <out>/rows-counts.json for a resumed run)."""
-    from stages.data import chat_template_for
-    from stages.student.rows_dataset import RowsDataset
-
-    dataset = RowsDataset(data_cfg, tokenizer, cfg.optim.batch_size, seed=cfg.seed, rank=d.rank,
-                          world_size=d.world_size, pad_id=pad_id(tokenizer), counts_path=out / ROWS_COUNTS,
-                          write_counts=d.is_main)
-    total = dataset.num_sequences()
-    if d.is_main:
-        said = f"{dataset.stats.summary()}" if dataset.stats is not None else f"{total:,} sequences (counted before)"
-        resume.say(f"{name}: training from the rows of {data_cfg.path} (no teacher cache): {said}")
-    return dataset, chat_template_for(data_cfg, tokenizer)
-
-
-ROWS_COUNTS = "rows-counts.json"  # a rows-trained student's counted pass (stages.student.rows_dataset)
 _SUM_KEYS = ("loss", "nll", "tkd_hard", "dkd", "num_positions", "num_hard", "num_easy", "unc", "tokens")
 
 

@@ -1,20 +1,24 @@
 """TeacherConfig and CacheConfig: the `teacher:` and `cache:` sections of pipeline.yaml (stage one).
 
-Loaded and validated by pipeline/config.py; the stages only read them.
+Loaded by pipeline/config.py, which calls their `check()`; rules that join sections stay there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
+import re
 from typing import Any, Literal, Union
 
-from stages.student.config import OptimConfig
+from stages.errors import ConfigError
+from stages.training.config import OptimConfig
 
 
 @dataclass
 class FinetuneConfig:
     """`teacher.finetune`: plain SFT of teacher.model on the training rows before stage one
-    caches it (stages/teacher/finetune.py); the trainer and its settings are a student's."""
+    caches it (stages/teacher/finetune.py); trained like a student (the training kit's
+    OptimConfig, checkpoints and loop)."""
 
     enabled: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -25,6 +29,13 @@ class FinetuneConfig:
     chunk_size: int = 256  # positions per LM-head chunk (loss.chunk_size of a student)
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+
+    def check(self) -> None:
+        if not self.enabled:
+            return
+        self.optim.check("teacher.finetune.optim")
+        if self.chunk_size <= 0 or self.checkpoint_every <= 0:
+            raise ConfigError("teacher.finetune: chunk_size and checkpoint_every must be > 0")
 
 
 @dataclass
@@ -62,6 +73,37 @@ class TeacherConfig:
     # Fine-tune teacher.model on the training rows first; stage one then caches the fine-tuned model.
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
+    def check(self) -> None:
+        """This section's own rules (whether a teacher is needed at all is pipeline/config.py's: it
+        depends on the students)."""
+        if self.top_k <= 0:
+            raise ConfigError(f"teacher.top_k: must be > 0, got {self.top_k}")
+        if self.targets != "topk":
+            from stages.teacher.sampling import MAX_SAMPLES
+
+            if not 1 <= self.samples <= MAX_SAMPLES:
+                raise ConfigError(f"teacher.samples: must be in [1, {MAX_SAMPLES}], got {self.samples}")
+        self.check_vllm_route()
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"teacher.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        self.finetune.check()
+
+    def check_vllm_route(self) -> None:
+        """vllm_route=hidden needs vLLM and, for a teacher already on disk, a head atkd reproduces
+        (a teacher built later, by the demo or the fine-tune, is checked when its engine starts)."""
+        if self.vllm_route != "hidden":
+            return
+        if self.backend == "transformers":
+            raise ConfigError("teacher.vllm_route: hidden is a vLLM route, but teacher.backend is transformers; "
+                              "set teacher.backend: vllm or auto, or leave vllm_route at auto")
+        if self.model and os.path.isdir(os.path.expanduser(self.model)) and not self.finetune.enabled:
+            from stages.teacher.output_head import unsupported_reason
+
+            why = unsupported_reason(self.model)
+            if why is not None:
+                raise ConfigError(f"teacher.vllm_route: hidden cannot serve teacher.model {self.model!r}: {why}; "
+                                  "set teacher.vllm_route: auto (falls back to logprobs) or logprobs")
+
 
 @dataclass
 class CacheConfig:
@@ -75,3 +117,9 @@ class CacheConfig:
     # Applied to every filesystem of that URL's protocol in the run; secret-looking values (key, secret,
     # token, ...) are redacted in the config a run saves. The usual AWS variables work without them.
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.sequences_per_shard <= 0:
+            raise ConfigError("cache.sequences_per_shard: must be > 0")
+        if self.logprob_encoding == "u8-rel" and not 0.0 < self.logprob_step <= 1.0:
+            raise ConfigError(f"cache.logprob_step: must be in (0, 1] nats, got {self.logprob_step}")

@@ -1,13 +1,17 @@
 """`teacher.finetune`: plain SFT of the teacher on the training rows, before stage one caches it.
 
-    finetune_teacher(data_cfg, teacher_cfg, out_dir) -> bool     trains (or resumes); True if it did work
+    finetune_teacher(data_cfg, teacher_cfg, out_dir, train=...) -> bool   trains (or resumes); True if it did work
     finetuned_teacher(teacher_cfg, out_dir) -> TeacherConfig     the teacher stage one then scores
     finetune_state(data_cfg, teacher_cfg, out_dir) -> str        "done" | "in progress ..." | "not started"
 
 The paper fine-tunes the teacher on the training instructions, then distils.
-The fine-tune is a student run (stages.student.trainer, loss sft, batches from
-the rows: stages.student.rows_dataset) of `teacher.model` into `out_dir`
-(checkpoints, log.jsonl, final/, done.json; killed, it resumes like a student).
+This module owns what the fine-tuned weights are and when they may be used;
+the training itself is the caller's `train()`: the pipeline passes plain SFT of
+`teacher.model` on the training rows into `out_dir` with the settings of
+`teacher.finetune` (pipeline/orchestrator.py: the student trainer's loop over
+the training kit's pieces, stages/training/), so `out_dir` is laid out like any
+training run (stages.training.layout: checkpoints, log.jsonl, final/,
+done.json; killed, it resumes).
 Finished, it writes `final/atkd_finetune.json`, the record of what the weights
 were trained from: the base model and its fingerprint, the fine-tune settings
 and the training rows' identity. The cache identity (stages.teacher.identity)
@@ -24,27 +28,18 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from stages import data as data_mod
 from stages.data_config import DataConfig
 from stages.errors import TeacherError
 from stages.fingerprint import model_fingerprint
-from stages.student.config import LossConfig, StudentConfig
 from stages.teacher.config import TeacherConfig
+from stages.training.layout import is_done, last_checkpoint, read_done
 from storage.diff import changes
 from storage.files import atomic_write, read_json
 
 RECORD = "atkd_finetune.json"  # in the fine-tuned model's directory (final/)
-
-
-def student_config(teacher_cfg: TeacherConfig) -> StudentConfig:
-    """The fine-tune as a student run: teacher.model trained with loss sft from the rows."""
-    ft = teacher_cfg.finetune
-    return StudentConfig(name="teacher-finetune", model=teacher_cfg.model, data="rows",
-                         trust_remote_code=teacher_cfg.trust_remote_code,
-                         loss=LossConfig(kind="sft", chunk_size=ft.chunk_size), optim=ft.optim, seed=ft.seed,
-                         dtype=ft.dtype, gradient_checkpointing=ft.gradient_checkpointing, fsdp=ft.fsdp,
-                         checkpoint_every=ft.checkpoint_every, keep_checkpoints=ft.keep_checkpoints)
 
 
 def finetune_record(data_cfg: DataConfig, teacher_cfg: TeacherConfig) -> dict:
@@ -66,8 +61,6 @@ def finetuned_teacher(teacher_cfg: TeacherConfig, out_dir: str | Path) -> Teache
 
 
 def _done(teacher_cfg: TeacherConfig, out: Path) -> bool:
-    from stages.student.layout import is_done
-
     return is_done(out, teacher_cfg.finetune.optim.max_steps, teacher_cfg.finetune.optim.epochs)
 
 
@@ -80,8 +73,6 @@ def _settings(teacher_cfg: TeacherConfig) -> dict:
 def finetune_state(teacher_cfg: TeacherConfig, out_dir: str | Path) -> str:
     """For `atkd status` and --dry-run (reads no data, loads no model: the training rows are compared
     when the fine-tune is used)."""
-    from stages.student.layout import last_checkpoint, read_done
-
     out = Path(out_dir)
     have = read_record(str(out / "final"))
     if have is not None:
@@ -101,15 +92,13 @@ def _refuse(out: Path, diffs: list[str]) -> TeacherError:
 
 
 def finetune_teacher(data_cfg: DataConfig, teacher_cfg: TeacherConfig, out_dir: str | Path, *,
-                     progress: bool = True, on_start=None) -> bool:
+                     train: Callable[[], object], on_start: Callable[[], object] | None = None) -> bool:
     """Fine-tune teacher.model on the training rows into out_dir (module doc); True if it trained.
 
     A finished fine-tune (its record in final/, or done.json) is never trained further or
     again: one whose record differs from this config is refused before any step. `on_start`:
-    called once the checks passed, before training starts."""
-    from stages.student.layout import read_done
-    from stages.student.trainer import train_student
-
+    called once the checks passed, before training starts; `train()`: the training run (SFT of
+    teacher.model on the rows into out_dir, as teacher.finetune says), resumed if killed."""
     out = Path(out_dir)
     if not teacher_cfg.model:
         raise TeacherError("teacher.finetune.enabled needs teacher.model: the model to fine-tune")
@@ -134,8 +123,7 @@ def finetune_teacher(data_cfg: DataConfig, teacher_cfg: TeacherConfig, out_dir: 
     if on_start is not None:
         on_start()
     print(f"[teacher] fine-tuning {teacher_cfg.model} on the training rows (plain SFT) into {out}", flush=True)
-    train_student(student_config(teacher_cfg), cache_url=None, data_cfg=data_cfg, out_dir=out,
-                  tokenizer_path=teacher_cfg.model, progress=progress)
+    train()
     if os.environ.get("RANK", "0") == "0":
         atomic_write(final / RECORD, json.dumps(want, indent=1, sort_keys=True))
     return True

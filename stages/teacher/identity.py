@@ -273,7 +273,9 @@ def check_for_students(cache, data_cfg: DataConfig, teacher_cfg: TeacherConfig) 
             "from another teacher or other data (cache -> config):\n  " + "\n  ".join(diffs) + detail
             + "\nPoint cache.path at the cache of this config, or run `atkd teacher` with a new cache.path.")
     if k < cached_k:
-        notes.append(f"using the first {k} of the cache's {cached_k} top-k entries per position (teacher.top_k={k})")
+        notes.append(f"teacher.top_k={k} is below the cache's top-{cached_k}: students without loss.top_k train on "
+                     f"the first {k} entries per position (deprecated: teacher.top_k says what stage one caches; "
+                     f"set loss.top_k: {k} on those students instead)")
     if legacy:
         notes.append("the cache was written by an older atkd: its data was not checked against data.path")
     return k, notes

@@ -9,7 +9,7 @@ below is the whole rest of the forward.
 
 `HEADS` lists every architecture whose step from the final hidden state to the
 logits was read in transformers' modeling code (5.19) and is tested against the
-model's own forward (tests/stages/test_output_head.py):
+model's own forward (tests/stages/teacher/test_output_head.py):
 
     logits = hidden @ W.T (+ b)     W: `lm_head.weight` (Pythia: `embed_out`), or the input embeddings when
                                     config.tie_word_embeddings; b: Phi's head bias

@@ -101,7 +101,7 @@ def test_every_user_facing_error_is_an_atkd_error_and_keeps_the_builtin_it_repla
     from stages.demo.teacher import DemoMismatchError
     from stages.errors import DemoError, EngineError, EvalError, LaunchError, ModelError, TeacherError
     from stages.rows import DataError
-    from stages.student.checkpoint import ResumeError
+    from stages.training.checkpoint import ResumeError
     from stages.student.model import VocabularyMismatchError
     from storage.errors import (CacheMismatchError, CacheNotReadyError, CorruptShardError, LeaseLostError,
                                 ManifestError, ReaderStateError, ShardExistsError, StorageArgumentError, StorageError)

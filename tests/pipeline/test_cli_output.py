@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from bench import _harness as fh
+from tests.support import harness as fh
 from pipeline import cli
-from tests.fixtures import atkd_here
+from tests.support.fixtures import atkd_here
 
 
 @pytest.mark.parametrize("command", ["run", "teacher", "finetune", "student", "eval", "sweep", "status", "verify",
@@ -50,8 +50,8 @@ def test_project_warnings_carry_the_stage_prefix(tmp_path, capsys):
     from stages.logs import stage_log
 
     with stage_log(tmp_path / "logs", "student"):
-        logging.getLogger("stages.student.resume").warning("student s1: something to look at")
-        logging.getLogger("stages.student.resume").info("[student] already prefixed")
+        logging.getLogger("stages.training.resume").warning("student s1: something to look at")
+        logging.getLogger("stages.training.resume").info("[student] already prefixed")
     err = capsys.readouterr().err
     assert "[student] WARNING: student s1: something to look at" in err
     assert "[student] already prefixed" in err and "[student] [student]" not in err

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from pipeline import cli
-from bench import _harness as fh
-from tests.fixtures import atkd_here
+from tests.support import harness as fh
+from tests.support.fixtures import atkd_here
 
 REPO = Path(__file__).resolve().parents[2]
 

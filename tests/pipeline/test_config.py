@@ -213,3 +213,62 @@ def test_an_override_changes_one_student_where_yaml_anchors_share_a_setting(tmp_
                     "  - {name: b, init: {hidden_size: 64}, optim: *o}\n")
     cfg = load_config(path, ["students.b.optim.lr=0.01"])
     assert [s.optim.lr for s in cfg.students] == [0.001, 0.01]
+
+
+def test_each_section_checks_itself():
+    """Every section's dataclass has its own check(); pipeline/config.py calls them (and keeps the
+    rules that join sections), so a section checked in code raises the same error as from YAML."""
+    from pipeline.config import CacheConfig, DataConfig, DemoConfig, EvalConfig, LossConfig, OptimConfig, TeacherConfig
+
+    for section in (DataConfig(path="x"), TeacherConfig(), CacheConfig(), EvalConfig(), DemoConfig()):
+        section.check()
+    with pytest.raises(ConfigError, match=r"^teacher\.top_k: must be > 0, got 0$"):
+        TeacherConfig(top_k=0).check()
+    with pytest.raises(ConfigError, match=r"^eval\.batch_size: must be > 0, got 0$"):
+        EvalConfig(batch_size=0).check()
+    with pytest.raises(ConfigError, match=r"^s\.optim: batch_size, grad_accum and max_steps must be > 0$"):
+        OptimConfig(max_steps=0).check("s.optim")
+    with pytest.raises(ConfigError, match=r"^s\.loss\.top_k: must be > 0"):
+        LossConfig(top_k=0).check("s.loss")
+
+
+@pytest.mark.parametrize("hard_ratio", [0.0, 1.0, 1.5, -0.1])
+def test_hard_ratio_has_one_range_for_the_config_and_the_loss(tmp_path, hard_ratio):
+    """loss.hard_ratio: the config and stages.student.losses accept and refuse the same values."""
+    import torch
+
+    from stages.student.losses import atkd_position_weights
+
+    data = {**MINIMAL, "students": [{"name": "a", "model": "s", "loss": {"hard_ratio": hard_ratio}}]}
+    ok = 0.0 <= hard_ratio <= 1.0
+    args = (torch.log(torch.rand(6)), torch.ones(6, dtype=torch.bool))
+    if ok:
+        assert load_config(write(tmp_path, data)).student("a").loss.hard_ratio == hard_ratio
+        atkd_position_weights(*args, hard_ratio=hard_ratio)
+        return
+    message = f"hard_ratio: must be in [0, 1], got {hard_ratio}"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, data))
+    assert str(info.value) == f"students[0].loss.{message}"
+    with pytest.raises(ValueError) as info:
+        atkd_position_weights(*args, hard_ratio=hard_ratio)
+    assert str(info.value) == message
+
+
+def test_a_students_top_k_is_at_most_what_stage_one_caches(tmp_path):
+    data = {**MINIMAL, "students": [{"name": "a", "model": "s", "loss": {"kind": "kd", "top_k": 4}}]}
+    assert load_config(write(tmp_path, data)).student("a").loss.top_k == 4
+    data["students"][0]["loss"]["top_k"] = 9
+    with pytest.raises(ConfigError, match=r"students\[0\]\.loss\.top_k: 9 is more than stage one caches "
+                                          r"\(teacher\.top_k=8\)"):
+        load_config(write(tmp_path, data))
+
+
+def test_config_modules_import_each_other_in_one_direction():
+    """The former circle pipeline.config <-> pipeline.model_config: model_config now takes ConfigError
+    from stages.errors, below both."""
+    import ast
+
+    tree = ast.parse((REPO / "pipeline" / "model_config.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "pipeline.config" not in imported and "stages.errors" in imported

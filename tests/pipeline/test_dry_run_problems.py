@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import _harness as fh
-from tests.fixtures import atkd_here, write_jsonl
+from tests.support import harness as fh
+from tests.support.fixtures import atkd_here, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from bench import _harness as fh
-from tests.fixtures import atkd_here
+from tests.support import harness as fh
+from tests.support.fixtures import atkd_here
 
 
 
@@ -74,7 +74,7 @@ def test_atkd_eval_runs_the_validation_capture_first_when_missing(run, capsys):
 
 def test_evaluation_refuses_an_unfinished_validation_cache(run, capsys, tmp_path):
     from pipeline.config import load_config
-    from stages import evaluate
+    from stages.eval import evaluate
     from storage.cache import Cache
 
     atkd_here(capsys, "run", run["cfg"])
@@ -89,13 +89,13 @@ def test_evaluation_refuses_an_unfinished_validation_cache(run, capsys, tmp_path
 
 
 def test_status_of_students_does_not_import_torch(tmp_path):
-    """Whether a student is done, and its last checkpoint, come from stages.student.layout, which stays light
+    """Whether a student is done, and its last checkpoint, come from stages.training.layout, which stays light
     (the cache check of `atkd status` may still need a tokenizer; a run without a cache must not)."""
     import os
     import subprocess
     import sys
 
-    from bench._harness import REPO
+    from tests.support.harness import REPO
 
     (tmp_path / "run" / "students" / "s1").mkdir(parents=True)
     (tmp_path / "run" / "students" / "s1" / "done.json").write_text(json.dumps({"steps": 100}))  # the default

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.fixtures import atkd_here
+from tests.support.fixtures import atkd_here
 
 ROOT = Path(__file__).resolve().parents[2]
 LAPTOP = ROOT / "configs" / "laptop-dolly.yaml"

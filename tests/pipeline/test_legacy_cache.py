@@ -6,7 +6,7 @@ import json
 import shutil
 
 from pipeline import cli
-from bench import _harness as fh
+from tests.support import harness as fh
 
 
 def test_old_cache_is_read_by_students_and_refused_by_the_teacher(tmp_path, capsys, tiny_llama_dir, train_jsonl):

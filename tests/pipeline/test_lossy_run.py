@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from bench import _harness as fh
-from tests.fixtures import atkd_here
+from tests.support import harness as fh
+from tests.support.fixtures import atkd_here
 
 pytestmark = pytest.mark.integration
 

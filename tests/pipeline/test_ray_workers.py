@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import _harness as fh
-from tests import fixtures
+from tests.support import harness as fh
+from tests.support import fixtures
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import _harness as fh
-from tests.fixtures import prompt_response_rows, write_jsonl
+from tests.support import harness as fh
+from tests.support.fixtures import prompt_response_rows, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")]
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 
-from bench import _harness as fh
-from tests.fixtures import atkd_here
+from tests.support import harness as fh
+from tests.support.fixtures import atkd_here
 
 
 def sampled_config(tmp_path, model, data, targets: str, students: list[dict] | None = None, encoding: str = "exact"):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import _harness as fh
+from tests.support import harness as fh
 from pipeline.config import ConfigError, load_config
-from tests.fixtures import atkd_here
+from tests.support.fixtures import atkd_here
 
 OPTIM = {"lr": 3e-3, "warmup_steps": 1, "max_steps": 4, "batch_size": 4}
 HOLDOUT = {"validation": 4, "test": 4, "seed": 0}  # 32 of the 40 rows train
@@ -82,7 +82,7 @@ def test_run_with_only_sft_students_and_no_teacher(tmp_path, tiny_llama_dir, tra
 @pytest.mark.integration
 def test_rows_sft_student_killed_resumes_bit_identical(tmp_path, tiny_llama_dir, train_jsonl):
     """SIGKILL the rows-trained student at steps and inside checkpoint writes; the reruns end
-    bit-identical to an uninterrupted run (bench/_harness.py's kill campaign)."""
+    bit-identical to an uninterrupted run (tests/support/harness.py's kill campaign)."""
     ref = sft_config(tmp_path, str(train_jsonl), str(tiny_llama_dir), name="ref")
     rc, out = fh.run_atkd(["student", str(ref)], tmp_path / "logs" / "ref.log")
     assert rc == 0, out

@@ -38,7 +38,7 @@ def test_dolly_configs_keep_the_context_when_a_row_has_one(path):
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "laptop" not in p.name], ids=lambda p: p.name)
 def test_paper_configs_dry_run_prints_the_whole_plan_without_downloading(path, tmp_path, monkeypatch, capsys):
-    from tests.fixtures import atkd_here
+    from tests.support.fixtures import atkd_here
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a download attempt would fail, not hang

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from bench import _harness as fh
-from tests.fixtures import atkd_here
+from tests.support import harness as fh
+from tests.support.fixtures import atkd_here
 
 
 @pytest.mark.integration

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import _harness as fh
-from tests.fixtures import atkd_here, prompt_response_rows, write_jsonl
+from tests.support import harness as fh
+from tests.support.fixtures import atkd_here, prompt_response_rows, write_jsonl
 
 pytestmark = pytest.mark.integration  # several students trained in process
 

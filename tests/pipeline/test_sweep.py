@@ -63,7 +63,7 @@ def test_bad_override_names_the_teacher(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep.yaml: teacher 't8'.*teacher: unknown key\(s\) 'top_kk'"):
         plan(spec)
     spec = load_sweep(write_sweep(tmp_path, variants=[{"name": "v", "from": "atkd", "set": {"loss.hard_ratio": 2}}]))
-    with pytest.raises(ConfigError, match=r"teacher 'default'.*hard_ratio: must be in \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"teacher 'default'.*hard_ratio: must be in \[0, 1\]"):
         plan(spec)
 
 

@@ -13,8 +13,8 @@ import pytest
 from pipeline import cli
 from pipeline.config import TeacherConfig
 from pipeline.workers import resolve_workers
-from bench import _harness as fh
-from tests import fixtures
+from tests.support import harness as fh
+from tests.support import fixtures
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,7 @@ from stages.data import (
     special_prefix,
     tokenize_examples,
 )
-from tests.fixtures import write_jsonl
+from tests.support.fixtures import write_jsonl
 
 ROWS = [
     {"prompt": "what is two plus two", "response": " four"},

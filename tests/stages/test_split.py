@@ -10,7 +10,7 @@ from pipeline.config import CacheConfig, DataConfig, TeacherConfig
 from stages import split
 from stages.data_config import HoldoutConfig
 from stages.rows import DataError
-from tests import fixtures
+from tests.support import fixtures
 
 
 def _cfg(path="x.jsonl", **holdout) -> DataConfig:

@@ -13,7 +13,7 @@ from storage.cache import Cache, CacheMismatchError, CorruptShardError, ShardExi
 from storage.errors import LeaseLostError, ManifestError
 from storage.fs import CacheFS
 from storage.verify import status_summary, verify_cache
-from bench._synthetic import build_cache, make_identity, make_plan, shard_for_plan
+from tests.support.synthetic import build_cache, make_identity, make_plan, shard_for_plan
 
 SIZES = [6, 0, 9, 4]
 

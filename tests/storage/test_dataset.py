@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from storage.cache import Cache, CorruptShardError
 from storage.dataset import CacheDataset, collate_sequences
-from bench._synthetic import build_cache, make_identity, make_plan, shard_for_plan
+from tests.support.synthetic import build_cache, make_identity, make_plan, shard_for_plan
 
 SIZES = [7, 0, 5, 11, 4]  # 27 sequences, one empty shard
 N = sum(SIZES)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from bench._target_kl import target_kl
+from tests.support.target_kl import target_kl
 from storage.cache import Cache, CacheMismatchError
 from storage.dataset import CacheDataset
 from storage.encoding import LogprobEncoding, decode_u8
@@ -108,7 +108,7 @@ def test_kl_to_the_exact_target_stays_under_the_stated_bound(kind, step):
 
 
 def test_the_stated_bound_at_the_default_step_meets_the_goal_and_uses_the_losses_floor():
-    from stages.student.losses import TEACHER_RESIDUAL_FLOOR
+    from stages.buckets import TEACHER_RESIDUAL_FLOOR
     from storage.encoding import RESIDUAL_FLOOR
 
     assert RESIDUAL_FLOOR == TEACHER_RESIDUAL_FLOOR

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from storage.schema import ARRAY_DTYPES, ShardData
-from bench._synthetic import VOCAB, random_sequence, random_shard
+from tests.support.synthetic import VOCAB, random_sequence, random_shard
 
 
 def test_from_sequences_round_trip():

@@ -17,7 +17,7 @@ import pytest
 from storage import lease as leases
 from storage.cache import Cache
 from storage.fs import CacheFS
-from bench._synthetic import build_cache, make_identity, make_plan, shard_for_plan
+from tests.support.synthetic import build_cache, make_identity, make_plan, shard_for_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, pathlib
     from storage.cache import Cache
-    from bench._synthetic import shard_for_plan
+    from tests.support.synthetic import shard_for_plan
     url, ready, where = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
     if where == "arrays":
         from zarr.core.group import AsyncGroup
@@ -47,7 +47,7 @@ KILLED_WRITER = textwrap.dedent("""
 WORKER = textwrap.dedent("""
     import sys, time, json
     from storage.cache import Cache
-    from bench._synthetic import make_identity, make_plan, shard_for_plan
+    from tests.support.synthetic import make_identity, make_plan, shard_for_plan
     url, name, sizes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     cache = Cache.create_or_open(url, make_identity(), make_plan(sizes))
     while (lease := cache.claim_shard(name, lease_seconds=60)) is not None:
