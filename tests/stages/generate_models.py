@@ -1,0 +1,42 @@
+"""A tiny Llama that answers and ends its answers: a random one briefly fine-tuned on short
+prompt/response rows (a random model almost never emits EOS, so all its responses would be over-long)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def short_rows(n: int, seed: int = 0) -> list[dict]:
+    """prompt_response_rows with responses cut to a few words (they end early, as a trained model's)."""
+    from tests.fixtures import prompt_response_rows
+
+    return [{"prompt": r["prompt"], "response": " " + " ".join(r["response"].split()[:4])}
+            for r in prompt_response_rows(n, seed=seed)]
+
+
+def make_ending_llama(root: Path, *, steps: int = 120, seed: int = 0) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.data import tokenize_rows
+    from stages.data_config import DataConfig
+    from stages.lm import collate_for_lm, pad_id
+    from tests.fixtures import make_tiny_llama, make_tokenizer
+
+    root = Path(root)
+    tok = make_tokenizer(root / "tokenizer")
+    path = make_tiny_llama(root / "model", tok, seed=seed, init_std=0.02)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    examples, _ = tokenize_rows(short_rows(256, seed=seed + 100), tok, DataConfig(max_seq_len=64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(examples), (16,), generator=gen).tolist()
+        ids, mask, rows, positions = collate_for_lm([examples[i] for i in idx], pad_id(tok))
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(logits[rows, positions], ids[rows, positions + 1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(path)
+    return str(path)
