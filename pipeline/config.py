@@ -357,6 +357,10 @@ def validate(cfg: PipelineConfig) -> None:
         if not 0.0 < s.loss.hard_ratio <= 1.0:
             raise ConfigError(f"{where}.loss.hard_ratio: must be in (0, 1], got {s.loss.hard_ratio}")
         check_optim(s.optim, f"{where}.optim")
+        from stages.generate.config import check_rounds
+
+        for problem in check_rounds(s.rounds, where, cfg.data.kind, has_start=bool(s.init_from or s.model)):
+            raise ConfigError(problem)
         if s.loss.ce_weight < 0.0:
             raise ConfigError(f"{where}.loss.ce_weight: must be >= 0, got {s.loss.ce_weight}")
         for key in ("beta", "alpha"):

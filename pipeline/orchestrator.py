@@ -359,6 +359,10 @@ def require_training_cache(url: str) -> None:
 
 def run_student(cfg: PipelineConfig, scfg: StudentConfig, retrain: set[str] | frozenset = frozenset()) -> bool:
     """Stage two for one student (retrained anew when its name is in `retrain`). True if it did any work."""
+    if scfg.rounds:  # generate -> cache -> train, round after round (pipeline/rounds.py)
+        from pipeline.rounds import run_rounds
+
+        return run_rounds(cfg, scfg, retrain)
     with stage_log(cfg, "student"):
         return _run_student(cfg, scfg, retrain)
 

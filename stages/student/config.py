@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from stages.generate.config import RoundConfig
+
 
 @dataclass
 class OptimConfig:
@@ -77,6 +79,8 @@ class StudentConfig:
     log_every: int = 1
     num_workers: int = 0  # DataLoader workers
     fsdp: bool = False
+    # Distillation rounds (generate -> cache -> train; pipeline/rounds.py). Empty: one pass over the cache.
+    rounds: list[RoundConfig] = field(default_factory=list)
 
 
 def student_data(student: StudentConfig, has_teacher: bool) -> str:

@@ -89,7 +89,7 @@ def test_data_fraction_keeps_dataset_rows_and_holdout_is_respected(workspace, tm
     assert all(r["response"] == source[r["_atkd"]["row"]]["response"] for r in data_rows)
     from stages import split
 
-    held = set(split.members(job.data_cfg, 22, "validation").tolist()) | set(split.members(job.data_cfg, 22, "test").tolist())
+    held = {int(i) for part in ("validation", "test") for i in split.members(job.data_cfg, 22, part)}
     assert len(held) == 8 and not {r["_atkd"]["row"] for r in rows} & held
 
 

@@ -1,0 +1,115 @@
+"""A student's rounds through the real CLI: data -> SeqKD (teacher generations) -> on-policy (the
+student's generations), each round generated, cached by stage one and trained by stage two; status,
+--dry-run, bad config, and a SIGKILL in generation that reruns to the same student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.fixtures import atkd_here, write_jsonl
+from tests.stages.generate_models import make_ending_llama, short_rows
+
+GEN = {"backend": "transformers", "max_new_tokens": 12, "rows_per_shard": 10, "batch_size": 8}
+ROUNDS = [{"source": "data", "steps": 2},
+          {"source": "teacher", "steps": 2, "generate": GEN},
+          {"source": "student", "steps": 2, "data_fraction": 0.25, "generate": {**GEN, "n": 2, "top_p": 0.9}}]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rounds")
+    return {"teacher": make_ending_llama(root / "t", seed=0), "student": make_ending_llama(root / "s", seed=1, steps=60),
+            "data": str(write_jsonl(root / "train.jsonl", short_rows(24, seed=4)))}
+
+
+def _config(tmp_path: Path, models, run: str = "run", rounds=ROUNDS) -> str:
+    cfg = {"run_dir": str(tmp_path / run), "data": {"path": models["data"], "max_seq_len": 64},
+           "teacher": {"model": models["teacher"], "backend": "transformers", "top_k": 8, "dtype": "float32",
+                       "device": "cpu", "batch_tokens": 256},
+           "cache": {"sequences_per_shard": 10},
+           "students": [{"name": "op", "model": models["student"], "loss": {"kind": "atkd", "chunk_size": 16},
+                         "optim": {"lr": 1e-3, "warmup_steps": 1, "batch_size": 4}, "checkpoint_every": 1,
+                         "seed": 0, "rounds": rounds}]}
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(out.glob("rows/*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def test_rounds_run_resume_and_status(models, tmp_path, capsys):
+    cfg = _config(tmp_path, models)
+    rc, out = atkd_here(capsys, "run", cfg, "--dry-run")
+    assert rc == 0, out
+    assert "would train 3 round(s), 6 steps in all" in out
+    assert "round 1: SeqKD: the teacher's generations" in out and "generation not started" in out
+    rc, out = atkd_here(capsys, "teacher", cfg)
+    assert rc == 0, out
+    rc, out = atkd_here(capsys, "student", cfg)
+    assert rc == 0, out
+    run = tmp_path / "run"
+    assert (run / "students" / "op" / "final").is_dir() and (run / "rounds/op/round-0/student/final").is_dir()
+    assert not (run / "rounds/op/round-0/generated").exists()  # a data round reads the training cache
+    seqkd, onpolicy = _rows(run / "rounds/op/round-1/generated"), _rows(run / "rounds/op/round-2/generated")
+    assert seqkd and {r["_atkd"]["source"] for r in seqkd} == {"teacher"}
+    assert {r["_atkd"]["source"] for r in onpolicy} == {"student", "data"}
+    for r in (2, 1):
+        from storage.cache import Cache
+
+        cache = Cache.open(str(run / f"rounds/op/round-{r}/cache"))
+        assert cache.is_complete() and cache.manifest.identity["num_rows"] == len(_rows(
+            run / f"rounds/op/round-{r}/generated"))
+    done = json.loads((run / "students/op/done.json").read_text())
+    assert done["steps"] == 2 and [x["source"] for x in done["trained_from"]["rounds"]] == ["data", "teacher",
+                                                                                             "student"]
+    rc, out = atkd_here(capsys, "status", cfg)
+    assert rc == 0 and "student op (atkd): done" in out, out
+    assert "round 2: on-policy: the student's generations (n=2" in out and "generation 3/3 shards" in out
+    # a rerun does nothing; a changed round makes the student stale, named
+    rc, out = atkd_here(capsys, "student", cfg)
+    assert rc == 0 and "already trained (3 rounds" in out, out
+    rc, out = atkd_here(capsys, "student", cfg, "students.op.rounds.2.steps=3")
+    assert rc != 0 and "rounds" in out and "--retrain op" in out, out
+
+
+def test_round_config_errors(models, tmp_path, capsys):
+    bad = [dict(ROUNDS[1], source="teachr")]
+    rc, out = atkd_here(capsys, "status", _config(tmp_path, models, rounds=bad))
+    assert rc != 0 and "students[0].rounds[0].source: 'teachr' is not one of 'data', 'teacher', 'student'" in out
+    rc, out = atkd_here(capsys, "status", _config(tmp_path, models, rounds=[dict(ROUNDS[0], steps=0)]))
+    assert rc != 0 and "students[0].rounds[0].steps: must be > 0" in out
+    rc, out = atkd_here(capsys, "status", _config(tmp_path, models, rounds=[ROUNDS[2]]), "students.op.model=",
+                        "students.op.init={model_type: llama, hidden_size: 64, num_hidden_layers: 1}")
+    assert rc != 0 and "students[0].rounds[0].source: student generations in the first round need" in out, out
+
+
+@pytest.mark.integration
+def test_sigkill_in_generation_reruns_to_the_same_student(models, tmp_path):
+    """Killed in the on-policy round's generation (after its first committed shard) and in its stage two,
+    then rerun: the same rows and the same final weights as an uninterrupted run."""
+    from bench._harness import KILLED, run_atkd
+
+    ref = _config(tmp_path, models, "ref")
+    for cmd in ("teacher", "student"):
+        rc, out = run_atkd([cmd, ref], tmp_path / f"ref-{cmd}.log")
+        assert rc == 0, out
+    cfg = _config(tmp_path, models, "run")
+    rc, out = run_atkd(["teacher", cfg], tmp_path / "teacher.log")
+    assert rc == 0, out
+    for i, point in enumerate(("generate.committed:4", "generate.scored:2")):  # round 1 has 3 shards
+        rc, out = run_atkd(["student", cfg], tmp_path / f"kill{i}.log", env={"ATKD_FAULT_POINT": point})
+        assert rc in KILLED, out
+    rc, out = run_atkd(["student", cfg], tmp_path / "rerun.log")
+    assert rc == 0, out
+    a, b = tmp_path / "ref", tmp_path / "run"
+    assert _rows(a / "rounds/op/round-2/generated") == _rows(b / "rounds/op/round-2/generated")
+    from safetensors.numpy import load_file
+
+    wa, wb = (load_file(str(d / "students/op/final/model.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
