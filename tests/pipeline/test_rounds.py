@@ -22,7 +22,8 @@ ROUNDS = [{"source": "data", "steps": 2},
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("rounds")
-    return {"teacher": make_ending_llama(root / "t", seed=0), "student": make_ending_llama(root / "s", seed=1, steps=60),
+    return {"teacher": make_ending_llama(root / "t", seed=0),
+            "student": make_ending_llama(root / "s", seed=1, steps=60),
             "data": str(write_jsonl(root / "train.jsonl", short_rows(24, seed=4)))}
 
 
@@ -90,8 +91,8 @@ def test_round_config_errors(models, tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_sigkill_in_generation_reruns_to_the_same_student(models, tmp_path):
-    """Killed in the on-policy round's generation (after its first committed shard) and in its stage two,
+def test_sigkill_in_a_round_reruns_to_the_same_student(models, tmp_path):
+    """Killed in the on-policy round's generation (after and before a commit), its stage one and its stage two,
     then rerun: the same rows and the same final weights as an uninterrupted run."""
     from bench._harness import KILLED, run_atkd
 
@@ -102,7 +103,8 @@ def test_sigkill_in_generation_reruns_to_the_same_student(models, tmp_path):
     cfg = _config(tmp_path, models, "run")
     rc, out = run_atkd(["teacher", cfg], tmp_path / "teacher.log")
     assert rc == 0, out
-    for i, point in enumerate(("generate.committed:4", "generate.scored:2")):  # round 1 has 3 shards
+    # round 1 has 3 shards, so the 4th commit is round 2's first; then its stage one and its stage two
+    for i, point in enumerate(("generate.committed:4", "generate.scored:2", "shard.commit:1", "student.step:2")):
         rc, out = run_atkd(["student", cfg], tmp_path / f"kill{i}.log", env={"ATKD_FAULT_POINT": point})
         assert rc in KILLED, out
     rc, out = run_atkd(["student", cfg], tmp_path / "rerun.log")
