@@ -398,7 +398,7 @@ def _run_student(cfg: PipelineConfig, scfg: StudentConfig, retrain) -> bool:
         scfg = copy.deepcopy(scfg)
         scfg.model = str(student_dir(cfg, scfg.init_from) / "final")
     out = student_dir(cfg, scfg.name)
-    _remove_stale_partials(out)
+    remove_student_partials(out)
     record_run(cfg)
     _log(f"stage two: training student {scfg.name!r} with loss {scfg.loss.kind}"
          + (" from the training rows (no teacher cache)" if rows else "")
@@ -438,7 +438,7 @@ def _remove_if_nothing_kept(out: Path) -> None:
             out.parent.rmdir()  # students/, when this was its only student
 
 
-def _remove_stale_partials(out: Path) -> None:
+def remove_student_partials(out: Path) -> None:
     """Leftovers of killed saves (final.partial-<pid>, ...); one process per job does it (RANK 0)."""
     if os.environ.get("RANK", "0") != "0":
         return

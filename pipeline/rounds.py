@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 
 from pipeline import orchestrator as runner
@@ -70,7 +71,14 @@ def generation_job(cfg: PipelineConfig, s: StudentConfig, i: int):
                          seed=generation_seed(s, i), out=str(round_paths(cfg, s, i)["generated"]),
                          data_fraction=r.data_fraction,
                          trust_remote_code=cfg.teacher.trust_remote_code if r.source == "teacher"
-                         else s.trust_remote_code)
+                         else s.trust_remote_code, vllm=_vllm_settings(cfg.teacher, r.source == "teacher"))
+
+
+def _vllm_settings(teacher, parallel: bool) -> dict:
+    """vLLM's start-up settings for generation: the teacher's (its parallelism only for the teacher)."""
+    keys = ("dtype", "gpu_memory_utilization", "max_num_seqs", "enforce_eager")
+    keys += ("tensor_parallel_size", "pipeline_parallel_size") if parallel else ()
+    return {k: getattr(teacher, k) for k in keys}
 
 
 def round_data(cfg: PipelineConfig, s: StudentConfig, i: int):
@@ -139,25 +147,32 @@ def run_rounds(cfg: PipelineConfig, s: StudentConfig, retrain) -> bool:
             raise StaleStudentError(f"round {i} of student {s.name!r} ({out}) was trained from something else: "
                                     f"{'; '.join(diff[:4])}; rerun with --retrain {s.name}")
         _log(f"student {s.name!r} round {i + 1}/{len(s.rounds)}: {describe(rnd)}, {rnd.steps} steps")
-        if rnd.source != "data":
-            _generate_and_cache(cfg, s, i)
+        t0 = time.perf_counter()
+        times = _generate_and_cache(cfg, s, i) if rnd.source != "data" else {}
+        t1 = time.perf_counter()
         _train(cfg, s, i, want)
+        times["training"] = time.perf_counter() - t1
+        _log(f"student {s.name!r} round {i + 1}/{len(s.rounds)} took {time.perf_counter() - t0:.0f} s ("
+             + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")")
         did = True
     return did
 
 
-def _generate_and_cache(cfg: PipelineConfig, s: StudentConfig, i: int) -> None:
+def _generate_and_cache(cfg: PipelineConfig, s: StudentConfig, i: int) -> dict[str, float]:
+    """Round i's generation and stage one (each skipped when done); their wall times."""
     from stages.generate.generation import is_complete, run_generation
     from stages.teacher.capture import check_complete, run_capture
 
     job = generation_job(cfg, s, i)
     data_cfg, cache_cfg = round_data(cfg, s, i)
+    t0 = time.perf_counter()
     if not is_complete(job.out):
         with runner.stage_log(cfg, "generate"):
             summary = run_generation(job)
         _log(f"round {i}: generated {summary.generated:,} responses with {summary.engine} in {summary.seconds:.0f} s "
              f"({summary.engine_start_seconds:.0f} s engine start-up; dropped {summary.overlong} over-long, "
              f"{summary.empty} empty) -> {job.out}")
+    t1 = time.perf_counter()
     teacher = runner.cached_teacher(cfg)
     with runner.stage_log(cfg, "teacher"):
         if runner.cache_complete(cache_cfg.path):
@@ -166,6 +181,7 @@ def _generate_and_cache(cfg: PipelineConfig, s: StudentConfig, i: int) -> None:
             _log(f"round {i}: stage one caching {runner.describe_targets(teacher)} of {teacher.model} on the "
                  f"generated rows into {cache_cfg.path}")
             run_capture(data_cfg, teacher, cache_cfg)
+    return {"generation": t1 - t0, "stage one": time.perf_counter() - t1}
 
 
 def _train(cfg: PipelineConfig, s: StudentConfig, i: int, record: dict) -> None:
@@ -177,6 +193,7 @@ def _train(cfg: PipelineConfig, s: StudentConfig, i: int, record: dict) -> None:
     runner.require_training_cache(cache_cfg.path)
     top_k, notes = check_for_students(Cache.open(cache_cfg.path), data_cfg, runner.cached_teacher(cfg))
     out = round_paths(cfg, s, i)["student"]
+    runner.remove_student_partials(out)  # leftovers of a killed save in this round's directory
     runner.record_run(cfg)
     with runner.stage_log(cfg, "student"):
         train_student(round_student(cfg, s, i), cache_url=cache_cfg.path, out_dir=str(out),

@@ -49,15 +49,12 @@ def _strip_eos(ids: list[int], eos: int, limit: int) -> Sample:
 class VllmGenerator:
     name = "vllm"
 
-    def __init__(self, model: str, *, eos: int, max_seq_len: int, dtype: str = "auto",
-                 gpu_memory_utilization: float = 0.3, max_num_seqs: int = 256, enforce_eager: bool = True,
-                 trust_remote_code: bool = False):
+    def __init__(self, model: str, *, eos: int, max_seq_len: int, trust_remote_code: bool = False, **settings):
+        """`settings`: start_llm's (dtype, gpu_memory_utilization, max_num_seqs, parallelism; the teacher's)."""
         from stages.teacher.engine_vllm import start_llm
 
         self.eos = eos
-        self.started = start_llm(model, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                                 max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
-                                 trust_remote_code=trust_remote_code, max_seq_len=max_seq_len)
+        self.started = start_llm(model, trust_remote_code=trust_remote_code, max_seq_len=max_seq_len, **settings)
         self.description = self.started.description
 
     def generate(self, requests: list[Request], n: int, temperature: float, top_p: float) -> list[list[Sample]]:
@@ -81,7 +78,7 @@ class VllmGenerator:
 class HfGenerator:
     name = "transformers"
 
-    def __init__(self, model: str, *, eos: int, pad: int, dtype: str = "float32", device: str = "cpu",
+    def __init__(self, model: str, *, eos: int, pad: int, dtype: str = "float32", device: str = "auto",
                  batch_size: int = 32, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForCausalLM
@@ -125,7 +122,14 @@ class HfGenerator:
         return [_strip_eos(seqs[b, length:].tolist(), self.eos, r.max_new_tokens) for b, r in enumerate(requests)]
 
     def close(self) -> None:
+        import gc
+
+        import torch
+
         self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next stage's model gets the memory back
 
 
 class RowSeededSampler:

@@ -58,6 +58,7 @@ class GenerationJob:
     out: str  # output directory (local)
     data_fraction: float = 0.0
     trust_remote_code: bool = False
+    vllm: dict = field(default_factory=dict)  # start_llm settings (the pipeline passes the teacher's)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def run_generation(job: GenerationJob, *, engine=None, worker_id: str = "") -> G
                 t_start = time.perf_counter()
                 engine = make_generator(job.model, backend, eos=eos, pad=pad_id(tokenizer),
                                         max_seq_len=job.data_cfg.max_seq_len, batch_size=job.gen.batch_size,
-                                        trust_remote_code=job.trust_remote_code)
+                                        trust_remote_code=job.trust_remote_code, vllm_settings=job.vllm)
                 summary.engine_start_seconds = time.perf_counter() - t_start
                 _log(f"engine: {engine.description} ({why})")
             if engine.name != backend:

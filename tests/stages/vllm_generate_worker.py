@@ -29,7 +29,8 @@ def main() -> None:
     engine = make_generator(spec["model"], "vllm", eos=tok.eos_token_id, pad=tok.pad_token_id, max_seq_len=64)
     info = {"startup_seconds": time.perf_counter() - t0, "description": engine.description, "runs": {}}
     for name, per_shard in (("a", 4), ("b", 7)):
-        job = GenerationJob(model=spec["model"], source="teacher", data_cfg=DataConfig(path=spec["data"], max_seq_len=64),
+        data_cfg = DataConfig(path=spec["data"], max_seq_len=64)
+        job = GenerationJob(model=spec["model"], source="teacher", data_cfg=data_cfg,
                             gen=GenerateConfig(n=2, temperature=1.0, top_p=0.9, max_new_tokens=12, backend="auto",
                                                rows_per_shard=per_shard), seed=11, out=spec[name])
         summary = run_generation(job, engine=engine)
