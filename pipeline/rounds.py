@@ -213,7 +213,6 @@ def rounds_lines(cfg: PipelineConfig, s: StudentConfig) -> list[str]:
     """One line per round for `atkd status` and --dry-run: what it trains on and what of it is done."""
     from stages.generate.generation import MANIFEST, done_shards
     from stages.student.layout import last_checkpoint, read_done
-    from storage.verify import status_summary
 
     lines = []
     for i, r in enumerate(s.rounds):
@@ -228,7 +227,8 @@ def rounds_lines(cfg: PipelineConfig, s: StudentConfig) -> list[str]:
                 parts.append(f"generation {len(done_shards(str(p['generated']), total))}/{total} shards")
             else:
                 parts.append("generation not started")
-            parts.append(f"cache {status_summary(str(p['cache']))}" if runner.open_cache(str(p["cache"]))
+            cache = runner.open_cache(str(p["cache"]))
+            parts.append(f"cache {len(cache.completed_shards())}/{cache.num_shards} shards" if cache is not None
                          else "cache not started")
         if read_done(p["student"]) is not None:
             parts.append("trained")
