@@ -60,12 +60,23 @@ def test_rounds_run_resume_and_status(models, tmp_path, capsys):
     seqkd, onpolicy = _rows(run / "rounds/op/round-1/generated"), _rows(run / "rounds/op/round-2/generated")
     assert seqkd and {r["_atkd"]["source"] for r in seqkd} == {"teacher"}
     assert {r["_atkd"]["source"] for r in onpolicy} == {"student", "data"}
-    for r in (2, 1):
+    for r in (1, 2):
         from storage.cache import Cache
 
         cache = Cache.open(str(run / f"rounds/op/round-{r}/cache"))
         assert cache.is_complete() and cache.manifest.identity["num_rows"] == len(_rows(
             run / f"rounds/op/round-{r}/generated"))
+    # prompt tokens are never targets: a generated row's targets are its response and the closing EOS
+    from stages.data import prompt_ids
+    from stages.data_config import DataConfig
+    from stages.teacher.identity import load_tokenizer
+
+    tok = load_tokenizer(models["teacher"])
+    for seq in list(cache.read_shard(0).sequences())[:5]:
+        row = onpolicy[seq.example_id]
+        start = len(prompt_ids(row, tok, DataConfig(max_seq_len=64))) - 1
+        assert list(seq.target_positions) == list(range(start, len(seq.input_ids) - 1))
+        assert seq.input_ids[-1] == tok.eos_token_id and tok.decode(seq.input_ids[start + 1:-1]) == row["response"]
     done = json.loads((run / "students/op/done.json").read_text())
     assert done["steps"] == 2 and [x["source"] for x in done["trained_from"]["rounds"]] == ["data", "teacher",
                                                                                              "student"]
