@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.fixtures import atkd_here, write_jsonl
-from tests.stages.generate_models import make_ending_llama, short_rows
+from bench._ending_model import make_ending_llama, short_rows
 
 GEN = {"backend": "transformers", "max_new_tokens": 12, "rows_per_shard": 10, "batch_size": 8}
 ROUNDS = [{"source": "data", "steps": 2},

@@ -14,7 +14,7 @@ from stages.generate.config import GenerateConfig
 from stages.generate.generation import (GenerationError, GenerationJob, is_complete, keeps_data, row_seeds,
                                         run_generation)
 from tests.fixtures import write_jsonl
-from tests.stages.generate_models import make_ending_llama, short_rows
+from bench._ending_model import make_ending_llama, short_rows
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import write_jsonl
-from tests.stages.generate_models import make_ending_llama, short_rows
+from bench._ending_model import make_ending_llama, short_rows
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -1,5 +1,6 @@
-"""A tiny Llama that answers and ends its answers: a random one briefly fine-tuned on short
-prompt/response rows (a random model almost never emits EOS, so all its responses would be over-long)."""
+"""For the generation stage's tests and benches: a tiny Llama that answers and ends its answers, a
+random one briefly fine-tuned on short prompt/response rows (a random model almost never emits EOS,
+so all its responses would be over-long)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 def short_rows(n: int, seed: int = 0) -> list[dict]:
     """prompt_response_rows with responses cut to a few words (they end early, as a trained model's)."""
-    from tests.fixtures import prompt_response_rows
+    from bench._harness import prompt_response_rows
 
     return [{"prompt": r["prompt"], "response": " " + " ".join(r["response"].split()[:4])}
             for r in prompt_response_rows(n, seed=seed)]
@@ -21,7 +22,7 @@ def make_ending_llama(root: Path, *, steps: int = 120, seed: int = 0) -> str:
     from stages.data import tokenize_rows
     from stages.data_config import DataConfig
     from stages.lm import collate_for_lm, pad_id
-    from tests.fixtures import make_tiny_llama, make_tokenizer
+    from bench._harness import make_tiny_llama, make_tokenizer
 
     root = Path(root)
     tok = make_tokenizer(root / "tokenizer")
