@@ -58,7 +58,8 @@ def snapshot(run: Path) -> dict:
         base = run / "rounds" / "op" / f"round-{i}"
         rows = [line for f in sorted(base.glob("generated/rows/*.jsonl")) for line in f.read_text().splitlines()]
         manifest = json.loads((base / "generated" / "manifest.json").read_text())
-        manifest.pop("created_at", None)
+        for key in ("created_at", "model"):  # when, and where the generating model lived (the run's directory)
+            manifest.pop(key, None)
         rounds[i] = {"rows": rows, "manifest": manifest, "cache": fh.cache_snapshot(str(base / "cache"))}
     return {"rounds": rounds, "student": fh.student_snapshot(run / "students" / "op")}
 
@@ -83,12 +84,12 @@ def main() -> int:
     ws = {"root": root, "teacher": make_ending_llama(root / "t", seed=0),
           "student": make_ending_llama(root / "s", seed=1, steps=60),
           "data": str(fh.write_jsonl(root / "train.jsonl", short_rows(24, seed=4)))}
-    t0 = time.perf_counter()
     ref_cfg = config(ws, "ref")
     for cmd in ("teacher", "student"):
+        t0 = time.perf_counter()
         rc, out = fh.run_atkd([cmd, str(ref_cfg)], root / "logs" / f"ref-{cmd}.log")
         assert rc == 0, out
-    ref_s = time.perf_counter() - t0
+    ref_s = time.perf_counter() - t0  # the student command's
     ref = snapshot(root / "ref")
     rng = random.Random(args.seed)
     total, n = fh.Counts(), 0
