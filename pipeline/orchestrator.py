@@ -6,6 +6,8 @@ Run directory layout (everything a run produces lives under `run_dir`):
     <run_dir>/split.json               the held-out split (data.holdout): spec, sizes, fingerprint
     <run_dir>/students/<name>/         checkpoints, log.jsonl, tb/, final/, done.json (with `trained_from`: what it
                                        was trained from, pipeline/student_record.py)
+    <run_dir>/rounds/<name>/round-<i>/ a `rounds` student's generated rows, round cache and earlier rounds'
+                                       training (pipeline/rounds.py); its last round trains into students/<name>/
     <run_dir>/teacher-finetuned/       teacher.finetune: the teacher's SFT run, laid out like a student;
                                        stage one caches its final/ instead of teacher.model
     <run_dir>/cache-val/               teacher cache over the validation split (stage one, for eval;
