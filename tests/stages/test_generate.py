@@ -105,6 +105,7 @@ def _generate(job):
     run_generation(job)
 
 
+@pytest.mark.integration
 def test_killed_generation_reruns_to_identical_rows(workspace, tmp_path):
     from bench._harness import KILLED, call
 
@@ -115,4 +116,18 @@ def test_killed_generation_reruns_to_identical_rows(workspace, tmp_path):
         assert proc.wait(300) in KILLED, proc.output()
     assert not is_complete(job.out) and len(list(Path(job.out, "rows").glob("*.jsonl"))) == 3
     assert run_generation(job).shards_written == 2
+    assert _rows(tmp_path / "run") == _rows(tmp_path / "ref")
+
+
+@pytest.mark.integration
+def test_two_workers_split_the_shards_through_leases(workspace, tmp_path):
+    from bench._harness import call
+
+    run_generation(_job(workspace, tmp_path / "ref"))
+    job = _job(workspace, tmp_path / "run")
+    trace = tmp_path / "trace.txt"
+    procs = [call(_generate, (job,), tmp_path / f"w{i}.log", env={"ATKD_FAULT_TRACE": str(trace)}) for i in range(2)]
+    assert [p.wait(300) for p in procs] == [0, 0], [p.output() for p in procs]
+    commits = [line.split()[1] for line in trace.read_text().splitlines() if line.startswith("generate.committed")]
+    assert sorted(commits) == sorted(set(commits)) and len(commits) == 5  # each shard once
     assert _rows(tmp_path / "run") == _rows(tmp_path / "ref")
