@@ -3,7 +3,8 @@
     <out>/manifest.json             identity (model fingerprint, the prompts' data identity, sampling
                                     settings, seed, engine) and the shard plan, written once
     <out>/rows/shard-00000.jsonl    one committed shard: the prompt rows with `response` replaced by a
-                                    generation, plus `_atkd` provenance (source, row, sample, seed, tokens)
+                                    generation, plus `_atkd` provenance (source, row, sample, seed, tokens,
+                                    same_tokens: the text tokenises back to exactly the sampled ids)
     <out>/stats/shard-00000.json    what that shard kept and dropped (written just before its rows)
     <out>/leases/                   the cache's lease files (storage/lease.py), same protocol
 
@@ -74,6 +75,7 @@ class GenerationSummary:
     overlong: int = 0
     prompt_too_long: int = 0
     new_tokens: int = 0
+    retokenized_same: int = 0  # kept responses whose text tokenises back to exactly the sampled ids
     seconds: float = 0.0
     generate_seconds: float = 0.0
     engine_start_seconds: float = 0.0
@@ -223,7 +225,8 @@ def run_generation(job: GenerationJob, *, engine=None, worker_id: str = "") -> G
             _add(summary, stats)
             _log(f"shard {lease.shard_index + 1}/{len(plan)}: {stats['prompts']} prompts, kept {stats['generated']} "
                  f"generated + {stats['data_rows']} dataset rows (dropped {stats['overlong']} over-long, "
-                 f"{stats['empty']} empty, {stats['prompt_too_long']} prompts too long), "
+                 f"{stats['empty']} empty, {stats['prompt_too_long']} prompts too long; "
+                 f"{stats['retokenized_same']} tokenise back to the sampled ids), "
                  f"{stats['new_tokens'] / max(stats['seconds'], 1e-9):,.0f} new tok/s")
     finally:
         if own and engine is not None:
@@ -244,7 +247,8 @@ class _Pending:
 
 def _add(summary: GenerationSummary, stats: dict) -> None:
     summary.shards_written += 1
-    for key in ("prompts", "data_rows", "generated", "empty", "overlong", "prompt_too_long", "new_tokens"):
+    for key in ("prompts", "data_rows", "generated", "empty", "overlong", "prompt_too_long", "new_tokens",
+                "retokenized_same"):
         setattr(summary, key, getattr(summary, key) + stats[key])
     summary.generate_seconds += stats["seconds"]
     summary.per_shard.append(stats)
@@ -256,7 +260,7 @@ def _generate_shard(job: GenerationJob, entry: dict, source, n: int, tokenizer, 
     seeds = row_seeds(job.seed, indices)
     from_data = keeps_data(job.seed, indices, job.data_fraction)
     stats = {"shard": int(entry["index"]), "rows": [start, end], "prompts": len(rows), "data_rows": 0,
-             "generated": 0, "empty": 0, "overlong": 0, "prompt_too_long": 0, "new_tokens": 0}
+             "generated": 0, "empty": 0, "overlong": 0, "prompt_too_long": 0, "new_tokens": 0, "retokenized_same": 0}
     out, asked = [], []
     for k, (idx, row) in enumerate(zip(indices.tolist(), rows)):
         if from_data[k]:
@@ -282,10 +286,13 @@ def _generate_shard(job: GenerationJob, entry: dict, source, n: int, tokenizer, 
             elif not text.strip():
                 stats["empty"] += 1
             else:
+                # Stage one re-tokenises the text: the targets are the sampled tokens where this holds
+                same = tokenizer(text, add_special_tokens=False)["input_ids"] == list(s.token_ids)
                 out.append((idx, j, {**row, field_name: text,
                                      "_atkd": {"source": job.source, "row": idx, "sample": j, "seed": req.seed + j,
-                                               "tokens": len(s.token_ids)}}))
+                                               "tokens": len(s.token_ids), "same_tokens": same}}))
                 stats["generated"] += 1
+                stats["retokenized_same"] += same
     if not out and rows:  # (a shard whose rows are all held out has nothing to generate)
         raise GenerationError(
             f"generation with {job.model} kept no response for shard {entry['index']} (rows {start}-{end - 1}): of "

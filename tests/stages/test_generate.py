@@ -58,6 +58,7 @@ def test_rows_identity_provenance_and_rerun(workspace, tmp_path):
         assert meta["source"] == "student" and meta["sample"] in (0, 1) and r["response"].strip()
         assert r["prompt"] == short_rows(22, seed=4)[meta["row"]]["prompt"]
         assert meta["seed"] == int(row_seeds(7, np.array([meta["row"]]))[0]) + meta["sample"]
+    assert summary.retokenized_same == sum(r["_atkd"]["same_tokens"] for r in rows) > 0
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     ident = manifest["identity"]
     assert ident["sampling"]["top_p"] == 0.9 and ident["base_seed"] == 7 and ident["engine"] == "transformers"
