@@ -41,3 +41,36 @@ def make_ending_llama(root: Path, *, steps: int = 120, seed: int = 0) -> str:
         opt.step()
     model.eval().save_pretrained(path)
     return str(path)
+
+
+def rounds_workspace(root: Path) -> dict:
+    """An answering teacher, an answering student (fewer steps: it knows less) and 24 short rows."""
+    from bench._harness import write_jsonl
+
+    root = Path(root)
+    return {"teacher": make_ending_llama(root / "t", seed=0),
+            "student": make_ending_llama(root / "s", seed=1, steps=60),
+            "data": str(write_jsonl(root / "train.jsonl", short_rows(24, seed=4)))}
+
+
+def rounds_list(steps: int) -> list[dict]:
+    """data -> SeqKD -> on-policy (2 samples per prompt, a quarter of the prompts keep the data's response)."""
+    gen = {"backend": "transformers", "max_new_tokens": 12, "rows_per_shard": 8, "batch_size": 8}
+    return [{"source": "data", "steps": steps},
+            {"source": "teacher", "steps": steps, "generate": gen},
+            {"source": "student", "steps": steps, "data_fraction": 0.25, "generate": {**gen, "n": 2, "top_p": 0.9}}]
+
+
+def write_rounds_config(path: Path, run_dir: Path, ws: dict, rounds: list[dict]) -> str:
+    """A pipeline.yaml: the transformers teacher, a cache of 8 rows per shard, student `op` with `rounds`."""
+    import yaml
+
+    cfg = {"run_dir": str(run_dir), "data": {"path": ws["data"], "max_seq_len": 64},
+           "teacher": {"model": ws["teacher"], "backend": "transformers", "top_k": 8, "dtype": "float32",
+                       "device": "cpu", "batch_tokens": 256},
+           "cache": {"sequences_per_shard": 8},
+           "students": [{"name": "op", "model": ws["student"], "loss": {"kind": "atkd", "chunk_size": 16},
+                         "optim": {"lr": 1e-3, "warmup_steps": 1, "batch_size": 4}, "checkpoint_every": 1,
+                         "seed": 0, "rounds": rounds}]}
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)

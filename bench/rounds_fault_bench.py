@@ -24,32 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _harness as fh  # noqa: E402
-from bench._ending_model import make_ending_llama, short_rows  # noqa: E402
+from bench._ending_model import rounds_list, rounds_workspace, write_rounds_config  # noqa: E402
 
 POINTS = ("generate.scored", "generate.committed", "shard.write", "shard.commit", "shard.committed",
           "student.step", "ckpt.model", "ckpt.rename")
-GEN = {"backend": "transformers", "max_new_tokens": 12, "rows_per_shard": 8, "batch_size": 8}
-ROUNDS = [{"source": "data", "steps": 3},
-          {"source": "teacher", "steps": 3, "generate": GEN},
-          {"source": "student", "steps": 3, "data_fraction": 0.25, "generate": {**GEN, "n": 2, "top_p": 0.9}}]
-
-
 def config(ws, name: str) -> Path:
-    cfg = {"run_dir": str(ws["root"] / name), "data": {"path": ws["data"], "max_seq_len": 64},
-           "teacher": {"model": ws["teacher"], "backend": "transformers", "top_k": 8, "dtype": "float32",
-                       "device": "cpu", "batch_tokens": 256},
-           "cache": {"sequences_per_shard": 8},
-           "students": [{"name": "op", "model": ws["student"], "loss": {"kind": "atkd", "chunk_size": 16},
-                         "optim": {"lr": 1e-3, "warmup_steps": 1, "batch_size": 4}, "checkpoint_every": 1,
-                         "seed": 0, "rounds": ROUNDS}]}
-    path = ws["root"] / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    return Path(write_rounds_config(ws["root"] / f"{name}.yaml", ws["root"] / name, ws, rounds_list(3)))
 
 
 def snapshot(run: Path) -> dict:
@@ -81,9 +64,7 @@ def main() -> int:
     p.add_argument("--root", help="work directory (default: a temporary one)")
     args = p.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="rounds-faults-"))
-    ws = {"root": root, "teacher": make_ending_llama(root / "t", seed=0),
-          "student": make_ending_llama(root / "s", seed=1, steps=60),
-          "data": str(fh.write_jsonl(root / "train.jsonl", short_rows(24, seed=4)))}
+    ws = {"root": root, **rounds_workspace(root)}
     ref_cfg = config(ws, "ref")
     for cmd in ("teacher", "student"):
         t0 = time.perf_counter()

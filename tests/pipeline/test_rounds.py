@@ -8,36 +8,20 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.fixtures import atkd_here, write_jsonl
-from bench._ending_model import make_ending_llama, short_rows
+from tests.fixtures import atkd_here
+from bench._ending_model import rounds_list, rounds_workspace, write_rounds_config
 
-GEN = {"backend": "transformers", "max_new_tokens": 12, "rows_per_shard": 10, "batch_size": 8}
-ROUNDS = [{"source": "data", "steps": 2},
-          {"source": "teacher", "steps": 2, "generate": GEN},
-          {"source": "student", "steps": 2, "data_fraction": 0.25, "generate": {**GEN, "n": 2, "top_p": 0.9}}]
+ROUNDS = rounds_list(2)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rounds")
-    return {"teacher": make_ending_llama(root / "t", seed=0),
-            "student": make_ending_llama(root / "s", seed=1, steps=60),
-            "data": str(write_jsonl(root / "train.jsonl", short_rows(24, seed=4)))}
+    return rounds_workspace(tmp_path_factory.mktemp("rounds"))
 
 
 def _config(tmp_path: Path, models, run: str = "run", rounds=ROUNDS) -> str:
-    cfg = {"run_dir": str(tmp_path / run), "data": {"path": models["data"], "max_seq_len": 64},
-           "teacher": {"model": models["teacher"], "backend": "transformers", "top_k": 8, "dtype": "float32",
-                       "device": "cpu", "batch_tokens": 256},
-           "cache": {"sequences_per_shard": 10},
-           "students": [{"name": "op", "model": models["student"], "loss": {"kind": "atkd", "chunk_size": 16},
-                         "optim": {"lr": 1e-3, "warmup_steps": 1, "batch_size": 4}, "checkpoint_every": 1,
-                         "seed": 0, "rounds": rounds}]}
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return str(path)
+    return write_rounds_config(tmp_path / f"{run}.yaml", tmp_path / run, models, rounds)
 
 
 def _rows(out: Path) -> list[dict]:
