@@ -279,6 +279,10 @@ def validate(cfg: PipelineConfig) -> None:
             from pipeline.model_config import check_init  # imports transformers: only for `init` students
 
             check_init(s.init, f"{where}.init")
+        from stages.rounds_config import check_rounds
+
+        for problem in check_rounds(s.rounds, where, cfg.data.kind, has_start=bool(s.init_from or s.model)):
+            raise ConfigError(problem)
         if student_data(s, bool(cfg.teacher.model)) == "rows" and s.loss.kind != "sft":
             raise ConfigError(f"{where}.data: {s.name!r} reads the training rows (data: rows), which only plain "
                               f"SFT can: loss.kind {s.loss.kind} learns from the teacher cache (set data: cache or "

@@ -329,8 +329,15 @@ def student_lines(cfg: PipelineConfig, students: list[StudentConfig], out: Plan,
                     if s.optim.epochs is not None else f"would train {s.optim.max_steps} steps")
             if state is not None and state.kind == "in progress":
                 text += f", continuing from {state.checkpoint}"
+            if s.rounds:
+                text = f"would train {len(s.rounds)} round(s), {sum(r.steps for r in s.rounds)} steps in all"
         data = ", from the rows" if runner.reads_rows(cfg, s) else ""
         out.add(f"  student {s.name} ({s.loss.kind}{data}, {describe_params(cfg, s)}): {text}")
+        if s.rounds:
+            from pipeline.rounds import rounds_lines
+
+            for line in _quietly(out, lambda s=s: rounds_lines(cfg, s), []):
+                out.add("  " + line)
         if state is not None and state.kind == "stale" and s.name not in again:
             out.problem(f"student {s.name!r} is stale: the run would refuse it until retrained "
                         f"(--retrain {s.name})")

@@ -6,6 +6,8 @@ Run directory layout (everything a run produces lives under `run_dir`):
     <run_dir>/split.json               the held-out split (data.holdout): spec, sizes, fingerprint
     <run_dir>/students/<name>/         checkpoints, log.jsonl, tb/, final/, done.json (with `trained_from`: what it
                                        was trained from, pipeline/student_record.py)
+    <run_dir>/rounds/<name>/round-<i>/ a `rounds` student's generated rows, round cache and earlier rounds'
+                                       training (pipeline/rounds.py); its last round trains into students/<name>/
     <run_dir>/teacher-finetuned/       teacher.finetune: the teacher's SFT run, laid out like a student;
                                        stage one caches its final/ instead of teacher.model
     <run_dir>/cache-val/               teacher cache over the validation split (stage one, for eval;
@@ -387,6 +389,10 @@ def require_training_cache(url: str) -> None:
 
 def run_student(cfg: PipelineConfig, scfg: StudentConfig, retrain: set[str] | frozenset = frozenset()) -> bool:
     """Stage two for one student (retrained anew when its name is in `retrain`). True if it did any work."""
+    if scfg.rounds:  # generate -> cache -> train, round after round (pipeline/rounds.py)
+        from pipeline.rounds import run_rounds
+
+        return run_rounds(cfg, scfg, retrain)
     with stage_log(cfg, "student"):
         return _run_student(cfg, scfg, retrain)
 
@@ -426,7 +432,7 @@ def _run_student(cfg: PipelineConfig, scfg: StudentConfig, retrain) -> bool:
         scfg = copy.deepcopy(scfg)
         scfg.model = str(student_dir(cfg, scfg.init_from) / "final")
     out = student_dir(cfg, scfg.name)
-    _remove_stale_partials(out)
+    remove_student_partials(out)
     record_run(cfg)
     _log(f"stage two: training student {scfg.name!r} with loss {scfg.loss.kind}"
          + (" from the training rows (no teacher cache)" if rows else "")
@@ -466,7 +472,7 @@ def _remove_if_nothing_kept(out: Path) -> None:
             out.parent.rmdir()  # students/, when this was its only student
 
 
-def _remove_stale_partials(out: Path) -> None:
+def remove_student_partials(out: Path) -> None:
     """Leftovers of killed saves (final.partial-<pid>, ...); one process per job does it (RANK 0)."""
     if os.environ.get("RANK", "0") != "0":
         return

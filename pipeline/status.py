@@ -52,6 +52,10 @@ def status_text(cfg: PipelineConfig) -> str:
     for s in cfg.students:
         rows = ", from the rows" if runner.reads_rows(cfg, s) else ""
         lines.append(f"student {s.name} ({s.loss.kind}{rows}): {states[s.name].text()}")
+        if s.rounds:
+            from pipeline.rounds import rounds_lines
+
+            lines += rounds_lines(cfg, s)
     if not runner.results_path(cfg).is_file():
         lines.append("evaluation: not run")
     else:

@@ -131,6 +131,8 @@ def expected_record(cfg: PipelineConfig, s: StudentConfig, memo: dict | None = N
     settings = dataclasses.asdict(s)
     record = {k: v for k, v in settings.items() if k not in _NOT_RECORDED}
     record["loss"].pop("top_k")  # recorded as data.top_k (the k it trains on, however it was set)
+    if not s.rounds:  # single-pass students: records written before rounds existed still match
+        record.pop("rounds", None)
     if s.model:
         record["model"] = os.path.basename(os.path.normpath(s.model))
         record["model_fingerprint"] = model_fingerprint(s.model)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -163,3 +164,43 @@ def remove_leases(fs: CacheFS, index: int) -> None:
     while fs.exists(lease_rel(index, generation)):
         fs.remove(lease_rel(index, generation))
         generation += 1
+
+
+def default_worker_id() -> str:
+    """This process's worker id when none is configured: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def release_quietly(lease: Lease) -> None:
+    """Release after a failure, best effort: an unreleased lease expires (lease_seconds) anyway."""
+    try:
+        lease.release()
+    except Exception:  # noqa: S110
+        pass
+
+
+class Heartbeat:
+    """Renews a lease in the background until its shard is committed or dropped."""
+
+    def __init__(self, lease, lease_seconds: float):
+        self.lease, self.error = lease, None
+        self._interval = max(lease_seconds / 4.0, 0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{lease.shard_index}")
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self._interval):
+            try:
+                self.lease.renew()
+            except Exception as e:  # LeaseLostError, or the filesystem failing
+                self.error = e
+                return
+
+    def raise_if_lost(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

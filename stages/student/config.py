@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from stages.errors import ConfigError, check_name
+from stages.rounds_config import RoundConfig
 from stages.training.config import OptimConfig
 
 
@@ -93,6 +94,8 @@ class StudentConfig:
     log_every: int = 1
     num_workers: int = 0  # DataLoader workers
     fsdp: bool = False
+    # Distillation rounds (generate -> cache -> train; pipeline/rounds.py). Empty: one pass over the cache.
+    rounds: list[RoundConfig] = field(default_factory=list)
 
     def check(self, where: str) -> None:
         """`where`: students[i]. The student's own fields, its loss and its optim."""

@@ -22,7 +22,6 @@ unfinished shards and the cache ends equal to an uninterrupted run's.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ from stages.teacher.identity import cache_identity, check_teacher, explain_misma
 from stages.teacher.shard_writer import (LOGPROB_FLOOR, Heartbeat, ScoredShard, ShardWriter,  # noqa: F401
                                          build_shard, engine_overlaps)
 from storage.diff import changes
+from storage.lease import default_worker_id, release_quietly
 
 
 @dataclass
@@ -63,10 +63,6 @@ class CaptureSummary:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _log(msg: str) -> None:
@@ -245,7 +241,7 @@ def run_capture(data_cfg: DataConfig, teacher_cfg: TeacherConfig, cache_cfg: Cac
                                      top_k, get_engine, data_mod.num_rows(data_cfg, source), sampler)
             except BaseException:
                 beat.stop()
-                _release_quietly(lease)  # let another worker take the shard at once
+                release_quietly(lease)  # let another worker take the shard at once
                 raise
             stats_total.add(data_mod.DataStats(**shard.attrs["data"]))
             writer.submit(shard)
@@ -329,13 +325,6 @@ def _wait_for_others(cache, lease_seconds: float, bar) -> bool:
              f"written or their leases expire (teacher.lease_seconds={lease_seconds:g})")
     time.sleep(min(5.0, max(lease_seconds / 4.0, 0.1)))
     return True
-
-
-def _release_quietly(lease) -> None:
-    try:
-        lease.release()
-    except Exception:  # noqa: S110 - best effort: an unreleased lease expires (lease_seconds)
-        pass
 
 
 def _progress_bar(enabled: bool, total: int, initial: int):

@@ -24,36 +24,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from storage.lease import Heartbeat
+
 # float16 cannot hold -inf-like values from masked vocab entries; the storage
 # validator refuses non-finite log-probs. exp(-1e4) is 0 in any precision.
 LOGPROB_FLOOR = -1.0e4
-
-
-class Heartbeat:
-    """Renews a lease in the background until its shard is committed or dropped."""
-
-    def __init__(self, lease, lease_seconds: float):
-        self.lease, self.error = lease, None
-        self._interval = max(lease_seconds / 4.0, 0.05)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{lease.shard_index}")
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.wait(self._interval):
-            try:
-                self.lease.renew()
-            except Exception as e:  # LeaseLostError, or the filesystem failing
-                self.error = e
-                return
-
-    def raise_if_lost(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def build_shard(examples, rows, top_k: int):
