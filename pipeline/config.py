@@ -251,6 +251,11 @@ def derive_paths(cfg: PipelineConfig) -> None:
         cfg.eval.path, cfg.eval.split = cfg.data.path, cfg.data.split  # evaluation reads its test part
     if cfg.eval.answer_rule == "auto":
         cfg.eval.answer_rule = "demo" if cfg.demo.enabled else "exact"
+    from stages.eval import lm_harness, sets
+
+    sets.resolve_paths(cfg)  # after eval.answer_rule: a set's `auto` is eval's
+    if cfg.demo.enabled and cfg.eval.lm_eval.tasks and not cfg.eval.lm_eval.include_path:
+        cfg.eval.lm_eval.include_path = lm_harness.demo_include_path(cfg)
 
 
 def check_vllm_route(teacher: TeacherConfig) -> None:
@@ -286,6 +291,10 @@ def validate(cfg: PipelineConfig) -> None:
         if not 1 <= cfg.teacher.samples <= MAX_SAMPLES:
             raise ConfigError(f"teacher.samples: must be in [1, {MAX_SAMPLES}], got {cfg.teacher.samples}")
     check_vllm_route(cfg.teacher)
+    from stages.eval import lm_harness, sets
+
+    sets.check_sets(cfg)
+    lm_harness.check_config(cfg)
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.teacher.device):
         raise ConfigError(f"teacher.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.teacher.device!r}")
     if cfg.data.max_seq_len < 2:
