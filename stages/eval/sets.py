@@ -137,10 +137,10 @@ class EvalSet:
 
 
 def load_set(name: str, set_cfg: EvalSetConfig, data_cfg, eval_cfg) -> EvalSet:
-    """The set's first max_examples rows, each checked for the fields its template and response need
-    (an EvalError naming the set and the row)."""
+    """The set's first max_examples rows, each checked for the fields its template and response need.
+    A DataError naming the set (and the row), like eval.path's data: `atkd teacher` and `student`
+    leave data they cannot read yet to the evaluation."""
     from stages.data import num_rows, open_source, reference_response, render_prompt
-    from stages.errors import EvalError
     from stages.rows import DataError
 
     where = set_label(name)
@@ -150,19 +150,18 @@ def load_set(name: str, set_cfg: EvalSetConfig, data_cfg, eval_cfg) -> EvalSet:
         end = min(num_rows(data, source), set_cfg.max_examples or eval_cfg.max_examples)
         rows = [renamed_row(r, set_cfg) for r in source.read(0, end)]
     except DataError as e:
-        raise EvalError(f"{where}: {e}") from None
+        raise DataError(f"{where}: {e}") from None
     if not rows:
-        raise EvalError(f"{where}: {set_cfg.path!r} has no rows (split {set_cfg.split!r})")
+        raise DataError(f"{where}: {set_cfg.path!r} has no rows (split {set_cfg.split!r})")
     for i, row in enumerate(rows):
         try:
             reference_response(row, data, i)
             if data.kind == "prompt_response":
                 render_prompt(row, data, None, i)
         except DataError as e:
-            mapped = ", ".join(f"{k}: {v}" for k, v in set_cfg.fields.items()) or "none"
-            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise EvalError(f"{where}: {source.location(i)}: {e} (the row has {fields}; {where}.fields maps "
-                            f"{mapped}: map the template's names and `response` onto this set's fields)") from None
+            mapped = ", ".join(f"{k}: {v}" for k, v in set_cfg.fields.items()) or "nothing"
+            raise DataError(f"{where}: {source.location(i)}: {e}. Map the template's names and `response` onto "
+                            f"this set's fields with {where}.fields (it maps {mapped})") from None
     return EvalSet(name, set_cfg, data, rows, list(range(len(rows))), source.location)
 
 

@@ -46,8 +46,10 @@ def test_a_set_with_missing_fields_is_refused_before_any_model_runs(tmp_path, tr
                                                                        other_rows):
     from stages.overlap import evaluation_sets
 
+    from stages.rows import DataError
+
     cfg = load_config(write_config(tmp_path, train_jsonl, tiny_llama_dir, {"qa": {"path": str(other_rows)}}))
-    with pytest.raises(EvalError) as err:  # the data's prompt/response fields are not this set's
+    with pytest.raises(DataError) as err:  # the data's prompt/response fields are not this set's
         evaluation_sets(cfg.data, cfg.eval)
     assert "eval.sets.qa:" in str(err.value) and "other.jsonl:1" in str(err.value)
     assert "'question'" in str(err.value) and "eval.sets.qa.fields" in str(err.value)
@@ -121,3 +123,14 @@ def test_sweep_report_has_intervals_per_set():
     cells = row.split(" | ")
     assert cells[2].startswith("0.250 [") and cells[3].startswith("0.450 [") and cells[4].startswith("0.350 [")
     assert sweep_sets_section({("default", "kd"): [SeedResult(0, {}, {})]}) == []
+
+
+def test_atkd_eval_refuses_a_set_with_missing_fields_before_any_model_runs(tmp_path, train_jsonl, tiny_llama_dir,
+                                                                           other_rows, capsys):
+    from tests.fixtures import atkd_here
+
+    cfg = write_config(tmp_path, train_jsonl, tiny_llama_dir, {"qa": {"path": str(other_rows)}})
+    rc, out = atkd_here(capsys, "eval", str(cfg))
+    assert rc == 1 and "eval.sets.qa:" in out and "field 'response' is missing" in out, out
+    assert "Traceback" not in out and "eval.sets.qa.fields (it maps nothing)" in out
+    assert not (tmp_path / "run" / "eval" / "results.json").exists()
