@@ -157,9 +157,10 @@ def fingerprint(lm) -> dict | None:
     local data files they name (None without tasks)."""
     if not lm.tasks:
         return None
-    digest = hashlib.sha256()
     from stages.errors import EvalError
+    from stages.rows import file_sha256
 
+    digest = hashlib.sha256()
     if lm.include_path and Path(lm.include_path).expanduser().is_dir():
         for path in task_files(lm.include_path):
             digest.update(str(path).encode() + b"\0" + path.read_bytes())
@@ -170,7 +171,7 @@ def fingerprint(lm) -> dict | None:
             for data in files:
                 p = Path(data).expanduser()
                 if p.is_file():
-                    digest.update(str(p).encode() + b"\0" + _file_digest(p))
+                    digest.update(str(p).encode() + b"\0" + file_sha256(str(p)).encode())
     return {"version": installed_version(), "tasks": "sha256:" + digest.hexdigest()}
 
 
@@ -183,14 +184,6 @@ def _data_files(raw: dict) -> list[str]:
     if isinstance(files, dict):
         return [f for v in files.values() for f in (v if isinstance(v, list) else [v]) if isinstance(f, str)]
     return []
-
-
-def _file_digest(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
 
 
 # ---------------------------------------------------------------- the parent: one process per model
