@@ -381,8 +381,8 @@ def evaluate(job: dict, request: dict, manager=None) -> dict:
 
     t0 = time.perf_counter()
     manager = manager if manager is not None else task_manager(request["tasks"], request.get("include_path"))
-    load_tasks(request["tasks"], manager)  # before the model: a bad task costs no model load
-    if job.get("ready"):
+    if job.get("ready"):  # the first model: every task loaded before the model, so a bad task costs no model
+        load_tasks(request["tasks"], manager)
         Path(job["ready"]).touch()
     on_gpu = torch.cuda.is_available()
     model_args = f"pretrained={job['model']},tokenizer={job['tokenizer']},dtype={'bfloat16' if on_gpu else 'float32'}"
