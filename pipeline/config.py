@@ -291,10 +291,10 @@ def validate(cfg: PipelineConfig) -> None:
         if not 1 <= cfg.teacher.samples <= MAX_SAMPLES:
             raise ConfigError(f"teacher.samples: must be in [1, {MAX_SAMPLES}], got {cfg.teacher.samples}")
     check_vllm_route(cfg.teacher)
-    from stages.eval import lm_harness, sets
+    from pipeline.eval_checks import check_lm_eval, check_sets
 
-    sets.check_sets(cfg)
-    lm_harness.check_config(cfg)
+    check_sets(cfg)
+    check_lm_eval(cfg)
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.teacher.device):
         raise ConfigError(f"teacher.device: expected auto, cpu, cuda, cuda:N or mps, got {cfg.teacher.device!r}")
     if cfg.data.max_seq_len < 2:

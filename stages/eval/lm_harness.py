@@ -10,14 +10,13 @@
 
 lm-eval (PyPI `lm-eval`, the optional extra `atkd[lm-eval]`) runs its Hugging Face
 wrapper (`HFLM`) on each model directory through `lm_eval.simple_evaluate`, in a
-process of its own per model (`python -m stages.eval.lm_harness REQUEST.json`), so
+process of its own per model (`python -m stages.eval.lm_harness_worker REQUEST.json`), so
 the model's memory is returned when it ends: one worker imports lm-eval once (about
 15 s on a busy CPU) and forks a child per model. The worker resolves the task names
 and the first child loads the tasks' data before its model: an unknown name, a task
 whose data cannot be read or a prompt template naming no field stop the evaluation
-before any model runs. At
-load (check_config), without importing lm-eval: it must be installed, and every
-YAML under include_path must parse.
+before any model runs. At load (pipeline/eval_checks.py), without importing lm-eval:
+it must be installed, and every YAML under include_path must parse.
 
 Per model, `results[model]["lm_eval"]`: lm-eval's version, the model arguments and
 per task its version, n-shot, sample count and each metric's value and standard
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -118,35 +116,6 @@ def local_tasks(include_path: str) -> dict[str, Path]:
     return names
 
 
-def check_config(cfg) -> None:
-    """At load: lm-eval installed, include_path a directory whose YAMLs parse (a ConfigError saying which).
-
-    The demo's include_path is built with its data (later): checked when the demo is built."""
-    from pipeline.config import ConfigError
-    from stages.errors import EvalError
-
-    lm = cfg.eval.lm_eval
-    if not lm.tasks:
-        return
-    if not installed():
-        raise ConfigError(f"eval.lm_eval.tasks ({', '.join(lm.tasks)}) needs lm-evaluation-harness, which is not "
-                          f"installed: {INSTALL}")
-    if lm.batch_size < 1:
-        raise ConfigError(f"eval.lm_eval.batch_size: must be >= 1, got {lm.batch_size}")
-    if lm.num_fewshot is not None and lm.num_fewshot < 0:
-        raise ConfigError(f"eval.lm_eval.num_fewshot: must be >= 0 (or null for each task's own), got {lm.num_fewshot}")
-    if lm.limit is not None and lm.limit <= 0:
-        raise ConfigError(f"eval.lm_eval.limit: examples per task (>= 1) or a fraction (< 1), got {lm.limit}")
-    if not lm.include_path or (demo_include_path(cfg) == lm.include_path and not Path(lm.include_path).is_dir()):
-        return
-    if not Path(lm.include_path).expanduser().is_dir():
-        raise ConfigError(f"eval.lm_eval.include_path: {lm.include_path!r} is not a directory (of task YAMLs)")
-    try:
-        local_tasks(lm.include_path)
-    except EvalError as e:
-        raise ConfigError(str(e)) from None
-
-
 def demo_include_path(cfg) -> str | None:
     """Where the demo writes its multiple-choice task (stages.demo.lm_eval_task); None without the demo."""
     return str(Path(cfg.demo.dir or cfg.run_dir) / "lm_eval") if cfg.demo.enabled else None
@@ -192,7 +161,7 @@ def _data_files(raw: dict) -> list[str]:
 class LmEvalRun:
     """lm-eval on each model (name -> directory), each in a process of its own, running in the background.
 
-    One worker (`python -m stages.eval.lm_harness REQUEST`) imports lm-eval once and resolves the task
+    One worker (`python -m stages.eval.lm_harness_worker REQUEST`) imports lm-eval once and resolves the task
     names, then forks a child per model, in turn, which loads the tasks' data (the first one then writes
     READY_FILE), then its model, evaluates and exits (its memory goes with it). Output: the stage log.
 
@@ -223,7 +192,7 @@ class LmEvalRun:
         self.log = current_log() if not verbose() else None
         self._results: dict | None = None
         with open(self.log, "ab") if self.log else contextlib.nullcontext() as sink:
-            self.proc = subprocess.Popen([sys.executable, "-m", "stages.eval.lm_harness", str(request_path)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "stages.eval.lm_harness_worker", str(request_path)],
                                          stdout=sink, stderr=sink, start_new_session=True,
                                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
 
@@ -281,169 +250,3 @@ def run_models(models: dict[str, str], lm, *, teacher_dir: str, out_dir: str | P
         return run.results(progress)
     finally:
         run.stop()
-
-
-# ---------------------------------------------------------------- the worker (this module as a script)
-
-
-def task_manager(tasks: list[str], include_path: str | None):
-    """lm-eval's TaskManager: over include_path alone when it defines every task (indexing lm-eval's own
-    ~15k YAMLs takes about a minute on a busy CPU), else over both. An unknown name: an EvalError."""
-    import difflib
-
-    from lm_eval.tasks import TaskManager
-
-    from stages.errors import EvalError
-
-    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
-    missing = [t for t in tasks if manager is None or t not in manager.all_tasks]
-    if missing and not all(t.endswith((".yaml", ".yml")) and Path(t).is_file() for t in missing):
-        manager = TaskManager(include_path=include_path)
-    unknown = [t for t in tasks if t not in manager.all_tasks and not (t.endswith((".yaml", ".yml"))
-                                                                       and Path(t).is_file())]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
-        hint = f" (close: {', '.join(close)})" if close else ""
-        where = f" or in eval.lm_eval.include_path {include_path!r}" if include_path else ""
-        raise EvalError(f"eval.lm_eval.tasks: {unknown[0]!r} is no lm-eval task, group or tag{where}{hint}; "
-                        "`lm-eval ls tasks` lists them (a local task needs its YAML under include_path)")
-    return manager
-
-
-def load_tasks(tasks: list[str], manager) -> dict:
-    """lm-eval's task objects, data read (a task whose data or template fails: an EvalError naming it)."""
-    from lm_eval.tasks import get_task_dict
-
-    from stages.errors import EvalError
-
-    task_dict = {}
-    for name in tasks:
-        try:
-            task_dict.update(get_task_dict([name], manager))
-        except Exception as e:  # noqa: BLE001 - lm-eval raises anything (KeyError, FileNotFoundError, jinja...)
-            raise EvalError(f"eval.lm_eval.tasks: task {name!r} cannot be loaded: {type(e).__name__}: "
-                            f"{str(e)[:300]}") from None
-    for name, task in _leaves(task_dict):
-        try:
-            docs = task.eval_docs
-            if len(docs):
-                task.doc_to_text(docs[0])
-                task.doc_to_target(docs[0])
-        except Exception as e:  # noqa: BLE001 - a template naming no field (jinja's UndefinedError), ...
-            raise EvalError(f"eval.lm_eval.tasks: task {name!r} cannot render its first example: "
-                            f"{type(e).__name__}: {str(e)[:300]}") from None
-    return task_dict
-
-
-def _leaves(task_dict: dict):
-    for key, value in task_dict.items():
-        if isinstance(value, dict):
-            yield from _leaves(value)
-        elif value is not None:
-            yield getattr(key, "group_name", key), value
-
-
-def number(value):
-    """A JSON number from lm-eval's numpy scalars; None for 'N/A' and non-finite values."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
-def summarise(raw: dict) -> dict:
-    """What atkd keeps of simple_evaluate's output: per task its version, n-shot, samples and metrics."""
-    tasks = {}
-    for task, values in {**raw.get("results", {}), **raw.get("groups", {})}.items():
-        metrics = []
-        for key, value in values.items():
-            if "," not in key or "_stderr," in key:
-                continue
-            metric, _, filt = key.partition(",")
-            metrics.append({"metric": metric, "filter": filt, "value": number(value),
-                            "stderr": number(values.get(f"{metric}_stderr,{filt}"))})
-        samples = raw.get("n-samples", {}).get(task, {})
-        version = raw.get("versions", {}).get(task)
-        tasks[task] = {"version": version if version is None or isinstance(version, str) else number(version),
-                       "n_shot": None if number(raw.get("n-shot", {}).get(task)) is None
-                       else int(number(raw["n-shot"][task])),
-                       "samples": samples.get("effective") if isinstance(samples, dict) else None,
-                       "metrics": metrics}
-    return tasks
-
-
-def evaluate(job: dict, request: dict, manager=None) -> dict:
-    """simple_evaluate on one model (`job`: model and tokenizer directories) with `request`'s tasks and
-    settings: what each worker child runs, and what the tests compare with lm-eval's own run."""
-    import lm_eval
-    import torch
-
-    t0 = time.perf_counter()
-    manager = manager if manager is not None else task_manager(request["tasks"], request.get("include_path"))
-    if job.get("ready"):  # the first model: every task loaded before the model, so a bad task costs no model
-        load_tasks(request["tasks"], manager)
-        Path(job["ready"]).touch()
-    on_gpu = torch.cuda.is_available()
-    model_args = f"pretrained={job['model']},tokenizer={job['tokenizer']},dtype={'bfloat16' if on_gpu else 'float32'}"
-    raw = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=request["tasks"],
-                                  num_fewshot=request.get("num_fewshot"), limit=request.get("limit"),
-                                  batch_size=request.get("batch_size", 8), device="cuda" if on_gpu else "cpu",
-                                  task_manager=manager, log_samples=False)
-    return {"version": installed_version(), "model_args": model_args, "num_fewshot": request.get("num_fewshot"),
-            "limit": request.get("limit"), "batch_size": request.get("batch_size"), "tasks": summarise(raw),
-            "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _child(job: dict, request: dict, manager, error_file: Path) -> int:
-    """One model in a forked child: 0 done, 2 a task error (in error_file), 1 anything else."""
-    import traceback
-
-    from stages.errors import EvalError
-    from storage.files import atomic_write
-
-    try:
-        atomic_write(Path(job["out"]), json.dumps(evaluate(job, request, manager), indent=1))
-        return 0
-    except EvalError as e:
-        atomic_write(error_file, str(e) + "\n")
-        return 2
-    except BaseException:  # noqa: BLE001 - reported in the log, the parent names the model
-        traceback.print_exc()
-        return 1
-
-
-def main(argv: list[str]) -> int:
-    """The worker: lm-eval imported and the tasks resolved once, then one forked child per model, in turn."""
-    from stages.errors import EvalError
-    from storage.files import atomic_write
-
-    request_path = Path(argv[0])
-    request = json.loads(request_path.read_text())
-    error_file = request_path.parent / ERROR_FILE
-    try:
-        import lm_eval.models.huggingface  # noqa: F401 - imported once, before the forks
-        manager = task_manager(request["tasks"], request.get("include_path"))
-    except EvalError as e:
-        atomic_write(error_file, str(e) + "\n")
-        return 2
-    for job in request["models"]:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: its model's memory goes when it exits
-            code = 1
-            try:
-                code = _child(job, request, manager, error_file)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        if code != 0:
-            return code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -20,7 +20,6 @@ instruction, response: output}`), so other data is read with the students' own t
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -66,43 +65,6 @@ def renamed_row(row, set_cfg: EvalSetConfig):
     if not names or not isinstance(row, dict):
         return row
     return {**row, **{k: row.get(v) for k, v in names.items()}}
-
-
-# ---------------------------------------------------------------- checks at load
-
-
-def check_sets(cfg) -> None:
-    """`eval.sets` as far as the config alone tells (a ConfigError naming the set); rows are checked
-    when they are read (load_set), before any model runs."""
-    from pipeline.config import ConfigError, check_name
-    from stages.template import template_names, unknown_placeholders, used_names
-
-    for name, set_cfg in cfg.eval.sets.items():
-        where = set_label(name)
-        check_name(name, where)
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            raise ConfigError(f"{where}: a set name is letters, digits, '_' and '-' (it names files), got {name!r}")
-        if not set_cfg.path:
-            raise ConfigError(f"{where}.path: missing; set the file (or hub name) of the set's rows")
-        if set_cfg.max_examples is not None and set_cfg.max_examples < 1:
-            raise ConfigError(f"{where}.max_examples: must be >= 1 (or null for eval.max_examples), "
-                              f"got {set_cfg.max_examples}")
-        kind = set_cfg.kind or cfg.data.kind
-        if kind == "text":
-            raise ConfigError(f"{where}.kind: data.kind is text, which has no prompt and reference response; "
-                              "set the set's kind to prompt_response or messages")
-        bad = [k for k in set_cfg.fields if not k or not set_cfg.fields[k]]
-        if bad:
-            raise ConfigError(f"{where}.fields: empty name or field in {bad[0]!r}")
-        data = set_data_config(cfg.data, set_cfg)
-        if kind == "prompt_response":
-            names = template_names(data)
-            unknown = unknown_placeholders(data.template, names)
-            if unknown:
-                raise ConfigError(f"{where}.template: {{{unknown[0]}}} names no field; map it to a row field "
-                                  f"with {where}.fields ({unknown[0]}: <row field>)")
-            if not used_names(data.template, names):
-                raise ConfigError(f"{where}.template: must contain {{prompt}} or a field of {where}.fields")
 
 
 def resolve_paths(cfg) -> None:

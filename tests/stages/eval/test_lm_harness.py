@@ -60,7 +60,9 @@ def test_results_are_json_numbers_with_metric_filter_value_and_stderr():
                              "exact_match,strip": np.float32(0.5), "exact_match_stderr,strip": "N/A"}},
            "versions": {"t": 2.0}, "n-shot": {"t": np.int64(0)}, "n-samples": {"t": {"original": 8, "effective": 4}},
            "config": {"model_dtype": np.dtype("float32")}}
-    tasks = lm_harness.summarise(raw)
+    from stages.eval.lm_harness_worker import summarise
+
+    tasks = summarise(raw)
     json.dumps(tasks)  # lm-eval's numpy scalars and dtypes do not survive json.dumps as they are
     assert tasks == {"t": {"version": 2.0, "n_shot": 0, "samples": 4, "metrics": [
         {"metric": "acc", "filter": "none", "value": 0.25, "stderr": 0.1},
