@@ -134,12 +134,12 @@ def cmd_student(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pipeline.evaluation import format_results, run_eval
+    from pipeline.evaluation import format_results, load_results, run_eval
 
     cfg = _load(args.rest)
     runner.prepare(cfg)
-    results = run_eval(cfg, force=True)
-    print(format_results(results))
+    results = run_eval(cfg, force=args.force, standalone=True)  # None: results.json is current
+    print(format_results(results if results is not None else load_results(cfg)))
     runner.record_run(cfg)
     return 0
 
@@ -280,9 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
              "Stage two: train every student (or --student NAME) from the teacher cache or the rows.", dry_run=True)
     sp.add_argument("--student", help="train only this student (by name)")
     sp.add_argument("--retrain", action="append", metavar="NAME", help=retrain_help)
-    add("eval", cmd_eval, "evaluate students and teacher, write the report",
-        "Evaluate every trained student and the teacher (the validation cache is written first when missing),\n"
-        "then write the report. A student not trained yet is left out, said so; a stale one is refused.")
+    sp = add("eval", cmd_eval, "evaluate students and teacher, write the report",
+             "Evaluate every trained student and the teacher (the validation cache is written first when missing),\n"
+             "then write the report. A student not trained yet is left out, said so; a stale one is refused.\n"
+             "Results computed from the same models, data and settings are kept (nothing runs).")
+    sp.add_argument("--force", action="store_true", help="evaluate again even when results.json is current")
     add("sweep", cmd_sweep, "students x seeds x teachers, each an `atkd run`; report with 95%% intervals",
         "A sweep file: students x seeds x teachers, each an ordinary `atkd run`; report with 95%% intervals.",
         dry_run=True, metavar="SWEEP [key=value ...]")

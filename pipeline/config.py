@@ -249,6 +249,11 @@ def derive_paths(cfg: PipelineConfig) -> None:
         cfg.eval.path, cfg.eval.split = cfg.data.path, cfg.data.split  # evaluation reads its test part
     if cfg.eval.answer_rule == "auto":
         cfg.eval.answer_rule = "demo" if cfg.demo.enabled else "exact"
+    from stages.eval import lm_harness, sets
+
+    sets.resolve_paths(cfg)  # after eval.answer_rule: a set's `auto` is eval's
+    if cfg.demo.enabled and cfg.eval.lm_eval.tasks and not cfg.eval.lm_eval.include_path:
+        cfg.eval.lm_eval.include_path = lm_harness.demo_include_path(cfg)
 
 
 def validate(cfg: PipelineConfig) -> None:
@@ -260,6 +265,10 @@ def validate(cfg: PipelineConfig) -> None:
                           "all `loss.kind: sft` reading the rows needs no teacher)")
     cfg.teacher.check()
     cfg.cache.check()
+    from pipeline.eval_checks import check_lm_eval, check_sets
+
+    check_sets(cfg)
+    check_lm_eval(cfg)
     if cfg.cache.logprob_encoding != "exact" and cfg.teacher.targets == "sampled":
         raise ConfigError(f"cache.logprob_encoding: {cfg.cache.logprob_encoding} encodes the top-k log-probs, but "
                           "teacher.targets: sampled stores no top-k (only the draws and the gold log-prob); use "

@@ -87,7 +87,8 @@ def plan(cfg: PipelineConfig, command: str, only_student: str | None = None,
     if command == "run":
         out.add("evaluation: " + ("up to date" if not _quietly(out, lambda: eval_stale(cfg), True) else
                                   f"would run and write {runner.results_path(cfg)}"))
-    if all(Path(p).exists() for p in (cfg.data.path, cfg.eval.path, cfg.eval.validation_path) if p):
+    local = (cfg.data.path, cfg.eval.path, cfg.eval.validation_path, *(s.path for s in cfg.eval.sets.values()))
+    if all(Path(p).exists() for p in local if p):
         overlap = _quietly(out, lambda: check_overlap(cfg, record=False))  # local data only: nothing downloads
         if overlap:
             out.problem(overlap)

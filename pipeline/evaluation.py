@@ -49,6 +49,14 @@ def _source_fingerprints(cfg: PipelineConfig) -> dict:
     if runner.validation_job(cfg) is not None:
         cache = runner.open_cache(runner.val_cache_path(cfg))
         out["validation_cache"] = cache.fingerprint if cache is not None and cache.is_complete() else None
+    if cfg.eval.sets:
+        from stages.eval.sets import set_fingerprints
+
+        out["eval_sets"] = set_fingerprints(cfg.data, cfg.eval)
+    if cfg.eval.lm_eval.tasks:
+        from stages.eval.lm_harness import fingerprint
+
+        out["lm_eval"] = fingerprint(cfg.eval.lm_eval)  # lm-eval's version, the task YAMLs and their data
     return out
 
 
@@ -94,7 +102,7 @@ def check_overlap(cfg: PipelineConfig, *, record: bool = True, unreadable_ok: bo
     from stages.eval.overlap import check_train_overlap, evaluation_sets
     from stages.rows import DataError
 
-    if cfg.eval.allow_train_overlap or not (cfg.eval.path or runner.validation_job(cfg)):
+    if cfg.eval.allow_train_overlap or not (cfg.eval.path or cfg.eval.sets or runner.validation_job(cfg)):
         return None
     val_job = runner.validation_job(cfg)
     try:
@@ -112,27 +120,29 @@ def check_overlap(cfg: PipelineConfig, *, record: bool = True, unreadable_ok: bo
     return None
 
 
-def run_eval(cfg: PipelineConfig, force: bool = False) -> dict | None:
-    """Evaluate every trained student and the teacher (stages.eval.evaluate writes results.json), then the report.
+def run_eval(cfg: PipelineConfig, force: bool = False, standalone: bool = False) -> dict | None:
+    """Evaluate every trained student and the teacher (stages.eval.evaluate writes results.json), then the report;
+    None when results.json is current (eval_stale) and not `force`.
 
     A stale student is refused (pipeline.student_record); one not trained yet is left out, said so.
-    The validation cache is stage one's: run first, as that stage, when it is missing."""
+    The validation cache is stage one's: run first, as that stage, when it is missing. `standalone`
+    (`atkd eval`): a validation cache there is checked against this config first."""
     runner.run_finetune(cfg)  # the teacher row is the fine-tuned teacher (nothing to do once it is trained)
     states = student_states(cfg)
     refuse_stale(cfg, states, set())
-    if not force and not eval_stale(cfg, states):
-        _log(f"evaluation {runner.results_path(cfg)} is up to date; skipping")
-        return None
     for name, state in states.items():
         if state.kind not in USABLE:
             _log(f"student {name!r} is {state.kind}: left out of the evaluation (train it with "
                  f"`atkd student --student {name}` or `atkd run`)")
+    if not force and not eval_stale(cfg, states):
+        _log(f"evaluation {runner.results_path(cfg)} is up to date; skipping (`atkd eval --force` evaluates again)")
+        return None
     job = runner.validation_job(cfg)
     if job is not None and not runner.cache_complete(job[2].path):
         _log(f"the validation cache {job[2].path} is not complete: running stage one over "
              f"{cfg.eval.validation_path or 'the validation part of ' + cfg.data.path} first")
         runner.run_validation_capture(cfg)
-    elif job is not None and force:  # `atkd eval` alone: the cache it measures KL on must be this config's
+    elif job is not None and (force or standalone):  # `atkd eval`: the cache it measures KL on must be this config's
         from stages.teacher.capture import check_cache
 
         check_cache(job[1], runner.validation_teacher(cfg), job[2])
@@ -154,6 +164,13 @@ def answer_rule(cfg: PipelineConfig):
     return None
 
 
+def named_rules() -> dict:
+    """Rules an eval set's `answer_rule` may name besides "exact": the demo's answer check."""
+    from stages.demo.evaluation import DemoAnswer
+
+    return {"demo": DemoAnswer()}
+
+
 def report_sections(cfg: PipelineConfig) -> list[str]:
     """What the run adds to the report beyond the evaluation: the demo teacher's numbers."""
     if not cfg.demo.enabled:
@@ -163,9 +180,33 @@ def report_sections(cfg: PipelineConfig) -> list[str]:
     return [teacher_section(runner.demo_dir(cfg))]
 
 
+def start_lm_eval(cfg: PipelineConfig, models: dict[str, str]):
+    """eval.lm_eval's run (stages.eval.lm_harness) started, its tasks resolved and loaded (a task that
+    cannot be: an EvalError before any model runs); None without tasks. On a CPU it goes on beside the
+    generation metrics (the small models there leave cores idle); on a GPU it finishes first, so two
+    models never share the GPU's memory."""
+    if not cfg.eval.lm_eval.tasks or not models:
+        return None
+    import torch
+
+    from stages.eval.lm_harness import LmEvalRun
+
+    run = LmEvalRun(models, cfg.eval.lm_eval, teacher_dir=runner.cached_teacher(cfg).model,
+                    out_dir=runner.results_path(cfg).parent)
+    try:
+        run.wait_ready()
+        if torch.cuda.is_available():
+            run.results()  # kept: evaluate_models asks for them again at its end
+    except BaseException:
+        run.stop()
+        raise
+    return run
+
+
 def _run_eval(cfg: PipelineConfig, states: dict[str, StudentState]) -> dict:
     from stages.eval.evaluate import evaluate_models
     from stages.eval.report import write_report
+    from stages.eval.report_tables import eval_sections
 
     settings = eval_settings(cfg, states)  # before evaluating: a student finishing meanwhile makes them stale
     val_job = runner.validation_job(cfg)
@@ -175,14 +216,21 @@ def _run_eval(cfg: PipelineConfig, states: dict[str, StudentState]) -> dict:
     elif val_url is None:
         _log("KL to the teacher, top-1 agreement and ECE are skipped: they need held-out rows cached by the "
              "teacher; set eval.validation_path to a file of them, or data.holdout.validation")
-    results = evaluate_models(eval_models(cfg, states), eval_cfg=cfg.eval, data_cfg=cfg.data,
-                              teacher_dir=runner.cached_teacher(cfg).model, val_cache_url=val_url,
-                              backend=cfg.eval.backend, out_dir=str(runner.results_path(cfg).parent),
-                              settings=settings, answer_rule=answer_rule(cfg),
-                              val_data_cfg=val_job[1] if val_job else None)
+    models = eval_models(cfg, states)
+    lm_run = start_lm_eval(cfg, models)
+    try:
+        results = evaluate_models(models, eval_cfg=cfg.eval, data_cfg=cfg.data,
+                                  teacher_dir=runner.cached_teacher(cfg).model, val_cache_url=val_url,
+                                  backend=cfg.eval.backend, out_dir=str(runner.results_path(cfg).parent),
+                                  settings=settings, answer_rule=answer_rule(cfg), named_rules=named_rules(),
+                                  val_data_cfg=val_job[1] if val_job else None,
+                                  extra=lm_run.results if lm_run is not None else None)
+    finally:
+        if lm_run is not None:
+            lm_run.stop()
     logs = {s.name: str(runner.student_dir(cfg, s.name) / "log.jsonl") for s in cfg.students}
     cache = cfg.cache.path if runner.needs_training_cache(cfg) and runner.cache_complete(cfg.cache.path) else None
-    report = write_report(cfg.run_dir, results, logs, cache, sections=report_sections(cfg),
+    report = write_report(cfg.run_dir, results, logs, cache, sections=eval_sections(results) + report_sections(cfg),
                           continues={s.name: s.init_from for s in cfg.students if s.init_from})
     _log(f"report written to {report}")
     return results
@@ -195,5 +243,6 @@ def load_results(cfg: PipelineConfig) -> dict | None:
 
 def format_results(results: dict) -> str:
     from stages.eval.report import format_table
+    from stages.eval.report_tables import eval_sections
 
-    return format_table(results)
+    return "\n\n".join([format_table(results), *eval_sections(results)]).rstrip("\n")

@@ -344,7 +344,10 @@ def write_report(spec: Sweep, runs: list[Run], seconds: dict[str, float], finish
         for model, metrics in (results or {}).items():
             generations = runner.results_path(run.cfg).parent / f"{model}.generations.jsonl"
             examples = read_example_scores(generations) if generations.is_file() else {}
-            cells.setdefault((run.teacher, model), []).append(SeedResult(run.seed, metrics, examples))
+            per_set = {name: runner.results_path(run.cfg).parent / "sets" / name / f"{model}.generations.jsonl"
+                       for name in (metrics.get("sets") or {})}
+            per_set = {name: read_example_scores(path) for name, path in per_set.items() if path.is_file()}
+            cells.setdefault((run.teacher, model), []).append(SeedResult(run.seed, metrics, examples, per_set))
     total = sum(seconds.get(r.label, 0.0) for r in runs)
     describe = lambda sets: ", ".join(f"{k}={json.dumps(v)}" for k, v in sets.items())  # noqa: E731
     about = About(

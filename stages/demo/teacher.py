@@ -9,6 +9,8 @@ students/, eval/ and report/):
     data/teacher.jsonl                     the teacher's own pool (demo.teacher_train_examples > 0)
     data/done.json
     tokenizer/                             save_pretrained + done.json
+    lm_eval/atkd_demo_mc.{yaml,jsonl}      an lm-eval multiple-choice task over the test split
+                                           (stages.demo.lm_eval_task; rewritten when it changes)
     teacher/                               save_pretrained (model + tokenizer),
                                            demo_teacher.json (metrics), done.json
     teacher.work/checkpoints/step_NNNNNN/  resume point while the teacher trains
@@ -43,6 +45,7 @@ from typing import Any
 from stages.data_config import DataConfig
 from stages.demo import task as demo_task
 from stages.demo.config import DemoConfig
+from stages.demo.lm_eval_task import write_demo_mc_task
 from stages.errors import DemoError
 from stages.training.config import OptimConfig
 from storage.errors import AtkdError
@@ -387,6 +390,7 @@ def prepare_demo(demo_cfg: DemoConfig, run_dir: str | os.PathLike, data_cfg: Dat
     train_path, validation_path = data_dir / "train.jsonl", data_dir / "validation.jsonl"
     teacher_train_path = data_dir / "teacher.jsonl" if demo_cfg.teacher_train_examples else train_path
     tokenizer = write_demo_tokenizer(demo_cfg, data_cfg, train_path, root / "tokenizer")
+    write_demo_mc_task(data_dir, root / "lm_eval", data_cfg, demo_cfg.seed)  # eval.lm_eval's demo task
     teacher_dir = root / "teacher"
     metrics = train_demo_teacher(
         demo_cfg, data_cfg, tokenizer, teacher_train_path, validation_path, teacher_dir,

@@ -5,10 +5,12 @@ Loaded by pipeline/config.py, which calls `check()`: each section checks its own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from stages.errors import ConfigError
+from stages.eval.lm_harness import LmEvalConfig
+from stages.eval.sets import EvalSetConfig
 
 
 @dataclass
@@ -32,6 +34,10 @@ class EvalConfig:
     # evaluate anyway with a loud warning, the count in results.json (train_overlap). The demo's
     # evaluation rows are disjoint from its training rows by construction (stages/demo/task.py).
     allow_train_overlap: bool = False
+    # More held-out sets, each with its own generation metrics and report table (stages/eval/sets.py).
+    sets: dict[str, EvalSetConfig] = field(default_factory=dict)
+    # Benchmarks through lm-evaluation-harness, per model (stages/eval/lm_harness.py).
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
     def check(self) -> None:
         for key in ("max_new_tokens", "batch_size"):

@@ -40,7 +40,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -135,12 +135,15 @@ def load_model(model_dir: str, device: torch.device | None = None):
     return model.to(device).eval()
 
 
+def has_tokenizer(model_dir: str) -> bool:
+    return any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def load_tokenizer(model_dir: str, fallback_dir: str):
     """The model's own tokenizer when its directory has one, else the teacher's."""
     from transformers import AutoTokenizer
 
-    has_own = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return AutoTokenizer.from_pretrained(model_dir if has_own else fallback_dir)
+    return AutoTokenizer.from_pretrained(model_dir if has_tokenizer(model_dir) else fallback_dir)
 
 
 # ---------------------------------------------------------------- generation (transformers: stages.lm)
@@ -260,9 +263,11 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
                     val_cache_url: str | None = None, backend: str | None = None,
                     out_dir: str | None = None, settings: dict | None = None,
                     answer_rule: AnswerRule | None = None, progress: bool = True,
-                    val_data_cfg: DataConfig | None = None) -> dict[str, dict]:
+                    val_data_cfg: DataConfig | None = None, named_rules: dict[str, AnswerRule] | None = None,
+                    extra: Callable[[], dict[str, dict]] | None = None) -> dict[str, dict]:
     """Metrics per model name (see the module doc); `backend` None = eval_cfg.backend,
-    `answer_rule` None = ExactResponse(data_cfg).
+    `answer_rule` None = ExactResponse(data_cfg); `named_rules`: the rules a set's `answer_rule` may name
+    besides "exact" (the pipeline passes the demo's as "demo").
 
     Before any model is loaded, the evaluation rows (and the first rows of `val_data_cfg`, the
     data of the validation cache) are compared with the training rows of `data_cfg`
@@ -274,19 +279,26 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
     of `models`. `settings` (JSON: what the caller needs to tell whether the results are
     current) then goes to `<out_dir>/settings.json`, written after results.json and
     removed before it is replaced, so it never vouches for other results.
+
+    Each set of `eval_cfg.sets` (stages.eval.sets) gets the generation metrics too, under
+    `results[name]["sets"][set]`. `extra`, called once every model is evaluated, returns metrics
+    measured elsewhere meanwhile (model name -> metrics: lm-eval's), merged into the results.
     """
-    from stages.data import reference_response, tokenize_examples
+    from stages.data import reference_response
     from stages.eval.overlap import check_train_overlap, evaluation_sets
+    from stages.eval.sets import answer_rule_for, set_label
 
     backend = resolve_backend(backend or eval_cfg.backend)
     rule = answer_rule if answer_rule is not None else ExactResponse(data_cfg)
-    sets, train_source = evaluation_sets(data_cfg, eval_cfg, val_data_cfg if val_cache_url else None)
+    sets, train_source, named_sets = evaluation_sets(data_cfg, eval_cfg, val_data_cfg if val_cache_url else None,
+                                                     named=True)
     overlap = None
     if sets and train_source is not None:
         overlap = check_train_overlap(data_cfg, sets, allow=bool(eval_cfg.allow_train_overlap), out_dir=out_dir,
                                       source=train_source)
     rows: list[dict] = sets[0].rows if eval_cfg.path else []
     references = [reference_response(row, data_cfg, i) for i, row in enumerate(rows)]
+    set_refs = [[reference_response(r, s.data_cfg, i) for i, r in enumerate(s.rows)] for s in named_sets]
     records = read_cache_records(val_cache_url, eval_cfg.max_examples) if val_cache_url else []
     out = Path(out_dir) if out_dir else None
     if out:
@@ -303,24 +315,18 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
         if overlap is not None:
             res["train_overlap"] = overlap["overlap"]  # evaluation rows that are training rows (0 unless allowed)
         if rows:
-            tg = time.perf_counter()
-            if backend == "vllm":
-                texts = generate_vllm(model_dir, tokenizer, rows, data_cfg, max_new_tokens=eval_cfg.max_new_tokens)
-            else:
-                texts = generate_greedy(model, tokenizer, rows, data_cfg, max_new_tokens=eval_cfg.max_new_tokens,
-                                        batch_size=eval_cfg.batch_size)
-            res["generation_seconds"] = round(time.perf_counter() - tg, 2)
-            hits = [bool(rule.score(r, t)) for t, r in zip(texts, rows)]
-            res["exact_match"] = sum(hits) / len(hits)
-            rouge = rouge_l(texts, references)
-            res["rouge_l"] = sum(rouge) / len(texts)
-            by_group = exact_match_by_group(rule, rows, hits)
-            if by_group is not None:
-                res["exact_match_by_task"] = by_group
-            examples, _ = tokenize_examples(rows, tokenizer, data_cfg)
-            res["perplexity"], res["perplexity_tokens"] = perplexity(model, tokenizer, examples, eval_cfg.batch_size)
-            if out:
-                _write_generations(out / f"{name}.generations.jsonl", rows, texts, hits, rouge)
+            scores = generation_metrics(model, tokenizer, model_dir, rows, references, data_cfg, rule, eval_cfg,
+                                        backend, out / f"{name}.generations.jsonl" if out else None)
+            res.update(scores)
+        for eval_set, set_references in zip(named_sets, set_refs):
+            path = out / "sets" / eval_set.name / f"{name}.generations.jsonl" if out else None
+            set_rule = answer_rule_for(eval_set, named_rules)
+            scores = generation_metrics(model, tokenizer, model_dir, eval_set.rows, set_references, eval_set.data_cfg,
+                                        set_rule, eval_cfg, backend, path)
+            scores.update(num_examples=len(eval_set.rows), answer_rule=set_rule.description)
+            if overlap is not None:
+                scores["train_overlap"] = overlap["by_set"].get(set_label(eval_set.name), 0)
+            res.setdefault("sets", {})[eval_set.name] = scores
         if records:
             res.update(teacher_agreement(model, records, pad_id(tokenizer), eval_cfg.batch_size))
         res["seconds"] = round(time.perf_counter() - t0, 2)
@@ -329,12 +335,45 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
             print(f"[eval] {name}: " + ", ".join(f"{k}={_fmt(res[k])}" for k in METRICS) + f" ({res['seconds']} s)",
                   flush=True)
         del model
+    for name, metrics in (extra() if extra is not None else {}).items():
+        results[name].update(metrics)  # measured elsewhere meanwhile (lm-eval's, in processes of its own)
     if out:
         (out / SETTINGS_FILE).unlink(missing_ok=True)
         atomic_write(out / RESULTS_FILE, json.dumps(results, indent=1))
         if settings is not None:
             atomic_write(out / SETTINGS_FILE, json.dumps(settings, indent=1, sort_keys=True))
     return results
+
+
+
+def generation_metrics(model, tokenizer, model_dir: str, rows: list[dict], references: list[str],
+                       data_cfg: DataConfig, rule: AnswerRule, eval_cfg: EvalConfig, backend: str,
+                       generations_path: Path | None = None) -> dict[str, Any]:
+    """Greedy generations for `rows` scored by `rule` and ROUGE-L, and the references' perplexity;
+    each example's scores go to `generations_path` (a sweep's bootstrap reads them)."""
+    from stages.data import tokenize_examples
+
+    res: dict[str, Any] = {}
+    tg = time.perf_counter()
+    if backend == "vllm":
+        texts = generate_vllm(model_dir, tokenizer, rows, data_cfg, max_new_tokens=eval_cfg.max_new_tokens)
+    else:
+        texts = generate_greedy(model, tokenizer, rows, data_cfg, max_new_tokens=eval_cfg.max_new_tokens,
+                                batch_size=eval_cfg.batch_size)
+    res["generation_seconds"] = round(time.perf_counter() - tg, 2)
+    hits = [bool(rule.score(r, t)) for t, r in zip(texts, rows)]
+    res["exact_match"] = sum(hits) / len(hits)
+    rouge = rouge_l(texts, references)
+    res["rouge_l"] = sum(rouge) / len(texts)
+    by_group = exact_match_by_group(rule, rows, hits)
+    if by_group is not None:
+        res["exact_match_by_task"] = by_group
+    examples, _ = tokenize_examples(rows, tokenizer, data_cfg)
+    res["perplexity"], res["perplexity_tokens"] = perplexity(model, tokenizer, examples, eval_cfg.batch_size)
+    if generations_path is not None:
+        generations_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_generations(generations_path, rows, texts, hits, rouge)
+    return res
 
 
 def exact_match_by_group(rule: AnswerRule, rows: list[dict], hits: list[bool]) -> dict[str, float] | None:

@@ -65,16 +65,21 @@ def row_fingerprint(row: Any, fields: Sequence[str]) -> str | None:
 
 @dataclass
 class EvalRows:
-    """Rows evaluation uses: `label` ('test', 'validation'), row numbers in their source, and a namer."""
+    """Rows evaluation uses: `label` ('test', 'validation', 'eval.sets.<name>'), row numbers in their
+    source, a namer, and the fields that shape them (None: the training data's, content_fields)."""
 
     label: str
     rows: list[Any]
     indices: list[int]
     locate: Callable[[int], str] = field(default=lambda i: f"row {i}")
+    fields: list[str] | None = None
 
 
 def _key(train: dict, hashes: dict[str, list]) -> str:
-    blob = json.dumps({"train": train, "eval": sorted(hashes)}, sort_keys=True)
+    """The scan's identity: the training rows and the evaluation rows' hashes with their sets' labels
+    (a renamed set is rescanned: the record counts rows per set)."""
+    labelled = sorted([fp, sorted({label for label, _ in refs})] for fp, refs in hashes.items())
+    blob = json.dumps({"train": train, "eval": labelled}, sort_keys=True)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -110,7 +115,7 @@ def check_train_overlap(data_cfg: DataConfig, sets: list[EvalRows], *, allow: bo
     hashes: dict[str, list] = {}
     for s in sets:
         for i, row in zip(s.indices, s.rows):
-            fp = row_fingerprint(row, fields)
+            fp = row_fingerprint(row, s.fields or fields)  # a set with other field names: compared in order
             if fp is not None:
                 hashes.setdefault(fp, []).append((s.label, int(i)))
     if not hashes:
@@ -151,11 +156,11 @@ def _complain(record: dict, sets: list[EvalRows], data_cfg: DataConfig, source: 
         return
     if data_cfg.holdout is None:
         fix = ("set data.holdout (a train/validation/test split of data.path; evaluation then uses its test "
-               "part), or point eval.path / eval.validation_path at data without these rows")
+               "part), or point eval.path / eval.validation_path / eval.sets at data without these rows")
     else:  # the split is by row number: repeated rows of data.path can land on both sides
         fix = ("data.holdout splits data.path by row number, not content, so a row that data.path repeats can "
                "land in train and in a held-out part: remove the repeated rows from data.path (or these rows "
-               "from eval.path / eval.validation_path where they name other data)")
+               "from eval.path / eval.validation_path / eval.sets where they name other data)")
     raise EvalError(f"{what}. Evaluate on held-out rows: {fix}. To evaluate on them anyway, set "
                     "eval.allow_train_overlap=true")
 
@@ -192,11 +197,16 @@ def validation_rows(val_data_cfg: DataConfig, limit: int) -> EvalRows:
 
 
 def evaluation_sets(data_cfg: DataConfig, eval_cfg, val_data_cfg: DataConfig | None = None, *,
-                    quiet: bool = False) -> tuple[list[EvalRows], RowSource | None]:
-    """(the evaluation rows: eval.path's and the validation cache's data, the training source): what
-    check_train_overlap compares, before training (the pipeline) and before evaluating."""
+                    quiet: bool = False, named: bool = False) -> tuple:
+    """(the evaluation rows: eval.path's, the validation cache's data and eval.sets' rows, the training
+    source): what check_train_overlap compares, before training (the pipeline) and before evaluating.
+    `named`: the eval.sets (stages.eval.sets.EvalSet) come back too, as a third item."""
+    from stages.eval.sets import load_sets
+
     train_source = open_source(data_cfg) if data_cfg.path else None
     sets = [eval_rows(data_cfg, eval_cfg, train_source, quiet=quiet)] if eval_cfg.path else []
     if val_data_cfg is not None:
         sets.append(validation_rows(val_data_cfg, eval_cfg.max_examples))
-    return sets, train_source
+    named_sets = load_sets(data_cfg, eval_cfg)
+    sets += [s.eval_rows() for s in named_sets]
+    return (sets, train_source, named_sets) if named else (sets, train_source)

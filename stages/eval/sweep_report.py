@@ -8,6 +8,8 @@ eval/results.json and per-example scores) and writes three files in out_dir.
 Intervals come from stages.eval.bootstrap: over seeds and, for exact match and
 ROUGE-L, over the evaluation examples within each seed; perplexity, KL, top-1
 agreement and ECE are corpus-level numbers per run, so over seeds only.
+With `eval.sets`, exact match and ROUGE-L per set and their average get
+intervals too (stages.eval.report_tables).
 Then where one new run lands: per seed, the exact match of every run, and a
 95% prediction interval for one new run (stages.eval.bootstrap.prediction_interval:
 the seeds' mean ± a t-quantile times their spread), the range a fresh run on
@@ -32,6 +34,7 @@ import numpy as np
 from stages.eval.bootstrap import LEVEL, SAMPLES, SEED, Estimate, bootstrap_mean, paired_difference, prediction_interval
 from stages.eval.evaluate import EXAMPLE_METRICS
 from stages.eval.report import COLUMNS
+from stages.eval.report_tables import sweep_sets_section
 from storage.files import atomic_write
 
 COMPARED = ("exact_match", "rouge_l")  # metrics of the difference tables
@@ -48,6 +51,7 @@ class SeedResult:
     seed: int
     metrics: dict  # the model's entry of the run's eval/results.json
     examples: dict[str, list[float]] = field(default_factory=dict)  # per-example EXAMPLE_METRICS
+    set_examples: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # eval.sets: set -> the same
 
 
 @dataclass
@@ -327,6 +331,7 @@ def write_sweep_report(out_dir: str | os.PathLike, cells: Cells, about: Sweep) -
              *prediction_section(cells, predicted)]
     if about.baseline:
         lines += baseline_section(cells, about.baseline)
+    lines += sweep_sets_section(cells)  # eval.sets: per set and their average (stages.eval.report_tables)
     lines += teachers_section(cells, estimates, about.teachers)
     lines += variants_section(cells, estimates, about.variants)
     lines += notes()

@@ -65,6 +65,8 @@ def test_atkd_run_end_to_end_then_nothing_to_do(tmp_path):
         assert (report / png).stat().st_size > 1000, png
     text = (report / "report.md").read_text()  # the demo's own parts, passed in by the orchestrator
     assert "## Demo teacher" in text and "### Exact match per task" in text and "ECE (↓)" in text
+    # the shipped config's second set and lm-eval task (stages/eval, stages/demo/lm_eval_task.py)
+    assert "| model | eval.path | validation | average |" in text and "atkd_demo_mc acc" in text
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert all(r["ece"] is not None and set(r["exact_match_by_task"]) == {"add", "sort", "count", "reverse",
                                                                           "lookup"} for r in results.values())
