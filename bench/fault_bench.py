@@ -77,10 +77,7 @@ def campaigns(stage: str, ws, ref, args, rng) -> fh.Counts:
             diffs = fh.compare_caches(fh.cache_snapshot(str(cache)), ref["cache"])
         else:
             diffs = fh.compare_students(fh.student_snapshot(run / "students" / "s1"), ref["student"])
-        counts.mismatches += bool(diffs)
-        if diffs:
-            counts.notes.append(f"{name}: {diffs[:5]}")
-        print(f"  {name}: plan {plan} -> kills {counts.kills}, mismatches {counts.mismatches}", flush=True)
+        counts.compared(name, plan, diffs)
         total.add(counts)
         n += 1
     return total

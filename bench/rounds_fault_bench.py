@@ -82,10 +82,7 @@ def main() -> int:
         plan = fh.random_kill_plan(rng, POINTS, max_hit=3, n_points=5, n_timed=2, max_delay=0.7 * ref_s)
         counts = fh.run_campaign(["student", str(cfg)], plan, root / "logs" / name)
         diffs = compare(snapshot(root / name), ref)
-        counts.mismatches += bool(diffs)
-        if diffs:
-            counts.notes.append(f"{name}: {diffs[:5]}")
-        print(f"  {name}: plan {plan} -> kills {counts.kills}, mismatches {counts.mismatches}", flush=True)
+        counts.compared(name, plan, diffs)
         total.add(counts)
         n += 1
     print(f"\n| campaigns | attempts | kills | resumes | missed kills | mismatches |\n|---:|---:|---:|---:|---:|---:|\n"

@@ -408,6 +408,13 @@ class Counts:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.notes += other.notes
 
+    def compared(self, name: str, plan: list, diffs: list) -> None:
+        """Count a campaign's comparison with the uninterrupted run and print its line."""
+        self.mismatches += bool(diffs)
+        if diffs:
+            self.notes.append(f"{name}: {diffs[:5]}")
+        print(f"  {name}: plan {plan} -> kills {self.kills}, mismatches {self.mismatches}", flush=True)
+
 
 def run_campaign(argv: list[str], kills: list, log_dir: Path, *, mode: str = "fork",
                  final_mode: str | None = None, timeout: float = 300.0, env: dict | None = None) -> Counts:
