@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
              "Results computed from the same models, data and settings are kept (nothing runs).")
     sp.add_argument("--force", action="store_true", help="evaluate again even when results.json is current")
     add("sweep", cmd_sweep, "students x seeds x teachers, each an `atkd run`; report with 95%% intervals",
-        "A sweep file: students x seeds x teachers, each an ordinary `atkd run`; report with 95%% intervals.",
+        "A sweep file: students x seeds x teachers, each an ordinary `atkd run`; report with 95% intervals.",
         dry_run=True, metavar="SWEEP [key=value ...]")
     add("status", cmd_status, "show what is done",
         "What of the run is done: the fine-tune, the training and validation caches (checked against the\n"
