@@ -163,8 +163,11 @@ def vllm_run(tmp_path: Path, model: str) -> tuple[subprocess.Popen, str, Path]:
     mark = uuid.uuid4().hex
     env = {**os.environ, **fh.BASE_ENV, MARK: mark, "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "atkd.log", "w")
+    # SIGINT at its default, as in a terminal: a suite started in the background (`pytest ... &` from a
+    # script) hands its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "teacher", str(cfg)], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = tmp_path / "run" / "cache" / "shards" / "shard-00000.zarr"
     deadline = time.monotonic() + 500
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
