@@ -190,7 +190,11 @@ def test_a_killed_teacher_leaves_no_vllm_engine_behind(tmp_path, tiny_llama_dir,
         proc.kill()
     else:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-    rc = proc.wait(timeout=120)
+    try:
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:  # a failing test leaves nothing running either
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     left = gone_within(mark, 10)
     assert left == {}, f"processes outlived `atkd teacher` by 10 s: {left}"
     text = log.read_text()
