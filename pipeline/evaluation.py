@@ -157,11 +157,7 @@ def answer_rule(cfg: PipelineConfig):
     rule = cfg.eval.answer_rule
     if rule == "auto":  # a config built in code, not by load_config
         rule = "demo" if cfg.demo.enabled else "exact"
-    if rule == "demo":
-        from stages.demo.evaluation import DemoAnswer
-
-        return DemoAnswer()
-    return None
+    return named_rules()["demo"] if rule == "demo" else None
 
 
 def named_rules() -> dict:

@@ -299,6 +299,7 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
     rows: list[dict] = sets[0].rows if eval_cfg.path else []
     references = [reference_response(row, data_cfg, i) for i, row in enumerate(rows)]
     set_refs = [[reference_response(r, s.data_cfg, i) for i, r in enumerate(s.rows)] for s in named_sets]
+    set_rules = [answer_rule_for(s, named_rules) for s in named_sets]  # before any model loads
     records = read_cache_records(val_cache_url, eval_cfg.max_examples) if val_cache_url else []
     out = Path(out_dir) if out_dir else None
     if out:
@@ -318,9 +319,8 @@ def evaluate_models(models: dict[str, str], *, eval_cfg: EvalConfig, data_cfg: D
             scores = generation_metrics(model, tokenizer, model_dir, rows, references, data_cfg, rule, eval_cfg,
                                         backend, out / f"{name}.generations.jsonl" if out else None)
             res.update(scores)
-        for eval_set, set_references in zip(named_sets, set_refs):
+        for eval_set, set_references, set_rule in zip(named_sets, set_refs, set_rules):
             path = out / "sets" / eval_set.name / f"{name}.generations.jsonl" if out else None
-            set_rule = answer_rule_for(eval_set, named_rules)
             scores = generation_metrics(model, tokenizer, model_dir, eval_set.rows, set_references, eval_set.data_cfg,
                                         set_rule, eval_cfg, backend, path)
             scores.update(num_examples=len(eval_set.rows), answer_rule=set_rule.description)
